@@ -1,0 +1,66 @@
+"""The ``lorakit`` command: ``lorakit run <experiment> [options]`` and ``lorakit params``.
+
+Each experiment is a module in ``lorakit.experiments`` with ``DESCRIPTION``, ``add_arguments(parser)`` and
+``main(args) -> int``; it is imported only when its command runs, so ``--help`` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+EXPERIMENTS = {
+    "digit-finetune": "lorakit.experiments.digit_finetune",
+    "svd-demo": "lorakit.experiments.svd_demo",
+    "clora-table": "lorakit.experiments.clora_table",
+    "peft-compare": "lorakit.experiments.peft_compare",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorakit", description="Low-rank adaptation and compression for PyTorch.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run an experiment and write results.json, report.md and figures")
+    experiments = run.add_subparsers(dest="experiment", required=True, metavar="EXPERIMENT")
+    for name, module_name in EXPERIMENTS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            experiments.add_parser(name, help=f"(unavailable: {err})")
+            continue
+        sub = experiments.add_parser(name, help=module.DESCRIPTION, description=module.DESCRIPTION,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        module.add_arguments(sub)
+        sub.set_defaults(handler=module.main)
+    params = commands.add_parser("params", help="print a method's added parameters: closed form and counted",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    try:
+        from .experiments import params_command
+
+        params_command.add_arguments(params)
+        params.set_defaults(handler=params_command.main)
+    except ImportError as err:
+        params.set_defaults(handler=lambda args: _unavailable("params", err))
+    return parser
+
+
+def _unavailable(name: str, err: Exception) -> int:
+    print(f"lorakit {name} is unavailable: {err}", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler = getattr(args, "handler", None)
+    if handler is None:
+        parser.error(f"experiment {args.experiment!r} is unavailable in this installation")
+    try:
+        return int(handler(args) or 0)
+    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as err:
+        print(f"lorakit: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
