@@ -1,0 +1,323 @@
+"""The one training and evaluation loop that every experiment uses.
+
+A batch is whatever the data loader yields: a pair ``(inputs, labels)`` for the vision models, or a
+dict of tensors (``input_ids``, ``attention_mask``, ``labels``, ...) for Hugging Face models. The loss
+and the prediction are hooks that take ``(model, batch)``, so both kinds go through the same loop.
+
+Training is seeded and deterministic: the shuffling order comes from a ``torch.Generator`` seeded with
+``cfg.seed``, and the global RNG (dropout, noise) is seeded inside a ``fork_rng`` block, so the caller's
+random state is left as it was. The same config and the same initial model give the same weights.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+from tqdm import tqdm
+
+from ._io import save_tensors
+
+Batch = Any  # (inputs, labels) or a dict of tensors
+LossFn = Callable[[nn.Module, Batch], torch.Tensor]
+PredictFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, torch.Tensor]]
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss (or, at a checkpoint, a weight) became NaN or infinite; ``step`` is where it happened."""
+
+    def __init__(self, message: str, step: int) -> None:
+        super().__init__(message)
+        self.step = step
+
+
+@dataclass
+class TrainConfig:
+    """How to train; ``dataclasses.asdict(cfg)`` goes into every results file."""
+
+    lr: float = 1e-3
+    """Learning rate."""
+    batch_size: int = 32
+    """Examples per optimizer step."""
+    epochs: float = 1.0
+    """Passes over the data; fractions are fine (0.5 = half an epoch, rounded up to whole steps)."""
+    steps: int | None = None
+    """Exact number of optimizer steps; when set it overrides ``epochs`` (the data is cycled as needed)."""
+    seed: int = 0
+    """Seeds the shuffling order and the global RNG (dropout, noise) during training."""
+    shuffle: bool = True
+    """Reshuffle the data each epoch (seeded); False keeps the data set's order."""
+    optimizer: str = "adam"
+    """One of "adam", "adamw", "sgd"."""
+    weight_decay: float = 0.0
+    """Weight decay passed to the optimizer (L2 for adam/sgd, decoupled for adamw)."""
+    momentum: float = 0.0
+    """Momentum for "sgd" (ignored by the others)."""
+    grad_clip: float | None = None
+    """Clip the gradient norm of the trained parameters to this value; None = no clipping."""
+    log_every: int = 10
+    """Record the mean loss of every window of this many steps in the history (and the progress bar)."""
+    checkpoint: str | None = None
+    """Path of a safetensors file for the model's state_dict; None = no checkpoints."""
+    checkpoint_every: int = 1000
+    """Write the checkpoint every this many steps (and always at the end)."""
+    progress: bool | None = None
+    """Show a progress bar: True, False, or None = only when stderr is a terminal."""
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        for name in ("batch_size", "log_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.steps is None and not self.epochs > 0:
+            raise ValueError(f"epochs must be positive (or set steps), got {self.epochs}")
+        if self.steps is not None and self.steps < 0:
+            raise ValueError(f"steps must be non-negative, got {self.steps}")
+
+    def total_steps(self, batches_per_epoch: int) -> int:
+        """Optimizer steps to run: ``steps`` if set, otherwise ``ceil(epochs * batches_per_epoch)``."""
+        if self.steps is not None:
+            return self.steps
+        return math.ceil(self.epochs * batches_per_epoch)
+
+
+@dataclass
+class TrainHistory:
+    """What a training run did. ``losses[i]`` is the mean loss of the window ending at ``loss_steps[i]``."""
+
+    steps: int = 0
+    seconds: float = 0.0
+    average_loss: float = float("nan")
+    loss_steps: list[int] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class EvalResult:
+    """Classification metrics; accuracies are in percent, lists are indexed by class."""
+
+    accuracy: float
+    wrong_per_class: list[int]
+    total_per_class: list[int]
+    per_class_accuracy: list[float]  # NaN for a class with no examples
+
+    @classmethod
+    def from_counts(cls, wrong_per_class: list[int], total_per_class: list[int]) -> "EvalResult":
+        total, wrong = sum(total_per_class), sum(wrong_per_class)
+        if total == 0:
+            raise ValueError("nothing to evaluate: the data set is empty")
+        per_class = [100.0 * (t - w) / t if t else float("nan") for w, t in zip(wrong_per_class, total_per_class)]
+        return cls(100.0 * (total - wrong) / total, list(wrong_per_class), list(total_per_class), per_class)
+
+    @property
+    def correct(self) -> int:
+        return sum(self.total_per_class) - sum(self.wrong_per_class)
+
+    def to_dict(self) -> dict:
+        """JSON-ready (NaN per-class accuracies become None)."""
+        out = asdict(self)
+        out["per_class_accuracy"] = [None if math.isnan(a) else a for a in self.per_class_accuracy]
+        return out
+
+
+# The default hooks ------------------------------------------------------------------------------------
+
+
+def _logits(output: Any) -> torch.Tensor:
+    """A model's logits, whether it returns a tensor or a Hugging Face ``ModelOutput``."""
+    return output if isinstance(output, torch.Tensor) else output.logits
+
+
+def classification_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Cross-entropy for ``(inputs, labels)``; for a dict batch, the loss the model itself returns."""
+    if isinstance(batch, Mapping):
+        loss = getattr(model(**batch), "loss", None)
+        if loss is None:
+            raise ValueError("the model returned no loss for a dict batch: include 'labels' in it or pass loss_fn")
+        return loss
+    inputs, labels = batch
+    return F.cross_entropy(_logits(model(inputs)), labels)
+
+
+def classify(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(predicted class, label)`` per example; a dict batch carries its labels under ``"labels"``."""
+    if isinstance(batch, Mapping):
+        inputs = {key: value for key, value in batch.items() if key != "labels"}
+        return _logits(model(**inputs)).argmax(dim=-1), batch["labels"]
+    inputs, labels = batch
+    return _logits(model(inputs)).argmax(dim=-1), labels
+
+
+# Helpers ----------------------------------------------------------------------------------------------
+
+
+def _as_dataset(data: Any) -> Dataset:
+    if isinstance(data, Dataset):
+        return data
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        return TensorDataset(*data)
+    raise TypeError(f"data must be a torch Dataset or an (inputs, labels) pair of tensors, got {type(data).__name__}")
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def _to_device(batch: Batch, device: torch.device) -> Batch:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {key: _to_device(value, device) for key, value in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to_device(value, device) for value in batch)
+    return batch
+
+
+def _make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    optimizer_class = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return optimizer_class(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _save_checkpoint(model: nn.Module, path: str, step: int) -> None:
+    """Write the state_dict atomically, refusing non-finite weights so a good checkpoint is never replaced."""
+    state = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise TrainingDivergedError(f"training diverged at step {step}: {bad[0]} holds NaN or inf; "
+                                    f"the checkpoint {path} keeps the last good weights", step)
+    save_tensors(path, state, metadata={"step": str(step)})
+
+
+# Training and evaluation ------------------------------------------------------------------------------
+
+
+def train(
+    model: nn.Module,
+    data: Dataset | tuple[torch.Tensor, torch.Tensor],
+    cfg: TrainConfig,
+    *,
+    loss_fn: LossFn | None = None,
+    on_step: Callable[[int], None] | None = None,
+    params: Iterable[nn.Parameter] | None = None,
+    collate_fn: Callable | None = None,
+) -> TrainHistory:
+    """Train ``model`` in place on ``data`` and return what happened.
+
+    ``loss_fn(model, batch) -> scalar loss`` defaults to :func:`classification_loss`. ``params`` defaults
+    to the parameters with ``requires_grad`` (after ``inject`` that is only the adapters). ``on_step(step)``
+    runs after every optimizer step, steps counted from 1 (e.g. to advance a decay schedule).
+    A NaN or infinite loss raises :class:`TrainingDivergedError` naming the step; the checkpoint file, if
+    any, then still holds the last good weights. The model's train/eval mode is restored at the end.
+    """
+    loss_fn = loss_fn or classification_loss
+    params = list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("nothing to train: no parameter has requires_grad=True")
+    loader = DataLoader(_as_dataset(data), batch_size=cfg.batch_size, shuffle=cfg.shuffle,
+                        generator=torch.Generator().manual_seed(cfg.seed), collate_fn=collate_fn)
+    if len(loader) == 0:
+        raise ValueError("nothing to train on: the data set is empty")
+    total_steps = cfg.total_steps(len(loader))
+    optimizer = _make_optimizer(params, cfg)
+    device = _device_of(model)
+    history = TrainHistory()
+    step, loss_sum, window, last_checkpoint = 0, 0.0, [], None
+    bar = tqdm(total=total_steps, unit="step", desc="train", dynamic_ncols=True,
+               disable=None if cfg.progress is None else not cfg.progress)
+    was_training = model.training
+    start = time.perf_counter()
+    model.train()
+    try:
+        with torch.random.fork_rng(devices=[]), bar:  # seeded dropout/noise; the caller's RNG is untouched
+            torch.manual_seed(cfg.seed)
+            while step < total_steps:
+                for batch in loader:
+                    loss = loss_fn(model, _to_device(batch, device))
+                    value = loss.item()
+                    if not math.isfinite(value):
+                        raise _diverged(step + 1, value, cfg.checkpoint, last_checkpoint)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if cfg.grad_clip is not None:
+                        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                    optimizer.step()
+                    step += 1
+                    if on_step is not None:
+                        on_step(step)
+
+                    loss_sum += value
+                    window.append(value)
+                    history.steps, history.average_loss = step, loss_sum / step
+                    if len(window) == cfg.log_every or step == total_steps:
+                        history.loss_steps.append(step)
+                        history.losses.append(sum(window) / len(window))
+                        bar.set_postfix(loss=f"{history.losses[-1]:.4f}", refresh=False)
+                        window.clear()
+                    bar.update(1)
+
+                    if cfg.checkpoint and (step % cfg.checkpoint_every == 0 or step == total_steps):
+                        _save_checkpoint(model, cfg.checkpoint, step)
+                        last_checkpoint = step
+                    if step == total_steps:
+                        break
+    finally:
+        model.train(was_training)
+        history.seconds = time.perf_counter() - start
+    return history
+
+
+def _diverged(step: int, loss: float, checkpoint: str | None, last_checkpoint: int | None) -> TrainingDivergedError:
+    if last_checkpoint is not None:
+        where = f"{checkpoint} holds the last good weights (step {last_checkpoint})"
+    else:
+        where = "no checkpoint had been written yet"
+    return TrainingDivergedError(f"training diverged at step {step}: loss is {loss}; {where}", step)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    data: Dataset | tuple[torch.Tensor, torch.Tensor],
+    num_classes: int = 10,
+    batch_size: int = 1000,
+    *,
+    predict_fn: PredictFn | None = None,
+    collate_fn: Callable | None = None,
+) -> EvalResult:
+    """Accuracy and per-class wrong/total counts of ``model`` on ``data``, in eval mode without gradients.
+
+    ``predict_fn(model, batch) -> (predicted classes, labels)`` defaults to :func:`classify` (argmax of the
+    logits). The model's previous train/eval mode is restored afterwards.
+    """
+    predict_fn = predict_fn or classify
+    loader = DataLoader(_as_dataset(data), batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
+    device = _device_of(model)
+    wrong = torch.zeros(num_classes, dtype=torch.long)
+    total = torch.zeros(num_classes, dtype=torch.long)
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in loader:
+            predicted, labels = predict_fn(model, _to_device(batch, device))
+            predicted, labels = predicted.reshape(-1).cpu(), labels.reshape(-1).cpu().long()
+            if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+                raise ValueError(f"labels must lie in 0..{num_classes - 1}, got {labels.min()}..{labels.max()}")
+            total += torch.bincount(labels, minlength=num_classes)
+            wrong += torch.bincount(labels[predicted != labels], minlength=num_classes)
+    finally:
+        model.train(was_training)
+    return EvalResult.from_counts(wrong.tolist(), total.tolist())
