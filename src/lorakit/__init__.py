@@ -1,7 +1,9 @@
 """lorakit: low-rank adaptation and compression for PyTorch models."""
 from .checkpoint import load_adapter, save_adapter
+from .compress import DecaySchedule, compress, svd_compress
 from .config import AdapterConfig, CLoRAConfig, LoRAConfig, PromptConfig
 from .inject import delete_adapter, disabled, inject, merge, set_active, unload, unmerge
+from .layers.lowrank import LowRankConv2d, LowRankLinear
 from .params import ParamCount, count_parameters
 
 __version__ = "0.1.0"
@@ -10,4 +12,5 @@ __all__ = [
     "LoRAConfig", "AdapterConfig", "PromptConfig", "CLoRAConfig",
     "inject", "merge", "unmerge", "unload", "disabled", "set_active", "delete_adapter",
     "count_parameters", "ParamCount", "save_adapter", "load_adapter",
+    "compress", "svd_compress", "DecaySchedule", "LowRankLinear", "LowRankConv2d",
 ]

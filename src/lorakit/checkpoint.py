@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -19,7 +20,7 @@ from torch import nn
 
 from . import _io
 from .config import LoRAConfig
-from .inject import adapter_layers, delete_adapter, inject, is_hf_conv1d, parametrizations, set_active
+from .inject import adapter_layers, candidate_modules, delete_adapter, inject, is_hf_conv1d, parametrizations, set_active
 from .layers.modules_to_save import ModulesToSave
 
 PREFIX = "base_model.model."
@@ -70,6 +71,9 @@ def _parametrized_entries(path: str, module: nn.Module, pname: str, lora) -> dic
         return {f"{PREFIX}{path}.lora_embedding_A": (b.t(), lambda v: _copier(b)(v.t())),
                 f"{PREFIX}{path}.lora_embedding_B": (a.t(), lambda v: _copier(a)(v.t()))}
     key = f"{PREFIX}{path}" if pname == "weight" else f"{PREFIX}{path}.{pname}"
+    if is_hf_conv1d(module) and pname == "weight":  # W stored (in, out): PEFT's A (r, in) is our B^T, its B our A^T
+        return {f"{key}.lora_A.weight": (b.t(), lambda v: _copier(b)(v.t())),
+                f"{key}.lora_B.weight": (a.t(), lambda v: _copier(a)(v.t()))}
     a_shape = (a.shape[0], *shape[1:]) if len(shape) > 2 else a.shape
     b_shape = (b.shape[0], b.shape[1], *[1] * (len(shape) - 2))
     return {f"{key}.lora_A.weight": (a.view(a_shape), _copier(a)),
@@ -97,9 +101,13 @@ def config_to_json(model: nn.Module, cfg, name: str) -> dict:
     layers = [p for p, layer in adapter_layers(model) if name in layer.adapter_names and not isinstance(layer, ModulesToSave)]
     layers += [p for p, _, _, lora in parametrizations(model) if lora.adapter_name == name]
     saved = [p for p, layer in adapter_layers(model) if isinstance(layer, ModulesToSave) and name in layer.adapter_names]
+    targets = sorted(set(layers))
+    others = [n for n, _ in candidate_modules(model) if n not in targets]
+    if any(o.endswith("." + t) for o in others for t in targets):  # a list would also match those: be exact
+        targets = "|".join(re.escape(t) for t in targets)
     conv1d = any(is_hf_conv1d(getattr(model.get_submodule(p), "base_layer", model.get_submodule(p))) for p in layers)
     return {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
-            "r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "target_modules": sorted(set(layers)),
+            "r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "target_modules": targets,
             "use_rslora": cfg.rslora, "modules_to_save": saved or None, "fan_in_fan_out": conv1d, "bias": "none",
             "init_lora_weights": True, "use_dora": False, **({"lorakit_mode": cfg.mode} if cfg.mode != "module" else {})}
 
@@ -151,8 +159,10 @@ def read_weights(directory: str | Path) -> dict[str, torch.Tensor]:
     if (directory / BIN_FILE).is_file():
         try:
             state = torch.load(directory / BIN_FILE, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise ValueError(f"{directory / BIN_FILE} cannot be read as plain tensors ({err}); lorakit never "
+        except Exception as err:  # keep torch's reason, not its advice to retry with weights_only=False
+            reason = next((line.strip() for line in str(err).splitlines() if "Unsupported global" in line),
+                          str(err).splitlines()[0] if str(err) else type(err).__name__)
+            raise ValueError(f"{directory / BIN_FILE} cannot be read as plain tensors ({reason}); lorakit never "
                              "unpickles arbitrary objects: convert it to safetensors") from err
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise ValueError(f"{directory / BIN_FILE} is not a dict of tensors")
@@ -169,6 +179,12 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = "default")
     cfg = read_config(directory)
     weights = read_weights(directory)
     if name in getattr(model, "lorakit_configs", {}):
+        existing = model.lorakit_configs[name]
+        if isinstance(cfg, LoRAConfig) and isinstance(existing, LoRAConfig) and existing.rank == cfg.rank \
+                and existing.scale != cfg.scale:  # a rank that differs fails the shape check, naming the layer
+            raise ValueError(f"adapter {name!r} in the model has scale {existing.scale:g} but {directory} needs "
+                             f"{cfg.scale:g} (r={cfg.rank}, lora_alpha={cfg.alpha}, use_rslora={cfg.rslora}); "
+                             f"delete_adapter(model, {name!r}) first or load it under another name")
         _assign(adapter_tensors(model, name), weights, directory)
         return model
     before = _snapshot(model)

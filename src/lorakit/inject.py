@@ -16,13 +16,18 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .config import LoRAConfig
+from .config import AdapterConfig, LoRAConfig, PromptConfig
+from .layers.adapter import adapter_wrapper_for, check_adapter_targets
 from .layers.lora import is_hf_conv1d, lora_wrapper_for
 from .layers.modules_to_save import ModulesToSave
 from .layers.parametrize import LoRAParametrization
+from .layers.prompt import inject_prompt
 
 # config class -> function(module) giving the wrapper class for it, or None when unsupported.
 WRAPPERS: dict[type, Callable[[nn.Module], Optional[type]]] = {LoRAConfig: lora_wrapper_for}
+WRAPPERS[AdapterConfig] = adapter_wrapper_for
+# config class -> function(model, target paths) that refuses unsuitable targets before anything changes.
+TARGET_CHECKS: dict[type, Callable[[nn.Module, list[str]], None]] = {AdapterConfig: check_adapter_targets}
 SUPPORTED = "nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding and Hugging Face Conv1D"
 
 
@@ -117,9 +122,9 @@ def inject(model: nn.Module, cfg, name: str = "default") -> nn.Module:
     if hook is not None:  # methods that are not per-layer wrappers (soft prompts)
         hook(model, cfg, name)
     elif getattr(cfg, "mode", "module") == "parametrize":
-        _inject_parametrize(model, cfg, name)
+        _inject_parametrize(model, cfg, name, skip=saved)
     else:
-        _inject_wrappers(model, cfg, name)
+        _inject_wrappers(model, cfg, name, skip=saved)
     for path in saved:
         module = model.get_submodule(path)
         if not isinstance(module, ModulesToSave):
@@ -133,6 +138,7 @@ def inject(model: nn.Module, cfg, name: str = "default") -> nn.Module:
 
 # Per-config hooks for methods that are not layer wrappers, e.g. {PromptConfig: inject_prompt}.
 _INJECTORS: dict[type, Callable[[nn.Module, object, str], None]] = {}
+_INJECTORS[PromptConfig] = inject_prompt
 
 
 def _resolve_modules_to_save(model: nn.Module, names) -> list[str]:
@@ -147,13 +153,18 @@ def _resolve_modules_to_save(model: nn.Module, names) -> list[str]:
     return found
 
 
-def _inject_wrappers(model: nn.Module, cfg, name: str) -> None:
+def _inject_wrappers(model: nn.Module, cfg, name: str, skip=()) -> None:
     wrapper_for = WRAPPERS[type(cfg)]
+    skipped = {id(model.get_submodule(p)) for p in skip}  # modules_to_save train whole, as in PEFT
 
     def supports(module: nn.Module) -> bool:
-        return wrapper_for(_base_of(module)) is not None and not isinstance(module, ModulesToSave)
+        return (wrapper_for(_base_of(module)) is not None and not isinstance(module, ModulesToSave)
+                and id(module) not in skipped)
 
     paths = find_targets(model, cfg.targets, cfg.exclude, supports)
+    check = TARGET_CHECKS.get(type(cfg))
+    if check is not None:
+        check(model, paths)
     plan = []
     for path in paths:
         module = model.get_submodule(path)
@@ -165,19 +176,26 @@ def _inject_wrappers(model: nn.Module, cfg, name: str) -> None:
         bad = [p for p, m, _ in plan if not (isinstance(_base_of(m), nn.Linear) or is_hf_conv1d(_base_of(m)))]
         if bad:
             raise ValueError(f"init='svd' supports Linear and Conv1D layers only; {bad[0]!r} is not one")
-    for path, module, wrapper_cls in plan:
-        if not isinstance(module, wrapper_cls):
-            module = wrapper_cls(module)
-            _set_module(model, path, module)
-        module.add_adapter(name, cfg)
+        small = [(p, min(_base_of(m).weight.shape)) for p, m, _ in plan if min(_base_of(m).weight.shape) < cfg.rank]
+        if small:
+            raise ValueError(f"init='svd' needs rank <= min(in, out); layer {small[0][0]!r} allows at most "
+                             f"{small[0][1]}, got rank={cfg.rank}")
+    # Build every new wrapper before the first goes in: one that refuses its layer leaves the model as it was.
+    wrapped = [(path, module, module if isinstance(module, cls) else cls(module)) for path, module, cls in plan]
+    for path, module, wrapper in wrapped:
+        if wrapper is not module:
+            _set_module(model, path, wrapper)
+        wrapper.add_adapter(name, cfg)
 
 
-def _inject_parametrize(model: nn.Module, cfg: LoRAConfig, name: str) -> None:
+def _inject_parametrize(model: nn.Module, cfg: LoRAConfig, name: str, skip=()) -> None:
     pname = cfg.target_parameter
+    skipped = {id(model.get_submodule(p)) for p in skip}  # modules_to_save train whole, as in PEFT
 
     def supports(module: nn.Module) -> bool:
         weight = getattr(module, pname, None)
-        return isinstance(weight, torch.Tensor) and weight.dim() >= 2 and not is_adapter_layer(module)
+        return (isinstance(weight, torch.Tensor) and weight.dim() >= 2 and not is_adapter_layer(module)
+                and id(module) not in skipped)
 
     paths = find_targets(model, cfg.targets, cfg.exclude, supports)
     new = [(p, LoRAParametrization(getattr(model.get_submodule(p), pname), cfg, name)) for p in paths]
@@ -211,7 +229,9 @@ def set_active(model: nn.Module, name: str) -> None:
     _require(model, name)
     for _, layer in adapter_layers(model):
         layer.set_active(name if name in layer.adapter_names else None)
-    for _, _, _, lora in parametrizations(model):
+    for _, module, pname, lora in parametrizations(model):
+        if lora.adapter_name != name:  # as the wrappers do: a merged adapter switched off is taken out
+            _unmerge_parametrization(module, pname, lora)
         lora.enabled = lora.adapter_name == name
     _mark_trainable(model, name)
     model.lorakit_active = name
@@ -236,7 +256,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         if name in layer.adapter_names:
             layer.delete_adapter(name)
             if not layer.adapter_names:
-                _set_module(model, path, _plain(layer))
+                _remove_layer(model, path, layer)
     for path, module, pname, lora in parametrizations(model):
         if lora.adapter_name == name:
             _unmerge_parametrization(module, pname, lora)
@@ -248,6 +268,9 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     configs = dict(model.lorakit_configs)
     del configs[name]
     model.lorakit_configs = configs
+    if not configs:  # the last one: a plain model again
+        del model.lorakit_configs, model.lorakit_active
+        return
     if getattr(model, "lorakit_active", None) == name:
         model.lorakit_active = None
         if configs:
@@ -258,9 +281,27 @@ def _plain(layer: nn.Module) -> nn.Module:
     return getattr(layer, "base_layer", None) or getattr(layer, "original_module")
 
 
+def _remove_layer(model: nn.Module, path: str, layer: nn.Module) -> None:
+    """Put the plain module back; a layer that wraps nothing (a soft prompt) takes itself off instead."""
+    detach = getattr(layer, "detach_from", None)
+    if callable(detach):
+        detach(model, path)
+    else:
+        _set_module(model, path, _plain(layer))
+
+
+def _check_mergeable(model: nn.Module) -> None:
+    """Refuse, before anything changes, to merge when an active adapter cannot be folded into weights."""
+    for _, layer in adapter_layers(model):
+        check = getattr(layer, "check_mergeable", None)
+        if callable(check):
+            check()
+
+
 # -- merge / disable / unload ---------------------------------------------------------------------
 def merge(model: nn.Module) -> nn.Module:
     """Fold the active adapter into the base weights (idempotent). Adapters that cannot merge say so."""
+    _check_mergeable(model)
     for path, layer in adapter_layers(model):
         layer.merge()
     for _, module, pname, lora in parametrizations(model):
@@ -322,13 +363,15 @@ def disabled(model: nn.Module):
 
 def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     """Plain torch modules again: with ``merge`` the active adapter is folded in, else the base comes back."""
+    if merge:
+        _check_mergeable(model)
     for path, layer in reversed(adapter_layers(model)):
         if isinstance(layer, ModulesToSave):
             keep = layer.modules_to_save[layer.active_adapter] if merge and layer.active_adapter else layer.original_module
             _set_module(model, path, keep)
             continue
         layer.merge() if merge else layer.unmerge()
-        _set_module(model, path, _plain(layer))
+        _remove_layer(model, path, layer)
     for _, module, pname, lora in parametrizations(model):
         if merge and lora.enabled:
             _merge_parametrization(module, pname, lora)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from .config import LoRAConfig
@@ -53,11 +54,16 @@ def lora_layer_parameters(module: nn.Module, rank: int) -> int:
     return rank * (in_features + out_features)
 
 
+def _is_matrix(value) -> bool:
+    """What parametrize mode adapts: a tensor with >= 2 dimensions (not a LayerNorm's vector)."""
+    return isinstance(value, torch.Tensor) and value.dim() >= 2
+
+
 def lora_added_parameters(model: nn.Module, cfg: LoRAConfig) -> int:
     """What ``inject(model, cfg)`` will add, computed from the shapes alone (no injection)."""
     if cfg.mode == "parametrize":
         paths = find_targets(model, cfg.targets, cfg.exclude,
-                             lambda m: getattr(m, cfg.target_parameter, None) is not None)
+                             lambda m: _is_matrix(getattr(m, cfg.target_parameter, None)))
         weights = [getattr(model.get_submodule(p), cfg.target_parameter) for p in paths]
         return sum(cfg.rank * (w.shape[0] + w[0].numel()) for w in weights)
     paths = find_targets(model, cfg.targets, cfg.exclude, lambda m: lora_wrapper_for(m) is not None)
@@ -89,3 +95,106 @@ def increment_summary(model: nn.Module) -> str:
 
 __all__ = ["ParamCount", "count_parameters", "lora_layer_parameters", "lora_added_parameters",
            "parameter_listing", "increment_summary", "is_adapter_layer"]
+
+
+# -- closed forms for every method, and the printed derivation (issue 5) -----------------------------------
+def full_parameters(model: nn.Module) -> int:
+    """Every parameter of the model, tied ones (e.g. T5's shared embedding and LM head) counted once."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def _adapter_widths(model: nn.Module, cfg) -> list[int]:
+    """The output width d of every module an ``AdapterConfig`` targets (checked as ``inject`` checks it)."""
+    from .layers.adapter import adapter_wrapper_for, check_adapter_targets, output_width
+
+    paths = find_targets(model, cfg.targets, cfg.exclude, lambda m: adapter_wrapper_for(m) is not None)
+    check_adapter_targets(model, paths)
+    return [output_width(getattr(model.get_submodule(p), "base_layer", model.get_submodule(p))) for p in paths]
+
+
+def adapter_added_parameters(model: nn.Module, cfg) -> int:
+    """Per target of width d and bottleneck b: down d*b + b, up b*d + d, i.e. ``2 d b + b + d``."""
+    return sum(2 * d * cfg.bottleneck + cfg.bottleneck + d for d in _adapter_widths(model, cfg))
+
+
+def _embedding_dim(model: nn.Module) -> int:
+    getter = getattr(model, "get_input_embeddings", None)
+    embedding = getter() if callable(getter) else None
+    if not isinstance(embedding, nn.Embedding):
+        raise ValueError(f"a soft prompt needs a model with an input embedding (get_input_embeddings()); "
+                         f"{type(model).__name__} has none")
+    return embedding.embedding_dim
+
+
+def prompt_added_parameters(model: nn.Module, cfg) -> int:
+    """``num_tokens x d``, d the input embedding width."""
+    return cfg.num_tokens * _embedding_dim(model)
+
+
+def added_parameters(model: nn.Module, cfg) -> int:
+    """What ``inject(model, cfg)`` adds, from shapes alone; ``cfg=None`` is full fine-tuning (adds nothing)."""
+    from .config import AdapterConfig, PromptConfig
+
+    if cfg is None:
+        return 0
+    if isinstance(cfg, LoRAConfig):
+        return lora_added_parameters(model, cfg)
+    if isinstance(cfg, AdapterConfig):
+        return adapter_added_parameters(model, cfg)
+    if isinstance(cfg, PromptConfig):
+        return prompt_added_parameters(model, cfg)
+    raise ValueError(f"no closed form for {type(cfg).__name__}; known: LoRAConfig, AdapterConfig, PromptConfig, None (full)")
+
+
+def _grouped(terms: list[str]) -> str:
+    """``["a", "a", "b"]`` -> ``"2 x a + 1 x b"``, first-seen order."""
+    counts: dict[str, int] = {}
+    for term in terms:
+        counts[term] = counts.get(term, 0) + 1
+    return " + ".join(f"{n} x {term}" for term, n in counts.items())
+
+
+def formula(model: nn.Module, cfg) -> str:
+    """The closed form of the added parameters as a sum over target shapes, e.g. ``36 x 8 x (512 + 512)``."""
+    from .config import AdapterConfig, PromptConfig
+
+    if cfg is None:
+        return "sum of numel over every distinct parameter"
+    if isinstance(cfg, PromptConfig):
+        return f"{cfg.num_tokens} x {_embedding_dim(model)}"
+    if isinstance(cfg, AdapterConfig):
+        b = cfg.bottleneck
+        return _grouped([f"({d}*{b} + {b} + {b}*{d} + {d})" for d in _adapter_widths(model, cfg)])
+    if isinstance(cfg, LoRAConfig) and cfg.mode == "module":
+        paths = find_targets(model, cfg.targets, cfg.exclude, lambda m: lora_wrapper_for(m) is not None)
+        terms = []
+        for path in paths:
+            module = getattr(model.get_submodule(path), "base_layer", model.get_submodule(path))
+            per_rank = lora_layer_parameters(module, 1)
+            if isinstance(module, nn.Embedding):
+                terms.append(f"{cfg.rank} x ({module.num_embeddings} + {module.embedding_dim})")
+            elif isinstance(module, (nn.Conv1d, nn.Conv2d)):
+                terms.append(f"{cfg.rank} x ({per_rank - module.out_channels} + {module.out_channels})")
+            else:
+                out_f = module.weight.shape[1] if is_hf_conv1d(module) else module.weight.shape[0]
+                terms.append(f"{cfg.rank} x ({per_rank - out_f} + {out_f})")
+        return _grouped(terms)
+    return f"{added_parameters(model, cfg):,}"
+
+
+def describe(model: nn.Module, cfg) -> str:
+    """A few lines: the method, the base model's size, the closed form and its value, the increment."""
+    base = full_parameters(model)
+    method = "full fine-tuning" if cfg is None else type(cfg).__name__
+    lines = [f"model: {type(model).__name__}, {base:,} parameters", f"method: {method}"]
+    if cfg is None:
+        lines.append(f"trainable: every parameter = {base:,}")
+    else:
+        added = added_parameters(model, cfg)
+        lines += [f"added: {formula(model, cfg)} = {added:,}",
+                  f"increment: {100.0 * added / base:.4f} % of the base model" if base else "increment: -"]
+    return "\n".join(lines)
+
+
+__all__ += ["full_parameters", "adapter_added_parameters", "prompt_added_parameters", "added_parameters",
+            "formula", "describe"]

