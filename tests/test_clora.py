@@ -13,13 +13,7 @@ from lorakit.layers.clora import NOISE_OFF_BELOW, CLoRALayer
 from lorakit.models import fmnist_mlp, vgg_small
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tiny models run fastest on one thread, and then do not fight other processes for the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: one thread is fastest (conftest.py)
 
 
 def mlp(seed: int = 0) -> nn.Module:
@@ -146,8 +140,12 @@ def test_bias_false_has_no_c_and_the_activation_stays_in_the_model():
 
 
 def test_rank_too_large_and_merge_are_errors():
-    with pytest.raises(ValueError, match="no compression"):
-        lk.inject(mlp(), lk.CLoRAConfig(rank=16, targets=["fc2"]))  # fc2 is 32 -> 16
+    model = mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="rank 16 >= min.*'fc2'.*no compression"):
+        lk.inject(model, lk.CLoRAConfig(rank=16, targets=["fc1", "fc2"]))  # fc1 fits, fc2 (32 -> 16) does not
+    assert isinstance(model.fc1, nn.Linear) and not hasattr(model, "lorakit_configs")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     model = lk.inject(mlp(), lk.CLoRAConfig(rank=4, targets=["fc1"]))
     with pytest.raises(ValueError, match="compress"):
         lk.merge(model)

@@ -12,13 +12,7 @@ from lorakit.models import fmnist_mlp, vgg_small
 from lorakit.train import TrainConfig, train
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tiny models run fastest on one thread, and then do not fight other processes for the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: one thread is fastest (conftest.py)
 
 
 def trained(model: nn.Module, cfg: lk.CLoRAConfig, data, steps: int = 12) -> nn.Module:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
+import math
 import statistics
 import tempfile
 import time
@@ -24,12 +26,12 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from matplotlib.figure import Figure
 from torch import nn
 
 import lorakit as lk
 from .. import report
-from .._io import load_tensors, save_tensors
-from ..compress.svd import factor_parameters
+from .._io import atomic_write, load_tensors, save_tensors
 from ..data.vision import load_fashion_mnist, to_float
 from ..models import fmnist_mlp
 from ..train import TrainConfig, evaluate, train
@@ -81,6 +83,10 @@ class CLoRATableConfig:
     data_dir: Optional[str] = None
     resume: bool = False
     """Skip (variant, init, rank, seed) rows already in OUT/results.json."""
+    merge: list[str] = field(default_factory=list)
+    """results.json files of other runs (e.g. seeds run in parallel processes) whose rows join this table."""
+    report_only: bool = False
+    """Train nothing: rewrite results.json, report.md and the figure from OUT's rows and the merged ones."""
 
     def __post_init__(self) -> None:
         unknown = [v for v in self.variants if v not in ALL_VARIANTS]
@@ -118,6 +124,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=d.threads)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--merge", nargs="*", default=[], metavar="RESULTS_JSON")
+    parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--out", default=None, help="output folder (default: runs/clora-table-<time>)")
 
 
@@ -178,7 +186,7 @@ def run_clora(cfg: CLoRATableConfig, dense: nn.Module, variant: str, init: str, 
                            modules_to_save=["fc3"] if cfg.train_head else None)
     lk.inject(model, clora)
     train_cfg = _train_cfg(cfg, cfg.epochs, seed)
-    schedule = lk.DecaySchedule(model, train_cfg.total_steps(-(-len(data[0]) // cfg.batch_size)))
+    schedule = lk.DecaySchedule(model, train_cfg.total_steps(math.ceil(len(data[0]) / cfg.batch_size)))
     history = train(model, data, train_cfg, on_step=lambda step: schedule.step())
     return lk.compress(model), history.seconds
 
@@ -217,6 +225,17 @@ def planned_rows(cfg: CLoRATableConfig) -> list[tuple[str, Optional[str], Option
     return rows
 
 
+PROTOCOL = ("epochs", "dense_epochs", "finetune_epochs", "batch_size", "lr", "alpha", "decay_start", "decay_end",
+            "noise", "train_head", "calibration_size", "train_size")
+
+
+def _check_same_protocol(cfg: CLoRATableConfig, other: dict, path) -> None:
+    """Rows from another run join this table only if they were made the same way."""
+    differ = [f"{k}={other.get(k)!r} (here {getattr(cfg, k)!r})" for k in PROTOCOL if other.get(k) != getattr(cfg, k)]
+    if differ:
+        raise ValueError(f"{path} was made with a different protocol: {', '.join(differ)}; pass the same options")
+
+
 def _key(row: dict) -> tuple:
     return row["variant"], row["init"], row["rank"], row["seed"]
 
@@ -225,13 +244,24 @@ def run(cfg: CLoRATableConfig, out: Path) -> dict:
     torch.set_num_threads(cfg.threads)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
-    if cfg.resume and (out / "results.json").is_file():
-        import json
-
-        rows = json.loads((out / "results.json").read_text())["rows"]
+    sources = [out / "results.json"] if (cfg.resume or cfg.report_only) and (out / "results.json").is_file() else []
+    prior_seconds, made_by = 0.0, []
+    for path in sources + [Path(p) for p in cfg.merge]:
+        previous = json.loads(Path(path).read_text())
+        _check_same_protocol(cfg, previous["config"], path)
+        known = {_key(r) for r in rows}
+        rows += [r for r in previous["rows"] if _key(r) not in known]
+        prior_seconds += previous.get("wall_seconds", 0.0)
+        made_by += previous.get("made_by") or [{"results": str(path), "rows": len(previous["rows"]),
+                                                "command": previous.get("metadata", {}).get("command"),
+                                                "wall_seconds": previous.get("wall_seconds")}]
+    start = time.perf_counter() - prior_seconds  # wall time adds up over resumed and merged runs
+    if cfg.report_only:
+        merged = CLoRATableConfig(**{**asdict(cfg), "seeds": sorted({r["seed"] for r in rows}),
+                                     "ranks": sorted({r["rank"] for r in rows if r["rank"] is not None})})
+        return write(merged, out, rows, prior_seconds, made_by)
     done = {_key(r) for r in rows}
     data, test = load_data(cfg)
-    start = time.perf_counter()
     dense_by_seed: dict[int, tuple[nn.Module, dict]] = {}
     for variant, init, rank, seed in planned_rows(cfg):
         if (variant, init, rank, seed) in done:
@@ -259,12 +289,12 @@ def run(cfg: CLoRATableConfig, out: Path) -> dict:
         rows.append(row)
         print(f"{variant:>14} {init or '':>6} rank {rank or '':>3} seed {seed}: {row['accuracy']:.2f} % "
               f"at {100 * row['compression_ratio']:.1f} % ({row['train_seconds']:.0f} s)", flush=True)
-        write(cfg, out, rows, time.perf_counter() - start)
-    return write(cfg, out, rows, time.perf_counter() - start)
+        write(cfg, out, rows, time.perf_counter() - start, made_by)
+    return write(cfg, out, rows, time.perf_counter() - start, made_by)
 
 
-def write(cfg: CLoRATableConfig, out: Path, rows: list[dict], seconds: float) -> dict:
-    results = {"experiment": "clora-table", "model": "fmnist-mlp", "config": asdict(cfg),
+def write(cfg: CLoRATableConfig, out: Path, rows: list[dict], seconds: float, made_by: list | None = None) -> dict:
+    results = {"experiment": "clora-table", "model": "fmnist-mlp", "config": asdict(cfg), "made_by": made_by or [],
                "seed_numbers": {"dense": SEED_DENSE, "table": {str(r): {"ratio": v[0], **v[1]} for r, v in SEED_TABLE.items()}},
                "wall_seconds": round(seconds, 1), "rows": rows, "summary": summarize(rows)}
     report.write_results(out, results)
@@ -301,8 +331,13 @@ def render(results: dict) -> str:
              f"epochs, C-LoRA {cfg['epochs']:g} epochs, SVD fine-tune {cfg['finetune_epochs']:g} epochs; batch "
              f"{cfg['batch_size']}, Adam lr {cfg['lr']}, alpha {cfg['alpha']:g}, decay {cfg['decay_start']:.0%} -> "
              f"{cfg['decay_end']:.0%}, fc3 trained: {cfg['train_head']}. Accuracy on the 10,000 test images, mean ± std "
-             f"over n seeds. Wall time {results['wall_seconds'] / 60:.1f} min.", "",
+             f"over n seeds. Wall time {results['wall_seconds'] / 60:.1f} min (summed over the processes that made the rows).", "",
              "Ratio = (A + B + C of fc1, fc2) / 235,146; file = compressed safetensors size / dense size.", ""]
+    seed_protocol = {"epochs": 30.0, "dense_epochs": 30.0, "batch_size": 30}
+    changed = [f"{k} {cfg[k]:g} (seed: {v:g})" for k, v in seed_protocol.items() if cfg[k] != v]
+    if changed:
+        lines += [f"Shortened from the seed's protocol: {', '.join(changed)}. C-LoRA and the SVD baselines start "
+                  "from the dense model of the same seed; the decay runs over the C-LoRA epochs.", ""]
     headers = ["rank", "method", "n", "ratio %", "file %", "accuracy %", "seed's %", "train s"]
     body = []
     for s in sorted(summary, key=lambda s: (s["rank"] or 0, -s["accuracy_mean"])):
@@ -320,22 +355,49 @@ def render(results: dict) -> str:
         rows = [[r, b["method"], f"{b['accuracy_mean']:.2f}", max(SEED_TABLE[r][1].values()) if r in SEED_TABLE else None]
                 for r, b in sorted(best.items())]
         lines += [report.markdown_table(["rank", "best method", "accuracy %", "seed's best %"], rows), ""]
+    if results["made_by"]:
+        lines += ["## Runs merged into this table", "",
+                  "Seeds and methods ran in separate processes (same protocol), then merged with `--report-only --merge`:",
+                  ""]
+        lines += [f"- `{m['command']}` -> {m['rows']} rows, {m['wall_seconds'] / 60:.1f} min" for m in results["made_by"]]
+        lines += [""]
     return "\n".join(lines)
 
 
 def plot(path: Path, summary: list[dict]) -> None:
-    series: dict[str, tuple[list, list]] = {}
-    for s in sorted(summary, key=lambda s: s["compression_ratio"]):
-        if s["variant"] == "dense":
-            continue
-        xs, ys = series.setdefault(s["method"], ([], []))
-        xs.append(100 * s["compression_ratio"])
-        ys.append(s["accuracy_mean"])
-    points = {f"seed: {v}": ([100 * SEED_TABLE[r][0] for r in SEED_TABLE], [SEED_TABLE[r][1][v] for r in SEED_TABLE])
-              for v in CLORA_VARIANTS}
+    """Accuracy vs ratio, one line per method, the seed's points as black markers; a focused y range (points
+    below it are noted in the legend). A local figure: ``report.line_plot`` has no line styles or y limits."""
+    fig = Figure(figsize=(10, 5.5))
+    ax = fig.add_subplot()
+    low = 80.0
+    methods = sorted({s["method"] for s in summary if s["variant"] != "dense"})
+    colours = {v: f"C{i}" for i, v in enumerate([*CLORA_VARIANTS, *BASELINES])}
+    for method in methods:
+        points = sorted((s for s in summary if s["method"] == method), key=lambda s: s["compression_ratio"])
+        variant, init = points[0]["variant"], points[0]["init"]
+        xs, ys = [100 * s["compression_ratio"] for s in points], [s["accuracy_mean"] for s in points]
+        below = [f"{y:.1f} % at r={s['rank']}" for s, y in zip(points, ys) if y < low]
+        style = "-" if init == "svd" else "--" if init == "random" else ":"
+        ax.errorbar(xs, ys, yerr=[s["accuracy_std"] for s in points], color=colours[variant], linestyle=style,
+                    marker="o", capsize=2, label=method + (f" (below: {', '.join(below)})" if below else ""))
+    markers = dict(zip(CLORA_VARIANTS, "xs^D"))
+    for variant, marker in markers.items():
+        ax.scatter([100 * SEED_TABLE[r][0] for r in SEED_TABLE], [SEED_TABLE[r][1][variant] for r in SEED_TABLE],
+                   marker=marker, color="black", facecolors="none" if marker != "x" else None, s=50, zorder=3,
+                   label=f"seed: {variant}")
     dense = [s for s in summary if s["variant"] == "dense"]
     if dense:
-        points["dense (ours, at 100 %)"] = ([100.0], [dense[0]["accuracy_mean"]])
-    points["seed: dense"] = ([100.0], [SEED_DENSE])
-    report.line_plot(path, series, xlabel="compression ratio (% of the dense parameters)", ylabel="test accuracy (%)",
-                     title="Fashion-MNIST: accuracy vs compression", points=points, logx=True)
+        ax.axhline(dense[0]["accuracy_mean"], color="grey", linestyle="-.", label=f"dense, ours ({dense[0]['accuracy_mean']:.2f} %)")
+    ax.axhline(SEED_DENSE, color="black", linestyle=(0, (1, 3)), label=f"dense, seed ({SEED_DENSE} %)")
+    ax.set_ylim(low, 90)
+    ax.set_xscale("log")
+    ax.minorticks_off()
+    ax.set_xticks([10, 20, 40], ["10", "20", "40"])
+    ax.set_xlabel("compression ratio (% of the dense parameters)")
+    ax.set_ylabel("test accuracy (%), mean ± std over seeds")
+    ax.set_title("Fashion-MNIST MLP: accuracy vs compression (solid: svd init, dashed: random init, dotted: SVD baselines)",
+                 fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))

@@ -9,6 +9,10 @@ statistics while W's information fades. ``noise="scheduled"`` turns it off once 
 Nothing is random in eval mode: the noise term is a training-time regulariser, like dropout, and is left out.
 The layer's activation is not part of it (the seed's flaw): it stays where it is in the model.
 
+``init="svd"`` starts ``s B A`` at the top-r part of W (PiSSA-style) and leaves W the residual, so the output is
+unchanged at the start and only the residual decays (its m, sigma drive the noise); ``init="random"`` is the
+seed's (A variance-scaling uniform, B = 0).
+
 When d reaches 0 the layer is ``s B A x + C`` alone, and :func:`lorakit.compress` swaps it for a
 :class:`~lorakit.layers.lowrank.LowRankLinear` / ``LowRankConv2d``.
 
@@ -23,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import CLoRAConfig
+from .lowrank import LowRankConv2d, LowRankLinear
 
 NOISE_OFF_BELOW = 0.3
 """``noise="scheduled"`` adds noise only while d >= this value (the seed's threshold)."""
@@ -215,8 +220,6 @@ class CLoRALayer(nn.Module):
 
     def to_low_rank(self) -> nn.Module:
         """The compressed layer ``B' A x + C`` with ``B' = s B`` (what this layer computes at d = 0)."""
-        from .lowrank import LowRankConv2d, LowRankLinear
-
         name = self.active_adapter
         a, b = self.lora_A[name].weight.detach(), self.lora_B[name].weight.detach() * self.configs[name].scale
         c = self.lora_C[name].detach() if name in self.lora_C else None
