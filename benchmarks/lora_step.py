@@ -7,7 +7,7 @@ Training step (forward, cross-entropy, backward, Adam) with LoRA r=8 on all thre
   parametrize lorakit's torch.nn.utils.parametrize form.
 Inference (no grad, eval): base model vs lorakit merged vs lorakit unmerged.
 
-Run: python benchmarks/lora_step.py [--repeats 15]
+Run: python benchmarks/lora_step.py [--repeats 15] [--threads N]
 """
 from __future__ import annotations
 
@@ -54,7 +54,10 @@ def models() -> dict[str, torch.nn.Module]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, = cores)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     m = models()
     rows = []
     for batch, inner in ((10, 50), (256, 10)):
