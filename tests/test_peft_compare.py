@@ -80,3 +80,41 @@ def test_memory_probe_in_process(tiny_model_folder):
                 "num_tokens": 3, "clora_rank": 2}
     memory = memory_probe("lora", "lorakit", settings, ["cat dog red", "car bus big"], [0, 1], steps=1, seed=0)
     assert memory["peak_memory_mb"] > 0 and memory["training_memory_mb"] >= 0
+
+
+def test_combine_merges_parallel_parts(tmp_path):
+    # Rows trained in separate processes plus a timing/memory-only run become one report.
+    from lorakit.experiments.peft_compare import combine
+
+    def part(name, rows):
+        folder = tmp_path / name
+        folder.mkdir()
+        results = {"experiment": "peft-compare", "config": {"model": "m", "dataset": "d", "epochs": 1.0,
+                                                            "batch_size": 2, "max_length": 8, "seeds": "0"},
+                   "base_parameters": 100, "label_names": ["a", "b"], "train_examples": 4, "test_examples": 2,
+                   "notes": ["a note"], "rows": rows, "wall_seconds": 1.0, "metadata": {"command": name}}
+        (folder / "results.json").write_text(json.dumps(results))
+        return folder
+
+    trained = {"trainable_parameters": 10, "total_parameters": 110, "added_parameters": 10, "checkpoint_bytes": 99}
+    a = part("a", [{"method": "lora", "implementation": "lorakit", "seed": 0, "accuracy": 50.0, **trained}])
+    b = part("b", [{"method": "lora", "implementation": "peft", "seed": 0, "accuracy": 100.0, **trained}])
+    timing = part("t", [{"method": m, "implementation": i, "seed": 0, "step_time_ratio": r, "peak_memory_mb": 5.0}
+                        for m, i, r in [("lora", "lorakit", 1.0), ("lora", "peft", 1.5)]])
+    out = tmp_path / "out"
+    assert combine([a, b, timing], out) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [(r["implementation"], r["accuracy"], r["step_time_ratio"]) for r in results["rows"]] == \
+        [("lorakit", 50.0, 1.0), ("peft", 100.0, 1.5)]
+    assert results["notes"] == ["a note"] and len(results["parts"]) == 3
+    assert "-50.00" in (out / "report.md").read_text()
+
+
+def test_rows_from_log(tmp_path):
+    from lorakit.experiments.peft_compare import rows_from_log
+
+    log = tmp_path / "run.log"
+    log.write_text("[peft-compare] lora/lorakit seed 0\nnoise\n[peft-compare]   accuracy 88.67 % in 912 s\n"
+                   "[peft-compare] lora/peft seed 0\n")  # the second row never finished
+    assert rows_from_log(log) == [{"method": "lora", "implementation": "lorakit", "seed": 0, "accuracy": 88.67,
+                                   "train_seconds": 912.0, "recovered_from_log": "run.log"}]

@@ -68,8 +68,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timing-rounds", type=int, default=6, help="interleaved rounds of the step-time phase")
     parser.add_argument("--timing-steps", type=int, default=2, help="training steps per row per round")
     parser.add_argument("--memory-steps", type=int, default=3, help="training steps per row in the memory phase")
+    parser.add_argument("--skip-training", action="store_true",
+                        help="only the step-time and memory phases (results.json only; see --combine)")
     parser.add_argument("--skip-timing", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--combine", default=None,
+                        help="comma-separated run folders of this experiment (e.g. rows trained in parallel "
+                             "processes, and one --skip-training run): merge their rows into --out and report")
+    parser.add_argument("--note", action="append", default=[], help="a line for the report's notes (repeatable)")
     parser.add_argument("--out", default=None, help="output folder (default runs/peft-compare-<time>)")
 
 
@@ -217,6 +223,36 @@ def run_row(method, implementation, settings, train_data, test_data, train_cfg, 
     return row
 
 
+def static_row(method, implementation, settings, seed) -> dict:
+    """What a row is without training it: parameter counts and checkpoint size (both depend on shapes only)."""
+    from .. import count_parameters
+
+    model, _ = build(method, implementation, settings, seed)
+    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    added = count_parameters(model).adapter if implementation == "lorakit" else total - settings["base_parameters"]
+    return {"trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "total_parameters": total, "added_parameters": added,
+            "checkpoint_bytes": checkpoint_bytes(model, method, implementation)}
+
+
+def rows_from_log(path: Path) -> list[dict]:
+    """Rows (method, implementation, seed, accuracy, train_seconds) from a run's log, for a process that was
+    stopped after its first row had finished (its results.json is then never written)."""
+    import re
+
+    rows, current = [], None
+    for line in path.read_text(errors="replace").splitlines():
+        started = re.match(r"\[peft-compare\] (\w+)/(\w+) seed (\d+)$", line.strip())
+        finished = re.match(r"\[peft-compare\]\s+accuracy ([\d.]+) % in (\d+) s$", line.strip())
+        if started:
+            current = {"method": started[1], "implementation": started[2], "seed": int(started[3])}
+        elif finished and current is not None:
+            rows.append({**current, "accuracy": float(finished[1]), "train_seconds": float(finished[2]),
+                         "recovered_from_log": str(path.name)})
+            current = None
+    return rows
+
+
 # -- phase 2: interleaved step time -----------------------------------------------------------------
 def _training_step(model, optimizer, batch) -> None:
     loss = model(**batch).loss
@@ -346,9 +382,41 @@ def report_markdown(results: dict) -> str:
         "Seed 004's parameter counts, reproduced exactly by `lorakit params` on T5-small's architecture: "
         + ", ".join(f"{k} {v:,}" for k, v in SEED_004_PARAMS.items()) + ".", "",
     ]
-    lines += [f"- {note}" for note in results.get("notes", [])]
+    lines += ["## Targets (issue 5)", "", *targets_met(rows), ""]
+    lines += ["## Notes", ""] + [f"- {note}" for note in results.get("notes", [])]
     lines += ["", "![accuracy vs trainable parameters](accuracy_vs_params.png)", ""]
     return "\n".join(lines)
+
+
+def targets_met(rows: list[dict]) -> list[str]:
+    """Issue 5's targets, each checked against the rows (seed 0 where there are several)."""
+    seed = min(r["seed"] for r in rows)
+    row = {(r["method"], r["implementation"]): r for r in rows if r["seed"] == seed}
+
+    def verdict(ok: bool) -> str:
+        return "**met**" if ok else "**missed**"
+
+    lines = []
+    for method in ("lora", "adapter", "prompt"):
+        ours, theirs = row.get((method, "lorakit")), row.get((method, "peft")) or row.get((method, "adapters"))
+        if ours and theirs:
+            delta = ours["accuracy"] - theirs["accuracy"]
+            lines.append(f"- {method}: lorakit {ours['accuracy']:.2f} % vs {theirs['implementation']} "
+                         f"{theirs['accuracy']:.2f} % (Δ {delta:+.2f} pp; target |Δ| <= 1.0): {verdict(abs(delta) <= 1.0)}")
+        elif ours:
+            lines.append(f"- {method}: no library row to compare with (see the notes)")
+    lora, peft_lora, full = row.get(("lora", "lorakit")), row.get(("lora", "peft")), row.get(("full", "lorakit"))
+    if lora and full:
+        gap = full["accuracy"] - lora["accuracy"]
+        lines.append(f"- LoRA within 3 pp of full fine-tuning: {lora['accuracy']:.2f} vs {full['accuracy']:.2f} % "
+                     f"(gap {gap:+.2f} pp): {verdict(gap <= 3.0)}")
+    if lora and peft_lora and peft_lora.get("step_time_ratio") is not None:
+        ratio = 1.0 / peft_lora["step_time_ratio"]
+        lines.append(f"- lorakit-LoRA step time / PEFT-LoRA's = {ratio:.3f} (target <= 1.0): {verdict(ratio <= 1.0)}")
+    if lora and full and lora.get("peak_memory_mb") is not None and full.get("peak_memory_mb") is not None:
+        lines.append(f"- lorakit-LoRA peak RSS {lora['peak_memory_mb']:.0f} MB vs full fine-tuning "
+                     f"{full['peak_memory_mb']:.0f} MB: {verdict(lora['peak_memory_mb'] < full['peak_memory_mb'])}")
+    return lines
 
 
 def _size(n: int | None) -> str | None:
@@ -358,15 +426,36 @@ def _size(n: int | None) -> str | None:
 
 
 def plot(out: Path, rows: list[dict]) -> None:
-    from ..report import line_plot
+    """Accuracy vs trainable parameters (log), one marker per implementation, each point named by its method.
 
-    points: dict[str, tuple[list, list]] = {}
+    A local helper rather than ``report.line_plot``: points need labels, and lorakit and PEFT points that
+    coincide (same parameters, same accuracy) must both stay visible (hollow circle vs cross).
+    """
+    from matplotlib.figure import Figure
+
+    from .._io import atomic_write
+
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.add_subplot()
+    styles = {"lorakit": dict(marker="o", s=90, facecolors="none", edgecolors="tab:blue"),
+              "peft": dict(marker="x", s=60, color="tab:orange"), "adapters": dict(marker="+", s=60, color="tab:green")}
+    for implementation, style in styles.items():
+        mine = [r for r in rows if r["implementation"] == implementation]
+        if mine:
+            ax.scatter([r["trainable_parameters"] for r in mine], [r["accuracy"] for r in mine], label=implementation,
+                       zorder=3, **style)
     for r in rows:
-        xs, ys = points.setdefault(r["implementation"], ([], []))
-        xs.append(r["trainable_parameters"])
-        ys.append(r["accuracy"])
-    line_plot(out / "accuracy_vs_params.png", {}, points=points, logx=True, xlabel="trainable parameters (log)",
-              ylabel="test accuracy (%)", title="accuracy vs trainable parameters")
+        if r["implementation"] == "lorakit":
+            ax.annotate(r["method"], (r["trainable_parameters"], r["accuracy"]), textcoords="offset points",
+                        xytext=(7, -12), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (log)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("accuracy vs trainable parameters")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(out / "accuracy_vs_params.png", lambda tmp: fig.savefig(tmp, format="png", dpi=120))
 
 
 # -- main -------------------------------------------------------------------------------------------
@@ -377,6 +466,8 @@ def main(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     started = time.perf_counter()
     out = Path(args.out or f"runs/peft-compare-{time.strftime('%Y%m%d-%H%M%S')}")
+    if args.combine:
+        return combine([Path(p) for p in args.combine.split(",") if p], out, args.note)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     implementations = [i.strip() for i in args.implementations.split(",") if i.strip()]
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -384,14 +475,14 @@ def main(args: argparse.Namespace) -> int:
     if unknown:
         raise ValueError(f"unknown methods/implementations {sorted(unknown)}; methods: full, lora, adapter, prompt, "
                          "clora; implementations: lorakit, peft")
-    notes = []
+    notes = list(args.note)
     if "peft" in implementations and importlib.util.find_spec("peft") is None:
         raise ValueError("the PEFT rows need peft: pip install peft (or pass --implementations lorakit)")
     if "clora" in methods and not clora_available():
         methods.remove("clora")
         notes.append("C-LoRA was not run: lorakit's C-LoRA layer is not registered in this installation.")
     rows = [(m, i) for m, i in ROWS if m in methods and i in implementations]
-    if ("lora", "lorakit") not in rows:
+    if not args.skip_timing and ("lora", "lorakit") not in rows:
         raise ValueError("the lorakit LoRA row is the step-time reference; keep 'lora' and 'lorakit'")
     notes.append("AdapterHub's `adapters` was not run: it pins transformers 4.57 and this project uses transformers "
                  f"{_version('transformers')}; they cannot be installed side by side.")
@@ -405,8 +496,9 @@ def main(args: argparse.Namespace) -> int:
     del base
     lrs = {m: getattr(args, f"lr_{m}") for m in ("full", "lora", "adapter", "prompt", "clora")}
 
-    results_rows = []
-    for seed in seeds:
+    results_rows = [{"method": m, "implementation": i, "seed": seeds[0], **static_row(m, i, settings, seeds[0])}
+                    for m, i in rows] if args.skip_training else []
+    for seed in [] if args.skip_training else seeds:
         for method, implementation in rows:
             cfg = TrainConfig(lr=lrs[method], batch_size=args.batch_size, epochs=args.epochs, seed=seed,
                               optimizer="adamw")
@@ -447,9 +539,56 @@ def main(args: argparse.Namespace) -> int:
     results["config"] = {k: v for k, v in results["config"].items() if k not in ("command", "handler", "experiment")}
     out.mkdir(parents=True, exist_ok=True)
     write_results(out, results)
-    plot(out, results_rows)
-    write_report(out, report_markdown(results))
+    if not args.skip_training:
+        plot(out, results_rows)
+        write_report(out, report_markdown(results))
     print(f"[peft-compare] wrote {out}", file=sys.stderr)
+    return 0
+
+
+def combine(parts: list[Path], out: Path, notes: list[str] = ()) -> int:
+    """Merge the rows of several runs (same settings; e.g. rows trained in parallel processes, and the
+    timing/memory phases from a ``--skip-training`` run) into one results.json, report.md and figure."""
+    from ..report import write_report, write_results
+
+    logs = [part for part in parts if part.suffix == ".log"]
+    parts = [part for part in parts if part.suffix != ".log"]
+    loaded = [json.loads((part / "results.json").read_text()) for part in parts]
+    if logs:
+        loaded.append({"rows": [row for log in logs for row in rows_from_log(log)], "metadata": {"command": None},
+                       "notes": ["Rows marked recovered_from_log come from the log of a process stopped once that row "
+                                 "had finished (accuracy and training time as logged; their parameter counts and "
+                                 "checkpoint sizes from a --skip-training run, which builds the same models)."]})
+        parts = parts + [Path(",".join(str(log) for log in logs))]
+    trained = [r for r in loaded if "config" in r and any(row.get("accuracy") is not None for row in r["rows"])]
+    trained = trained or [r for r in loaded if "config" in r]
+    if not trained or not any(row.get("accuracy") is not None for r in loaded for row in r["rows"]):
+        raise ValueError(f"none of {[str(p) for p in parts]} holds trained rows")
+    merged: dict[tuple, dict] = {}
+    for results in loaded:
+        for row in results["rows"]:
+            key = (row["method"], row["implementation"], row["seed"])
+            merged[key] = {**merged.get(key, {}), **{k: v for k, v in row.items() if v is not None}}
+    order = {key: i for i, key in enumerate(ROWS)}
+    rows = sorted(merged.values(), key=lambda r: (r["seed"], order[(r["method"], r["implementation"])]))
+    unfinished = [f"{r['method']}/{r['implementation']}" for r in rows if r.get("accuracy") is None]
+    rows = [r for r in rows if r.get("accuracy") is not None]
+    results = dict(trained[0])
+    results["rows"] = rows
+    results["config"] = dict(results["config"], methods=",".join(dict.fromkeys(r["method"] for r in rows)))
+    results["notes"] = list(dict.fromkeys(n for r in loaded for n in r.get("notes", [])))
+    results["notes"] += list(notes)
+    if unfinished:
+        results["notes"].append(f"Timed but not trained (their training did not finish in time): {', '.join(unfinished)}.")
+    results["parts"] = [{"folder": str(p), "rows": [f"{r['method']}/{r['implementation']}" for r in res["rows"]],
+                         "wall_seconds": res.get("wall_seconds"), "command": res["metadata"].get("command")}
+                        for p, res in zip(parts, loaded)]
+    results["wall_seconds"] = sum(res.get("wall_seconds") or 0 for res in loaded)
+    out.mkdir(parents=True, exist_ok=True)
+    write_results(out, results)
+    plot(out, [r for r in rows if r.get("accuracy") is not None])
+    write_report(out, report_markdown(results))
+    print(f"[peft-compare] combined {len(parts)} runs into {out}", file=sys.stderr)
     return 0
 
 

@@ -102,7 +102,11 @@ class SoftPrompt(nn.Module):
         if self.active_adapter is None or self.disabled:
             return None
         if args:  # positional arguments: name them, so every input is handled the same way
-            kwargs = dict(self._signature.bind_partial(*args, **kwargs).arguments)
+            names = [p.name for p in self._signature.parameters.values()
+                     if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+            if len(args) > len(names):
+                raise TypeError(f"{type(model).__name__}.forward takes {len(names)} positional arguments, got {len(args)}")
+            kwargs = {**dict(zip(names, args)), **kwargs}
             args = ()
         if kwargs.get("past_key_values") is not None:
             return (args, kwargs)  # a cached decoding step: the prompt is already in the cache
