@@ -30,6 +30,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 import lorakit as lk
+from . import config_from_args, output_dir
 from .. import report
 from .._io import atomic_write, load_tensors, save_tensors
 from ..data.vision import load_fashion_mnist, to_float
@@ -130,9 +131,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    fields = CLoRATableConfig.__dataclass_fields__
-    cfg = CLoRATableConfig(**{k: v for k, v in vars(args).items() if k in fields})
-    out = Path(args.out or f"runs/clora-table-{time.strftime('%Y%m%d-%H%M%S')}")
+    cfg = config_from_args(CLoRATableConfig, args)
+    out = output_dir(args.out, "clora-table")
     run(cfg, out)
     print(f"wrote {out}/results.json, report.md, accuracy_vs_ratio.png")
     return 0

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 import lorakit as lk
+from . import config_from_args, output_dir
 from .. import report
 from .._io import load_tensors, save_tensors
 from ..data.vision import load_mnist, to_float
@@ -102,9 +103,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    fields = {f: getattr(args, f) for f in DigitFinetuneConfig.__dataclass_fields__}
-    cfg = DigitFinetuneConfig(**fields)
-    out = Path(args.out or f"runs/digit-finetune-{time.strftime('%Y%m%d-%H%M%S')}")
+    cfg = config_from_args(DigitFinetuneConfig, args)
+    out = output_dir(args.out, "digit-finetune")
     results = run(cfg, out)
     print(summary(results))
     print(f"wrote {out}/results.json, report.md, wrong_per_digit.png")

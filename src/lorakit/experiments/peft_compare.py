@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from . import output_dir
+
 DESCRIPTION = ("full fine-tuning, LoRA, bottleneck adapters and soft prompts (+ C-LoRA) on a pretrained "
                "transformer, lorakit beside PEFT: accuracy, parameters, checkpoint size, step time, memory")
 ROWS = [("full", "lorakit"), ("lora", "lorakit"), ("lora", "peft"), ("adapter", "lorakit"),
@@ -465,7 +467,7 @@ def main(args: argparse.Namespace) -> int:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     started = time.perf_counter()
-    out = Path(args.out or f"runs/peft-compare-{time.strftime('%Y%m%d-%H%M%S')}")
+    out = output_dir(args.out, "peft-compare")
     if args.combine:
         return combine([Path(p) for p in args.combine.split(",") if p], out, args.note)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]

@@ -20,6 +20,7 @@ import torch
 from matplotlib.figure import Figure
 
 import lorakit as lk
+from . import config_from_args, output_dir
 from .. import report
 from .._io import atomic_write
 from ..data.vision import MNIST_MEAN_STD, dataset
@@ -56,9 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    fields = SVDDemoConfig.__dataclass_fields__
-    cfg = SVDDemoConfig(**{k: v for k, v in vars(args).items() if k in fields})
-    out = Path(args.out or f"runs/svd-demo-{time.strftime('%Y%m%d-%H%M%S')}")
+    cfg = config_from_args(SVDDemoConfig, args)
+    out = output_dir(args.out, "svd-demo")
     run(cfg, out)
     print(f"wrote {out}/results.json, report.md, spectrum.png, rank_vs_error.png")
     return 0
