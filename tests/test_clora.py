@@ -160,3 +160,17 @@ def test_conv_layer_trains_and_decays():
     torch.testing.assert_close(model(x), expected)
     assert model.features.conv2_2.lora_A["default"].weight.shape == (2, 8, 3, 3)
     assert model.features.conv2_2.lora_B["default"].weight.shape == (8, 2, 1, 1)
+
+
+def test_svd_init_on_convs_keeps_the_output_at_start():
+    """init='svd' puts the top singular vectors of each conv's flattened kernel into B A (C-LoRA, not LoRA)."""
+    from lorakit.models import vgg_small
+
+    torch.manual_seed(0)
+    model = vgg_small().eval()
+    x = torch.randn(2, 1, 28, 28)
+    before = model(x)
+    lk.inject(model, lk.CLoRAConfig(rank=4, targets=["conv1_2", "conv2_1"], init="svd"))
+    model.eval()
+    assert torch.allclose(model(x), before, atol=1e-5)
+    assert type(model.get_submodule("features.conv1_2")).__name__ != "Conv2d"

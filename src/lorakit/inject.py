@@ -172,7 +172,7 @@ def _inject_wrappers(model: nn.Module, cfg, name: str, skip=()) -> None:
         if is_adapter_layer(module) and not isinstance(module, wrapper_cls):
             raise ValueError(f"layer {path!r} already holds a {type(module).__name__}; one kind of adapter per layer")
         plan.append((path, module, wrapper_cls))
-    if getattr(cfg, "init", None) == "svd":
+    if isinstance(cfg, LoRAConfig) and cfg.init == "svd":  # C-LoRA checks its own targets
         bad = [p for p, m, _ in plan if not (isinstance(_base_of(m), nn.Linear) or is_hf_conv1d(_base_of(m)))]
         if bad:
             raise ValueError(f"init='svd' supports Linear and Conv1D layers only; {bad[0]!r} is not one")
