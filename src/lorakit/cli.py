@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         params_command.add_arguments(params)
         params.set_defaults(handler=params_command.main)
     except ImportError as err:
-        params.set_defaults(handler=lambda args: _unavailable("params", err))
+        params.set_defaults(handler=lambda args, err=err: _unavailable("params", err))
     return parser
 
 

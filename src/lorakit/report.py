@@ -106,7 +106,8 @@ def write_report(out_dir: str | os.PathLike, markdown: str) -> Path:
     return write_text(Path(out_dir) / "report.md", markdown if markdown.endswith("\n") else markdown + "\n")
 
 
-def _save_figure(fig: Figure, path: str | os.PathLike) -> Path:
+def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
+    """Lay out ``fig`` and write it as a PNG atomically (the one place figures are saved)."""
     fig.tight_layout()
     return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
 
@@ -136,7 +137,7 @@ def bar_chart_wrong_counts(
     ax.set_ylabel("wrong predictions")
     ax.set_title(title)
     ax.legend()
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def line_plot(
@@ -165,4 +166,4 @@ def line_plot(
     ax.grid(alpha=0.3)
     if series or points:
         ax.legend()
-    return _save_figure(fig, path)
+    return save_figure(fig, path)

@@ -32,7 +32,7 @@ from torch import nn
 import lorakit as lk
 from . import config_from_args, output_dir
 from .. import report
-from .._io import atomic_write, load_tensors, save_tensors
+from .._io import load_tensors, save_tensors
 from ..data.vision import load_fashion_mnist, to_float
 from ..models import fmnist_mlp
 from ..train import TrainConfig, evaluate, train
@@ -399,5 +399,4 @@ def plot(path: Path, summary: list[dict]) -> None:
                  fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    report.save_figure(fig, path)

@@ -28,7 +28,7 @@ from .._io import load_tensors, save_tensors
 from ..data.vision import load_mnist, to_float
 from ..models import build_model
 from ..params import increment_summary, parameter_listing
-from ..train import EvalResult, TrainConfig, evaluate, train
+from ..train import TrainConfig, evaluate, train
 
 DESCRIPTION = "Fix the worst MNIST digit with LoRA (seeds 000/001), optionally without forgetting the others."
 

@@ -435,7 +435,7 @@ def plot(out: Path, rows: list[dict]) -> None:
     """
     from matplotlib.figure import Figure
 
-    from .._io import atomic_write
+    from ..report import save_figure
 
     fig = Figure(figsize=(7, 4.5))
     ax = fig.add_subplot()
@@ -456,8 +456,7 @@ def plot(out: Path, rows: list[dict]) -> None:
     ax.set_title("accuracy vs trainable parameters")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    atomic_write(out / "accuracy_vs_params.png", lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    save_figure(fig, out / "accuracy_vs_params.png")
 
 
 # -- main -------------------------------------------------------------------------------------------

@@ -22,7 +22,6 @@ from matplotlib.figure import Figure
 import lorakit as lk
 from . import config_from_args, output_dir
 from .. import report
-from .._io import atomic_write
 from ..data.vision import MNIST_MEAN_STD, dataset
 from ..models import richboynet
 from ..train import TrainConfig, evaluate, train
@@ -127,11 +126,6 @@ def run(cfg: SVDDemoConfig, out: Path) -> dict:
     return results
 
 
-def _save(fig: Figure, path: Path) -> None:
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-
-
 def _plot_spectrum(path: Path, layers: dict) -> None:
     """Singular values on a log scale (report.line_plot has no log y axis, hence this small helper)."""
     fig = Figure(figsize=(6.5, 4.5))
@@ -145,7 +139,7 @@ def _plot_spectrum(path: Path, layers: dict) -> None:
     ax.set_title("RichBoyNet on MNIST: singular-value spectrum")
     ax.grid(alpha=0.3)
     ax.legend()
-    _save(fig, path)
+    report.save_figure(fig, path)
 
 
 def _plot_rank_error(path: Path, layers: dict, accuracy: dict, dense_accuracy: float) -> None:
@@ -170,7 +164,7 @@ def _plot_rank_error(path: Path, layers: dict, accuracy: dict, dense_accuracy: f
     right.set_title("MNIST accuracy after truncation (no fine-tune)")
     right.grid(alpha=0.3)
     right.legend(fontsize=8)
-    _save(fig, path)
+    report.save_figure(fig, path)
 
 
 def render(results: dict) -> str:
