@@ -46,6 +46,8 @@ class LoRAConfig:
     """The parameter adapted in 'parametrize' mode (any >= 2-D parameter of any module)."""
     modules_to_save: Optional[list[str]] = None
     """Modules trained fully and saved with the adapter (e.g. a new classifier head)."""
+    adapter_dtype: str = "float32"
+    """dtype of the adapter's factors: 'float32' (as PEFT, also on a bf16/fp16 base) or 'base' (the base weight's)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
@@ -54,6 +56,7 @@ class LoRAConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         _check_choice("init", self.init, {"kaiming", "gaussian", "svd"})
         _check_choice("mode", self.mode, {"module", "parametrize"})
+        _check_choice("adapter_dtype", self.adapter_dtype, {"float32", "base"})
         _check_targets("targets", self.targets)
         _check_targets("exclude", self.exclude)
         _check_targets("modules_to_save", self.modules_to_save)
@@ -77,8 +80,11 @@ class AdapterConfig:
     """'near-identity': down small random, up = 0, so the model is unchanged at start."""
     exclude: Targets = None
     modules_to_save: Optional[list[str]] = None
+    adapter_dtype: str = "float32"
+    """dtype of the adapter's weights: 'float32' (default) or 'base' (the base weight's)."""
 
     def __post_init__(self) -> None:
+        _check_choice("adapter_dtype", self.adapter_dtype, {"float32", "base"})
         if not isinstance(self.bottleneck, int) or self.bottleneck < 1:
             raise ValueError(f"bottleneck must be an integer >= 1, got {self.bottleneck!r}")
         _check_choice("activation", self.activation, {"relu", "gelu", "tanh", "silu"})
@@ -121,6 +127,8 @@ class CLoRAConfig:
     init: str = "random"
     """'random' (the seed's: A variance-scaling uniform, B = 0) or 'svd' (top singular vectors of W)."""
     modules_to_save: Optional[list[str]] = None
+    adapter_dtype: str = "float32"
+    """dtype of A, B and C: 'float32' (default) or 'base' (the base weight's)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.rank, int) or self.rank < 1:
@@ -132,6 +140,7 @@ class CLoRAConfig:
         if not 0.0 <= self.decay_floor < 1.0:
             raise ValueError(f"decay_floor must be in [0, 1), got {self.decay_floor}")
         _check_choice("noise", self.noise, {"scheduled", "always", "none"})
+        _check_choice("adapter_dtype", self.adapter_dtype, {"float32", "base"})
         _check_choice("init", self.init, {"random", "svd"})
         _check_targets("targets", self.targets)
 

@@ -31,6 +31,21 @@ TARGET_CHECKS: dict[type, Callable[[nn.Module, list[str]], None]] = {AdapterConf
 SUPPORTED = "nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding and Hugging Face Conv1D"
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's model inside a DDP / DataParallel (``.module``) or ``torch.compile`` (``._orig_mod``) wrapper.
+
+    FSDP2's ``fully_shard`` shards in place (same module, DTensor parameters), so it needs no unwrapping.
+    Every public entry point calls this first, so keys and attributes are those of the plain model.
+    """
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch._dynamo's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
+
+
 def is_adapter_layer(module: nn.Module) -> bool:
     return callable(getattr(module, "adapter_parameters", None)) and hasattr(module, "adapter_names")
 
