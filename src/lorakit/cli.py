@@ -11,8 +11,11 @@ import sys
 
 EXPERIMENTS = {
     "digit-finetune": "lorakit.experiments.digit_finetune",
+    "digit-stream": "lorakit.experiments.digit_stream",
     "svd-demo": "lorakit.experiments.svd_demo",
     "clora-table": "lorakit.experiments.clora_table",
+    "clora-conv": "lorakit.experiments.clora_conv",
+    "clora-transformer": "lorakit.experiments.clora_transformer",
     "peft-compare": "lorakit.experiments.peft_compare",
 }
 
