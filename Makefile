@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo reference bench clean
 
 install: $(STAMP)
 
@@ -21,9 +21,18 @@ $(STAMP): pyproject.toml Makefile
 test: install
 	$(BIN)/python -m pytest -q
 
+# The demo writes under runs/; the committed reference runs under results/ change only through `make reference`.
 demo: install
+	$(BIN)/lorakit run digit-finetune --out runs/demo/richboynet
+	$(BIN)/lorakit run digit-finetune --preserve --out runs/demo/richboynet-preserve
+
+# Regenerate the reference runs that the README quotes (one command each; run them on a quiet machine).
+reference: install
 	$(BIN)/lorakit run digit-finetune --out results/digit-finetune/richboynet
 	$(BIN)/lorakit run digit-finetune --preserve --out results/digit-finetune/richboynet-preserve
+	$(BIN)/lorakit run digit-finetune --model part-three --mode parametrize --out results/digit-finetune/part-three
+	$(BIN)/lorakit run digit-finetune --model part-three --preserve --out results/digit-finetune/part-three-preserve
+	$(BIN)/python scripts/readme_results.py
 
 bench: install
 	$(BIN)/python benchmarks/lora_step.py
