@@ -273,3 +273,89 @@ def test_non_finite_weights_never_overwrite_a_good_checkpoint(tmp_path):
 def test_progress_bar_shows_the_loss(capsys):
     train(tiny_model(), blobs(), cfg(steps=4, log_every=2, progress=True))
     assert "loss=" in capsys.readouterr().err
+
+
+# -- learning-rate schedule, validation, best weights ---------------------------------------------------
+from lorakit.train import LRMultiplier, make_scheduler  # noqa: E402
+
+
+@pytest.mark.parametrize("schedule, warmup, total, expected", [
+    ("constant", 0, 10, [1, 1, 1, 1]),
+    ("constant", 3, 10, [0.25, 0.5, 0.75, 1]),
+    ("linear", 0, 4, [1, 0.75, 0.5, 0.25]),
+    ("linear", 2, 6, [1 / 3, 2 / 3, 1, 0.75]),
+    ("cosine", 0, 4, [1, (1 + 2 ** -0.5) / 2, 0.5, (1 - 2 ** -0.5) / 2]),
+])
+def test_lr_multiplier_closed_forms(schedule, warmup, total, expected):
+    multiplier = LRMultiplier(schedule, warmup, total)
+    assert [multiplier(step) for step in range(len(expected))] == pytest.approx(expected)
+
+
+def test_scheduler_sets_the_optimizer_lr_of_each_step():
+    param = nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=0.4)
+    scheduler = make_scheduler(optimizer, cfg(schedule="linear", warmup_steps=1), total_steps=5)
+    lrs = []
+    for _ in range(5):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    expected = [0.4 * LRMultiplier("linear", 1, 5)(s) for s in range(5)]
+    assert lrs == pytest.approx(expected)
+
+
+def test_train_follows_the_schedule_step_by_step():
+    """Plain SGD on one fixed batch: two steps at lr then lr / 2 equal the hand-written updates."""
+    x, y = blobs(n=8)
+    model = tiny_model()
+    reference = tiny_model()
+    train(model, (x, y), cfg(optimizer="sgd", lr=0.1, batch_size=8, steps=2, shuffle=False, schedule="linear"))
+    for lr in (0.1, 0.05):
+        reference.zero_grad()
+        classification_loss(reference, (x, y)).backward()
+        with torch.no_grad():
+            for p in reference.parameters():
+                p -= lr * p.grad
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q)
+
+
+def test_keep_best_puts_back_the_best_validation_weights():
+    data, validation = blobs(seed=0), blobs(n=60, seed=1)
+    model = tiny_model()
+    history = train(model, data, cfg(lr=0.5, epochs=3, eval_every=2), validation=validation, num_classes=3)
+    assert history.val_steps == list(range(2, history.steps + 1, 2)) + ([history.steps] if history.steps % 2 else [])
+    best = max(history.val_accuracies)
+    assert history.best_val_accuracy == best
+    assert history.best_step == history.val_steps[history.val_accuracies.index(best)]
+    assert evaluate(model, validation, num_classes=3).accuracy == best
+
+
+def test_without_keep_best_the_last_weights_stay():
+    data, validation = blobs(seed=0), blobs(n=60, seed=1)
+    a, b = tiny_model(), tiny_model()
+    train(a, data, cfg(epochs=2, keep_best=False), validation=validation, num_classes=3)
+    train(b, data, cfg(epochs=2))
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)  # validation scoring changes nothing in the training itself
+
+
+def test_patience_stops_after_that_many_evaluations_without_improvement():
+    x, _ = blobs(n=30, seed=1)
+    impossible = (x, torch.full((30,), 2))  # a class the (frozen-at-zero) model never predicts
+    model = nn.Linear(4, 3)
+    with torch.no_grad():
+        model.weight.zero_()
+        model.bias.copy_(torch.tensor([1.0, 0.0, -1.0]))
+    model.weight.requires_grad_(False)
+    history = train(model, blobs(), cfg(lr=0.0, steps=50, eval_every=1, patience=3), validation=impossible,
+                    num_classes=3)
+    assert history.stopped_early and history.steps == 4
+    assert history.val_accuracies == [0.0] * 4 and history.best_step == 1
+
+
+@pytest.mark.parametrize("field, value", [("schedule", "step"), ("warmup_steps", -1), ("eval_every", 0),
+                                          ("patience", 0)])
+def test_bad_schedule_settings_are_refused(field, value):
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(**{field: value})

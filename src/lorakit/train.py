@@ -28,6 +28,7 @@ LossFn = Callable[[nn.Module, Batch], torch.Tensor]
 PredictFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, torch.Tensor]]
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("constant", "linear", "cosine")
 
 
 class TrainingDivergedError(RuntimeError):
@@ -70,10 +71,27 @@ class TrainConfig:
     """Write the checkpoint every this many steps (and always at the end)."""
     progress: bool | None = None
     """Show a progress bar: True, False, or None = only when stderr is a terminal."""
+    schedule: str = "constant"
+    """Learning rate after warmup: "constant", "linear" (to 0 at the last step) or "cosine" (to 0)."""
+    warmup_steps: int = 0
+    """Steps of linear warmup from 0 to ``lr`` before the schedule."""
+    eval_every: int | None = None
+    """With validation data: evaluate every this many steps; None = at the end of every epoch (and the last step)."""
+    patience: int | None = None
+    """With validation data: stop after this many evaluations without a better validation accuracy; None = never."""
+    keep_best: bool = True
+    """With validation data: at the end, put back the weights of the best validation accuracy."""
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        for name in ("eval_every", "patience"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1 (or None), got {getattr(self, name)}")
         for name in ("batch_size", "log_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -98,6 +116,13 @@ class TrainHistory:
     average_loss: float = float("nan")
     loss_steps: list[int] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
+    val_steps: list[int] = field(default_factory=list)
+    """Steps at which the validation data was scored (empty without validation data)."""
+    val_accuracies: list[float] = field(default_factory=list)
+    best_step: int | None = None
+    """Step of the best validation accuracy; with ``keep_best`` the model holds that step's weights."""
+    best_val_accuracy: float | None = None
+    stopped_early: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -194,6 +219,43 @@ def _make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim
     return optimizer_class(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
 
 
+class LRMultiplier:
+    """The factor on ``lr`` at a step: linear warmup, then constant, linear or cosine decay to 0.
+
+    A small callable object (not a lambda) so ``LambdaLR.state_dict()`` can save it.
+    """
+
+    def __init__(self, schedule: str, warmup_steps: int, total_steps: int) -> None:
+        self.schedule, self.warmup_steps, self.total_steps = schedule, warmup_steps, total_steps
+
+    def __call__(self, step: int) -> float:  # step = optimizer steps taken so far
+        if step < self.warmup_steps:
+            return (step + 1) / (self.warmup_steps + 1)
+        if self.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        if self.schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
+    """``torch.optim.lr_scheduler.LambdaLR`` with :class:`LRMultiplier`; stepped after every optimizer step."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, LRMultiplier(cfg.schedule, cfg.warmup_steps, total_steps))
+
+
+def _snapshot(model: nn.Module, params: list[nn.Parameter]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Copies of what training changes (the trained parameters and every buffer), to put back later."""
+    tensors = {id(t): t for t in [*params, *model.buffers()]}
+    return [(t, t.detach().clone()) for t in tensors.values()]
+
+
+def _restore(snapshot: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    with torch.no_grad():
+        for tensor, saved in snapshot:
+            tensor.copy_(saved)
+
+
 def _save_checkpoint(model: nn.Module, path: str, step: int) -> None:
     """Write the state_dict atomically, refusing non-finite weights so a good checkpoint is never replaced."""
     state = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
@@ -216,6 +278,9 @@ def train(
     on_step: Callable[[int], None] | None = None,
     params: Iterable[nn.Parameter] | None = None,
     collate_fn: Callable | None = None,
+    validation: Dataset | tuple[torch.Tensor, torch.Tensor] | None = None,
+    num_classes: int = 10,
+    predict_fn: PredictFn | None = None,
 ) -> TrainHistory:
     """Train ``model`` in place on ``data`` and return what happened.
 
@@ -224,6 +289,11 @@ def train(
     runs after every optimizer step, steps counted from 1 (e.g. to advance a decay schedule).
     A NaN or infinite loss raises :class:`TrainingDivergedError` naming the step; the checkpoint file, if
     any, then still holds the last good weights. The model's train/eval mode is restored at the end.
+
+    The learning rate follows ``cfg.schedule`` after ``cfg.warmup_steps`` (a ``LambdaLR``). With
+    ``validation`` data, the model is scored (:func:`evaluate` with ``num_classes``, ``predict_fn``) every
+    ``cfg.eval_every`` steps or every epoch; ``cfg.patience`` stops early, and ``cfg.keep_best`` leaves the
+    best-scoring weights in the model. The test set is never seen here: score it once, afterwards.
     """
     loss_fn = loss_fn or classification_loss
     params = list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
@@ -235,6 +305,9 @@ def train(
         raise ValueError("nothing to train on: the data set is empty")
     total_steps = cfg.total_steps(len(loader))
     optimizer = _make_optimizer(params, cfg)
+    scheduler = make_scheduler(optimizer, cfg, total_steps)
+    eval_every = cfg.eval_every or len(loader)
+    best, stale = None, 0
     device = _device_of(model)
     history = TrainHistory()
     step, loss_sum, window, last_checkpoint = 0, 0.0, [], None
@@ -257,6 +330,7 @@ def train(
                     if cfg.grad_clip is not None:
                         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                     optimizer.step()
+                    scheduler.step()
                     step += 1
                     if on_step is not None:
                         on_step(step)
@@ -274,8 +348,25 @@ def train(
                     if cfg.checkpoint and (step % cfg.checkpoint_every == 0 or step == total_steps):
                         _save_checkpoint(model, cfg.checkpoint, step)
                         last_checkpoint = step
+                    if validation is not None and (step % eval_every == 0 or step == total_steps):
+                        score = evaluate(model, validation, num_classes, predict_fn=predict_fn,
+                                         collate_fn=collate_fn).accuracy  # evaluate() restores train mode
+                        history.val_steps.append(step)
+                        history.val_accuracies.append(score)
+                        if history.best_val_accuracy is None or score > history.best_val_accuracy:
+                            history.best_step, history.best_val_accuracy, stale = step, score, 0
+                            best = _snapshot(model, params) if cfg.keep_best else None
+                        else:
+                            stale += 1
+                        if cfg.patience is not None and stale >= cfg.patience:
+                            history.stopped_early = True
+                            break
                     if step == total_steps:
                         break
+                if history.stopped_early:
+                    break
+        if best is not None:
+            _restore(best)
     finally:
         model.train(was_training)
         history.seconds = time.perf_counter() - start
