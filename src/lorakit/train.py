@@ -13,15 +13,18 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
 from tqdm import tqdm
 
 from ._io import save_tensors
+from .batches import BatchOrder
+from .train_state import check_fingerprint, fingerprint, load_state, rng_state, save_state, set_rng_state, trained_tensors
 
 Batch = Any  # (inputs, labels) or a dict of tensors
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
@@ -68,7 +71,11 @@ class TrainConfig:
     checkpoint: str | None = None
     """Path of a safetensors file for the model's state_dict; None = no checkpoints."""
     checkpoint_every: int = 1000
-    """Write the checkpoint every this many steps (and always at the end)."""
+    """Write the checkpoint and the training state every this many steps (and always at the end)."""
+    state_path: str | None = None
+    """File for the full training state (trained tensors, optimizer, schedules, RNG, data position); None = none."""
+    resume: bool = False
+    """Continue from ``state_path`` when that file exists (a killed run ends as if never stopped)."""
     progress: bool | None = None
     """Show a progress bar: True, False, or None = only when stderr is a terminal."""
     schedule: str = "constant"
@@ -244,18 +251,6 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_ste
     return torch.optim.lr_scheduler.LambdaLR(optimizer, LRMultiplier(cfg.schedule, cfg.warmup_steps, total_steps))
 
 
-def _snapshot(model: nn.Module, params: list[nn.Parameter]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Copies of what training changes (the trained parameters and every buffer), to put back later."""
-    tensors = {id(t): t for t in [*params, *model.buffers()]}
-    return [(t, t.detach().clone()) for t in tensors.values()]
-
-
-def _restore(snapshot: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    with torch.no_grad():
-        for tensor, saved in snapshot:
-            tensor.copy_(saved)
-
-
 def _save_checkpoint(model: nn.Module, path: str, step: int) -> None:
     """Write the state_dict atomically, refusing non-finite weights so a good checkpoint is never replaced."""
     state = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
@@ -281,6 +276,7 @@ def train(
     validation: Dataset | tuple[torch.Tensor, torch.Tensor] | None = None,
     num_classes: int = 10,
     predict_fn: PredictFn | None = None,
+    stateful: Mapping[str, Any] | None = None,
 ) -> TrainHistory:
     """Train ``model`` in place on ``data`` and return what happened.
 
@@ -294,83 +290,140 @@ def train(
     ``validation`` data, the model is scored (:func:`evaluate` with ``num_classes``, ``predict_fn``) every
     ``cfg.eval_every`` steps or every epoch; ``cfg.patience`` stops early, and ``cfg.keep_best`` leaves the
     best-scoring weights in the model. The test set is never seen here: score it once, afterwards.
+
+    With ``cfg.state_path`` the full training state (see :mod:`lorakit.train_state`; ``stateful`` objects with
+    ``state_dict``/``load_state_dict``, such as a ``DecaySchedule``, are included) is written every
+    ``cfg.checkpoint_every`` steps; ``cfg.resume`` continues from it, giving the same weights as a run that
+    was never stopped. In a process group of several ranks the model must be wrapped (DDP or FSDP2): each
+    rank takes its slice of every global batch (:mod:`lorakit.batches`), the logged loss is the global mean,
+    a NaN on any rank stops every rank at the same step, and only rank 0 writes files and shows progress.
     """
     loss_fn = loss_fn or classification_loss
     params = list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("nothing to train: no parameter has requires_grad=True")
-    loader = DataLoader(_as_dataset(data), batch_size=cfg.batch_size, shuffle=cfg.shuffle,
-                        generator=torch.Generator().manual_seed(cfg.seed), collate_fn=collate_fn)
-    if len(loader) == 0:
-        raise ValueError("nothing to train on: the data set is empty")
-    total_steps = cfg.total_steps(len(loader))
+    dataset = _as_dataset(data)
+    rank, world = _rank_and_world(model)
+    order = BatchOrder(len(dataset), cfg.batch_size, cfg.seed, cfg.shuffle, rank, world)
+    collate = collate_fn or default_collate
+    total_steps = cfg.total_steps(order.batches_per_epoch)
     optimizer = _make_optimizer(params, cfg)
     scheduler = make_scheduler(optimizer, cfg, total_steps)
-    eval_every = cfg.eval_every or len(loader)
-    best, stale = None, 0
+    eval_every = cfg.eval_every or order.batches_per_epoch
+    stateful = dict(stateful or {})
+    tensors = trained_tensors(model, params)
+    stamp = fingerprint(cfg, tensors)
     device = _device_of(model)
-    history = TrainHistory()
-    step, loss_sum, window, last_checkpoint = 0, 0.0, [], None
+    history, loop = TrainHistory(), {"loss_sum": 0.0, "window": [], "stale": 0, "last_checkpoint": None}
+    best: dict[str, torch.Tensor] | None = None
     bar = tqdm(total=total_steps, unit="step", desc="train", dynamic_ncols=True,
-               disable=None if cfg.progress is None else not cfg.progress)
+               disable=rank != 0 or (None if cfg.progress is None else not cfg.progress))
     was_training = model.training
     start = time.perf_counter()
     model.train()
     try:
         with torch.random.fork_rng(devices=[]), bar:  # seeded dropout/noise; the caller's RNG is untouched
             torch.manual_seed(cfg.seed)
-            while step < total_steps:
-                for batch in loader:
-                    loss = loss_fn(model, _to_device(batch, device))
-                    value = loss.item()
-                    if not math.isfinite(value):
-                        raise _diverged(step + 1, value, cfg.checkpoint, last_checkpoint)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if cfg.grad_clip is not None:
-                        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                    optimizer.step()
-                    scheduler.step()
-                    step += 1
-                    if on_step is not None:
-                        on_step(step)
+            if cfg.resume and cfg.state_path and Path(cfg.state_path).is_file():
+                saved = load_state(cfg.state_path)
+                check_fingerprint(saved["fingerprint"], stamp, cfg.state_path)
+                with torch.no_grad():
+                    for name, tensor in tensors.items():
+                        tensor.copy_(saved["model"][name])
+                optimizer.load_state_dict(saved["optimizer"])
+                scheduler.load_state_dict(saved["scheduler"])
+                order.load_state_dict(saved["order"])
+                set_rng_state(saved["rng"], device)
+                for key, obj in stateful.items():
+                    obj.load_state_dict(saved["stateful"][key])
+                history, loop, best = TrainHistory(**saved["history"]), saved["loop"], saved["best"]
+                bar.update(history.steps)
+            step = history.steps
+            while step < total_steps and not history.stopped_early:
+                batch = order.next_batch()
+                loss = loss_fn(model, _to_device(collate(_fetch(dataset, batch.indices)), device))
+                value = _global_mean(loss.detach(), batch.weight, world)
+                if not math.isfinite(value):
+                    raise _diverged(step + 1, value, cfg.checkpoint, loop["last_checkpoint"])
+                optimizer.zero_grad(set_to_none=True)
+                (loss if batch.weight == 1.0 else loss * batch.weight).backward()
+                if cfg.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                if on_step is not None:
+                    on_step(step)
 
-                    loss_sum += value
-                    window.append(value)
-                    history.steps, history.average_loss = step, loss_sum / step
-                    if len(window) == cfg.log_every or step == total_steps:
-                        history.loss_steps.append(step)
-                        history.losses.append(sum(window) / len(window))
-                        bar.set_postfix(loss=f"{history.losses[-1]:.4f}", refresh=False)
-                        window.clear()
-                    bar.update(1)
+                loop["loss_sum"] += value
+                loop["window"].append(value)
+                history.steps, history.average_loss = step, loop["loss_sum"] / step
+                if len(loop["window"]) == cfg.log_every or step == total_steps:
+                    history.loss_steps.append(step)
+                    history.losses.append(sum(loop["window"]) / len(loop["window"]))
+                    bar.set_postfix(loss=f"{history.losses[-1]:.4f}", refresh=False)
+                    loop["window"] = []
+                bar.update(1)
 
-                    if cfg.checkpoint and (step % cfg.checkpoint_every == 0 or step == total_steps):
+                at_checkpoint = step % cfg.checkpoint_every == 0 or step == total_steps
+                if cfg.checkpoint and at_checkpoint:
+                    if rank == 0:
                         _save_checkpoint(model, cfg.checkpoint, step)
-                        last_checkpoint = step
-                    if validation is not None and (step % eval_every == 0 or step == total_steps):
-                        score = evaluate(model, validation, num_classes, predict_fn=predict_fn,
-                                         collate_fn=collate_fn).accuracy  # evaluate() restores train mode
-                        history.val_steps.append(step)
-                        history.val_accuracies.append(score)
-                        if history.best_val_accuracy is None or score > history.best_val_accuracy:
-                            history.best_step, history.best_val_accuracy, stale = step, score, 0
-                            best = _snapshot(model, params) if cfg.keep_best else None
-                        else:
-                            stale += 1
-                        if cfg.patience is not None and stale >= cfg.patience:
-                            history.stopped_early = True
-                            break
-                    if step == total_steps:
-                        break
-                if history.stopped_early:
-                    break
+                    loop["last_checkpoint"] = step
+                if validation is not None and (step % eval_every == 0 or step == total_steps):
+                    score = evaluate(model, validation, num_classes, predict_fn=predict_fn,
+                                     collate_fn=collate_fn).accuracy  # evaluate() restores train mode
+                    history.val_steps.append(step)
+                    history.val_accuracies.append(score)
+                    if history.best_val_accuracy is None or score > history.best_val_accuracy:
+                        history.best_step, history.best_val_accuracy, loop["stale"] = step, score, 0
+                        best = {n: t.detach().clone() for n, t in tensors.items()} if cfg.keep_best else None
+                    else:
+                        loop["stale"] += 1
+                    history.stopped_early = cfg.patience is not None and loop["stale"] >= cfg.patience
+                if cfg.state_path and rank == 0 and (at_checkpoint or history.stopped_early):
+                    save_state(cfg.state_path, {
+                        "fingerprint": stamp, "model": {n: t.detach() for n, t in tensors.items()},
+                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "order": order.state_dict(), "rng": rng_state(device), "history": history.to_dict(),
+                        "loop": loop, "best": best, "stateful": {k: o.state_dict() for k, o in stateful.items()}})
         if best is not None:
-            _restore(best)
+            with torch.no_grad():
+                for name, tensor in tensors.items():
+                    tensor.copy_(best[name])
     finally:
         model.train(was_training)
-        history.seconds = time.perf_counter() - start
+        history.seconds += time.perf_counter() - start
     return history
+
+
+def _rank_and_world(model: nn.Module) -> tuple[int, int]:
+    """(rank, world size) of the default process group, or (0, 1); several ranks need a wrapped model."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return 0, 1
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    wrapped = isinstance(model, nn.parallel.DistributedDataParallel) or any(
+        type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor" for p in model.parameters())
+    if world > 1 and not wrapped:
+        raise ValueError(f"train() runs in a process group of {world} ranks, but the model is neither wrapped in "
+                         "DistributedDataParallel nor sharded with fully_shard, so its gradients would not be "
+                         "averaged; wrap it first (or train in one process)")
+    return rank, world
+
+
+def _fetch(dataset: Dataset, indices: list[int]) -> list:
+    """The examples at ``indices``, as a DataLoader fetches them (``__getitems__`` when the data set has it)."""
+    getitems = getattr(dataset, "__getitems__", None)
+    return getitems(indices) if callable(getitems) else [dataset[i] for i in indices]
+
+
+def _global_mean(loss: torch.Tensor, weight: float, world: int) -> float:
+    """The mean loss of the global batch (one host sync per step); NaN on any rank is NaN on every rank."""
+    if world == 1:
+        return loss.item()
+    total = (loss * weight).reshape(1).float()
+    torch.distributed.all_reduce(total)
+    return total.item() / world
 
 
 def _diverged(step: int, loss: float, checkpoint: str | None, last_checkpoint: int | None) -> TrainingDivergedError:
