@@ -1,0 +1,117 @@
+"""Work that tests run in several processes (gloo on CPU); importable by the spawned children."""
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import lorakit as lk
+from lorakit.train import TrainConfig, train
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(fn, world_size: int, *args) -> None:
+    """Run ``fn(rank, world_size, port, *args)`` in ``world_size`` fresh processes joined by a gloo group."""
+    mp.spawn(_entry, args=(fn, world_size, free_port(), args), nprocs=world_size, join=True)
+
+
+def _entry(rank, fn, world_size, port, args):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        fn(rank, world_size, port, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def lora_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    lk.inject(model, lk.LoRAConfig(rank=4, alpha=8, targets=["0", "2"], modules_to_save=["4"]))
+    return model
+
+
+def problem(n: int = 90):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 8, generator=g)
+    return x, (x[:, :4].argmax(1))
+
+
+def mlp_config(**overrides) -> TrainConfig:
+    return TrainConfig(**{"lr": 0.01, "batch_size": 12, "steps": 12, "optimizer": "adamw", "progress": False,
+                          **overrides})
+
+
+def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def train_mlp(rank, world_size, port, parallel, out):
+    """Train the LoRA MLP under DDP or FSDP2; rank 0 saves losses and the plain model's state."""
+    model = lora_mlp()
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k and "modules_to_save" not in k}
+    if parallel == "ddp":
+        wrapped = nn.parallel.DistributedDataParallel(model)
+    else:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in (model[0], model[2], model[4]):
+            fully_shard(layer)
+        wrapped = fully_shard(model)
+    seen = []
+    model[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
+    history = train(wrapped, problem(), mlp_config(log_every=1))
+    state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+             for k, v in model.state_dict().items()}
+    unchanged = all(torch.equal(state[k], v) for k, v in frozen.items())
+    if rank == 0:
+        torch.save({"losses": history.losses, "state": state, "frozen_unchanged": unchanged, "seen": sum(seen)}, out)
+
+
+def nan_on_rank_one(rank, world_size, port, out):
+    """Rank 1's loss turns NaN at step 3: every rank must stop there, naming the step; only rank 0 writes."""
+    from lorakit.train import TrainingDivergedError, classification_loss
+
+    calls = []
+
+    def loss_fn(model, batch):
+        calls.append(1)
+        loss = classification_loss(model, batch)
+        return loss * float("nan") if rank == 1 and len(calls) == 3 else loss
+
+    model = nn.parallel.DistributedDataParallel(lora_mlp())
+    cfg = mlp_config(checkpoint=f"{out}.rank{rank}.safetensors", checkpoint_every=1,
+                     state_path=f"{out}.rank{rank}.state.pt")
+    try:
+        train(model, problem(), cfg, loss_fn=loss_fn)
+    except TrainingDivergedError as err:
+        torch.save({"step": err.step, "message": str(err)}, f"{out}.rank{rank}.error.pt")
+
+
+def unused_adapter(rank, world_size, port, out):
+    """A targeted layer that never runs: DDP's error must reach the user and name find_unused_parameters."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"used": nn.Linear(8, 4), "unused": nn.Linear(8, 4)})
+    lk.inject(model, lk.LoRAConfig(rank=2, targets=["used", "unused"]))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x):
+            return self.inner["used"](x)
+
+    try:
+        train(nn.parallel.DistributedDataParallel(Net()), problem(), mlp_config(steps=3))
+    except RuntimeError as err:
+        torch.save({"message": str(err)}, f"{out}.rank{rank}.error.pt")
