@@ -333,7 +333,7 @@ def train(
                 optimizer.load_state_dict(saved["optimizer"])
                 scheduler.load_state_dict(saved["scheduler"])
                 order.load_state_dict(saved["order"])
-                set_rng_state(saved["rng"], device)
+                set_rng_state(saved["rng"][rank], device)
                 for key, obj in stateful.items():
                     obj.load_state_dict(saved["stateful"][key])
                 history, loop, best = TrainHistory(**saved["history"]), saved["loop"], saved["best"]
@@ -381,12 +381,16 @@ def train(
                     else:
                         loop["stale"] += 1
                     history.stopped_early = cfg.patience is not None and loop["stale"] >= cfg.patience
-                if cfg.state_path and rank == 0 and (at_checkpoint or history.stopped_early):
-                    save_state(cfg.state_path, {
-                        "fingerprint": stamp, "model": {n: t.detach() for n, t in tensors.items()},
-                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "order": order.state_dict(), "rng": rng_state(device), "history": history.to_dict(),
-                        "loop": loop, "best": best, "stateful": {k: o.state_dict() for k, o in stateful.items()}})
+                if cfg.state_path and (at_checkpoint or history.stopped_early):
+                    rng = _gathered(rng_state(device), world)  # every rank's: their dropout streams may differ
+                    if rank == 0:
+                        save_state(cfg.state_path, {
+                            "fingerprint": stamp, "model": {n: t.detach() for n, t in tensors.items()},
+                            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                            "order": order.state_dict(), "rng": rng, "history": history.to_dict(), "loop": loop,
+                            "best": best, "stateful": {k: o.state_dict() for k, o in stateful.items()}})
+                    if world > 1:
+                        torch.distributed.barrier()
         if best is not None:
             with torch.no_grad():
                 for name, tensor in tensors.items():
@@ -409,6 +413,15 @@ def _rank_and_world(model: nn.Module) -> tuple[int, int]:
                          "DistributedDataParallel nor sharded with fully_shard, so its gradients would not be "
                          "averaged; wrap it first (or train in one process)")
     return rank, world
+
+
+def _gathered(value: Any, world: int) -> list:
+    """``[value of rank 0, value of rank 1, ...]`` on every rank (a list of one in a single process)."""
+    if world == 1:
+        return [value]
+    values = [None] * world
+    torch.distributed.all_gather_object(values, value)
+    return values
 
 
 def _fetch(dataset: Dataset, indices: list[int]) -> list:
