@@ -1,34 +1,45 @@
-"""Choosing targets and managing adapters on a model: inject, merge/unmerge, disable, unload, named adapters.
+"""Managing adapters on a model: inject, named adapters, merge/unmerge, disable, unload.
 
 Every lorakit layer follows one small protocol (duck-typed, like torchtune's ``adapter_params``):
 ``base_layer`` or ``original_module``, ``add_adapter(name, cfg)``, ``delete_adapter(name)``,
 ``set_active(name)``, ``adapter_names``, ``adapter_parameters()``, ``merge()``, ``unmerge()``, ``disabled``.
 The model remembers its adapters' configs in ``model.lorakit_configs`` ({name: config}) and the active one in
-``model.lorakit_active``.
+``model.lorakit_active``. What a config targets is decided in ``targets.py``; how each config class is
+injected is the one table :data:`METHODS` below.
+
+``requires_grad``: the first ``inject`` on a model freezes every parameter the model has then (as PEFT).
+After that lorakit only switches its own parameters: the active adapter's train, the other adapters' do
+not. A base parameter the user unfreezes stays as the user left it through ``inject``, ``set_active``,
+``load_adapter`` and ``delete_adapter``.
+
+Every public function accepts a model wrapped by DDP/DataParallel or ``torch.compile`` (:func:`unwrap_model`).
 """
 from __future__ import annotations
 
 import contextlib
-import re
-from typing import Callable, Iterator, Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .config import AdapterConfig, LoRAConfig, PromptConfig
+from .config import AdapterConfig, CLoRAConfig, LoRAConfig, PromptConfig
 from .layers.adapter import adapter_wrapper_for, check_adapter_targets
+from .layers.clora import CLoRALayer, clora_wrapper_for
 from .layers.lora import is_hf_conv1d, lora_wrapper_for
 from .layers.modules_to_save import ModulesToSave
 from .layers.parametrize import LoRAParametrization
 from .layers.prompt import inject_prompt
+from .sharing import refuse_tied, replace_everywhere, set_module, tied_partners, user_path, weight_owners
+from .targets import (SUPPORTED, Site, base_of, candidate_modules, find_targets, is_adapter_layer, lora_sites,
+                      matches, wrapper_sites)
 
-# config class -> function(module) giving the wrapper class for it, or None when unsupported.
-WRAPPERS: dict[type, Callable[[nn.Module], Optional[type]]] = {LoRAConfig: lora_wrapper_for}
-WRAPPERS[AdapterConfig] = adapter_wrapper_for
-# config class -> function(model, target paths) that refuses unsuitable targets before anything changes.
-TARGET_CHECKS: dict[type, Callable[[nn.Module, list[str]], None]] = {AdapterConfig: check_adapter_targets}
-SUPPORTED = "nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding and Hugging Face Conv1D"
+_set_module = set_module  # older name, used by compress/svd.py
+
+__all__ = ["inject", "set_active", "delete_adapter", "merge", "unmerge", "disabled", "unload", "unwrap_model",
+           "METHODS", "Method", "find_targets", "candidate_modules", "adapter_layers", "parametrizations",
+           "is_adapter_layer", "is_hf_conv1d", "SUPPORTED"]
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -46,176 +57,168 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
-def is_adapter_layer(module: nn.Module) -> bool:
-    return callable(getattr(module, "adapter_parameters", None)) and hasattr(module, "adapter_names")
+# -- the methods ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Method:
+    """How ``inject`` handles one config class."""
+
+    wrapper_for: Optional[Callable[[nn.Module], Optional[type]]] = None
+    """module -> the wrapper class that adapts it, or None when unsupported (per-layer methods)."""
+    sites: Callable = wrapper_sites
+    """(model, cfg, wrapper_for, skip) -> the :class:`~lorakit.targets.Site` list, target errors raised."""
+    check: Optional[Callable[[nn.Module, list, object], None]] = None
+    """(model, sites, cfg): refuses unsuitable targets before anything changes."""
+    attach: Optional[Callable[[nn.Module, object, str], None]] = None
+    """(model, cfg, name) for a method that is not a per-layer wrapper (soft prompts)."""
+    merge_refusal: Optional[str] = None
+    """Why an active adapter of this method cannot be merged; None when it can."""
 
 
-# -- finding targets ------------------------------------------------------------------------------
-def _matches(name: str, spec) -> bool:
-    if isinstance(spec, str):
-        return re.fullmatch(spec, name) is not None
-    return any(name == item or name.endswith("." + item) for item in spec)
+def _tied_refusal(model: nn.Module, sites: list[Site], what: str) -> None:
+    owners = weight_owners(model)
+    for site in sites:
+        module = base_of(model.get_submodule(site.path))
+        refuse_tied(what, site.path, tied_partners(owners, getattr(module, site.param or "weight"), module))
 
 
-def candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """Named modules a config may target: not the root, nothing inside a lorakit layer."""
-    inside: list[str] = []
-    for name, module in model.named_modules():
-        if not name or any(name.startswith(p + ".") for p in inside):
-            continue
-        if is_adapter_layer(module) or parametrize.is_parametrized(module):
-            inside.append(name)
-        if isinstance(module, LoRAParametrization) or ".parametrizations." in f".{name}.":
-            continue
-        yield name, module
+def _check_lora(model: nn.Module, sites: list[Site], cfg: LoRAConfig) -> None:
+    read = [s for s in sites if s.param is not None and cfg.mode == "module"]
+    if read and cfg.dropout > 0:
+        raise ValueError(f"LoRA dropout needs the layer's own forward, but {read[0].path!r}'s parent reads its "
+                         f"{read[0].param} directly (adapted in parametrize form, which has no dropout); set "
+                         f"dropout=0 or leave {read[0].path!r} out of targets")
+    if cfg.init != "svd":
+        return
+    if read:
+        raise ValueError(f"init='svd' needs a wrapped layer, but {read[0].path!r}'s parent reads its "
+                         f"{read[0].param} directly (parametrize form); use init='kaiming' or exclude it")
+    wrapped = [(s.path, base_of(model.get_submodule(s.path))) for s in sites if s.param is None]
+    bad = [p for p, m in wrapped if not (isinstance(m, nn.Linear) or is_hf_conv1d(m))]
+    if bad:
+        raise ValueError(f"init='svd' supports Linear and Conv1D layers only; {bad[0]!r} is not one")
+    small = [(p, min(m.weight.shape)) for p, m in wrapped if min(m.weight.shape) < cfg.rank]
+    if small:
+        raise ValueError(f"init='svd' needs rank <= min(in, out); layer {small[0][0]!r} allows at most "
+                         f"{small[0][1]}, got rank={cfg.rank}")
+    _tied_refusal(model, sites, "init='svd' (which leaves the residual in W)")
 
 
-def _output_head(model: nn.Module) -> Optional[nn.Module]:
-    getter = getattr(model, "get_output_embeddings", None)
-    head = getter() if callable(getter) else None
-    if head is not None:
-        return head
-    linears = [m for _, m in candidate_modules(model) if isinstance(m, nn.Linear)]
-    return linears[-1] if linears else None
+def _check_adapters(model: nn.Module, sites: list[Site], cfg: AdapterConfig) -> None:
+    check_adapter_targets(model, [s.path for s in sites])
 
 
-def _base_of(module: nn.Module) -> nn.Module:
-    return getattr(module, "base_layer", module)
+def _check_clora(model: nn.Module, sites: list[Site], cfg: CLoRAConfig) -> None:
+    """rank < min(out, in) everywhere, one C-LoRA adapter per layer (W decays once)."""
+    for site in sites:
+        module = model.get_submodule(site.path)
+        if isinstance(module, CLoRALayer) and module.adapter_names:
+            raise ValueError(f"layer {site.path!r} already holds C-LoRA adapter {module.adapter_names[0]!r}; W decays "
+                             "once, so a layer takes one C-LoRA adapter (delete_adapter it first)")
+        shape = base_of(module).weight.flatten(1).shape
+        if cfg.rank >= min(shape):
+            raise ValueError(f"rank {cfg.rank} >= min(out, in) = {min(shape)} of layer {site.path!r} (weight "
+                             f"{tuple(shape)}): no compression; choose rank < {min(shape)} or leave {site.path!r} "
+                             "out of targets")
+    if cfg.init == "svd":
+        _tied_refusal(model, sites, "C-LoRA init='svd' (which leaves the residual in W)")
 
 
-def find_targets(model: nn.Module, targets, exclude=None, supports: Callable[[nn.Module], bool] = lambda m: True) -> list[str]:
-    """Names of the modules that ``targets`` selects (PEFT's rules); errors name what exists instead.
-
-    A regex string must match the whole name; a list item matches a name equal to it or ending in
-    ``"." + item``; ``"all-linear"`` takes every Linear/Conv1D except the output head; ``None`` takes every
-    module ``supports`` accepts.
-    """
-    modules = list(candidate_modules(model))
-    if targets == "all-linear":
-        head = _output_head(model)
-        chosen = [n for n, m in modules if (isinstance(_base_of(m), nn.Linear) or is_hf_conv1d(_base_of(m)))
-                  and _base_of(m) is not head]
-    elif targets is None:
-        chosen = [n for n, m in modules if supports(m)]
-    else:
-        chosen = [n for n, m in modules if _matches(n, targets)]
-        unsupported = [n for n, m in modules if n in chosen and not supports(m)]
-        named_explicitly = [n for n in unsupported if not isinstance(targets, str) and n in targets]
-        if named_explicitly:
-            n = named_explicitly[0]
-            raise ValueError(f"module {n!r} is a {type(dict(modules)[n]).__name__}, which this method cannot adapt; "
-                             f"supported: {SUPPORTED} (LoRA mode='parametrize' adapts any module's weight)")
-        chosen = [n for n in chosen if n not in unsupported]
-    if exclude is not None:
-        chosen = [n for n in chosen if not _matches(n, exclude)]
-    if not chosen:
-        existing = [n for n, m in modules if supports(m)] or [n for n, _ in modules]
-        shown = ", ".join(existing[:12]) + (", ..." if len(existing) > 12 else "")
-        raise ValueError(f"targets={targets!r} match no supported module; modules that exist include: {shown}")
-    return chosen
-
-
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+METHODS: dict[type, Method] = {
+    LoRAConfig: Method(lora_wrapper_for, sites=lora_sites, check=_check_lora),
+    AdapterConfig: Method(adapter_wrapper_for, check=_check_adapters),
+    CLoRAConfig: Method(clora_wrapper_for, check=_check_clora, merge_refusal=(
+        "C-LoRA layers do not merge into W (W decays away); train to the end of the schedule and call "
+        "lorakit.compress(model) to get the low-rank model, or unload(model, merge=False)")),
+    PromptConfig: Method(attach=inject_prompt),
+}
+"""Config class -> how it is injected. The one registry of methods: add a method here, nowhere else."""
 
 
 # -- inject ---------------------------------------------------------------------------------------
 def inject(model: nn.Module, cfg, name: str = "default") -> nn.Module:
     """Add adapter ``name`` described by ``cfg`` to ``model`` in place and make it the active one.
 
-    The base model is frozen; the new adapter (and its ``modules_to_save`` copies) is trainable.
-    Everything is checked before the model is touched: on error the model is unchanged.
+    The first adapter freezes the base model; the new adapter (and its ``modules_to_save`` copies) trains.
+    Everything is checked before the model is touched, and any later error rolls back: the model is unchanged.
     """
+    outer, model = model, unwrap_model(model)
     configs = getattr(model, "lorakit_configs", {})
     if not isinstance(name, str) or not name or "." in name:
         raise ValueError(f"adapter name must be a non-empty string without dots, got {name!r}")
     if name in configs:
         raise ValueError(f"model already has an adapter named {name!r}; pick another name or delete_adapter it first")
+    method = METHODS.get(type(cfg))
+    if method is None:
+        raise TypeError(f"inject takes one of {[c.__name__ for c in METHODS]}, got {type(cfg).__name__}")
     saved = _resolve_modules_to_save(model, getattr(cfg, "modules_to_save", None))
-    hook = _INJECTORS.get(type(cfg))
-    if hook is not None:  # methods that are not per-layer wrappers (soft prompts)
-        hook(model, cfg, name)
-    elif getattr(cfg, "mode", "module") == "parametrize":
-        _inject_parametrize(model, cfg, name, skip=saved)
-    else:
-        _inject_wrappers(model, cfg, name, skip=saved)
-    for path in saved:
-        module = model.get_submodule(path)
-        if not isinstance(module, ModulesToSave):
-            module = ModulesToSave(module)
-            _set_module(model, path, module)
-        module.add_adapter(name)
-    model.lorakit_configs = {**configs, name: cfg}
-    set_active(model, name)
-    return model
-
-
-# Per-config hooks for methods that are not layer wrappers, e.g. {PromptConfig: inject_prompt}.
-_INJECTORS: dict[type, Callable[[nn.Module, object, str], None]] = {}
-_INJECTORS[PromptConfig] = inject_prompt
+    before = {p: p.requires_grad for p in model.parameters()}
+    active = getattr(model, "lorakit_active", None)
+    try:
+        if method.attach is not None:
+            method.attach(model, cfg, name)
+        else:
+            sites = method.sites(model, cfg, method.wrapper_for, skip=saved)
+            if method.check is not None:
+                method.check(model, sites, cfg)
+            _add_at_sites(model, cfg, name, method, sites)
+        for path in saved:
+            module = model.get_submodule(path)
+            if not isinstance(module, ModulesToSave):
+                wrapper = ModulesToSave(module)
+                replace_everywhere(model, module, wrapper)
+                module = wrapper
+            module.add_adapter(name)
+        model.lorakit_configs = {**configs, name: cfg}
+        if not configs:  # the first adapter: the base is frozen once; later calls leave base parameters alone
+            for p in before:
+                p.requires_grad_(False)
+        set_active(model, name)
+    except BaseException:  # roll back: the adapter out of every layer, the attributes and flags as they were
+        _remove_from_layers(model, name)
+        for attr in ("lorakit_configs", "lorakit_active"):
+            model.__dict__.pop(attr, None)
+        if configs:
+            model.lorakit_configs = configs
+            model.lorakit_active = None
+            if active is not None:
+                set_active(model, active)
+        for p, flag in before.items():
+            p.requires_grad_(flag)
+        raise
+    return outer
 
 
 def _resolve_modules_to_save(model: nn.Module, names) -> list[str]:
     if not names:
         return []
     modules = dict(candidate_modules(model))
-    found = [n for n in modules if _matches(n, list(names)) and not is_adapter_layer(modules[n])]
-    found += [n for n in modules if isinstance(modules[n], ModulesToSave) and _matches(n, list(names))]
+    found = [n for n in modules if matches(n, list(names)) and not is_adapter_layer(modules[n])]
+    found += [n for n in modules if isinstance(modules[n], ModulesToSave) and matches(n, list(names))]
     if not found:
         shown = ", ".join(list(modules)[:12])
         raise ValueError(f"modules_to_save={names!r} match no module; modules that exist include: {shown}")
     return found
 
 
-def _inject_wrappers(model: nn.Module, cfg, name: str, skip=()) -> None:
-    wrapper_for = WRAPPERS[type(cfg)]
-    skipped = {id(model.get_submodule(p)) for p in skip}  # modules_to_save train whole, as in PEFT
-
-    def supports(module: nn.Module) -> bool:
-        return (wrapper_for(_base_of(module)) is not None and not isinstance(module, ModulesToSave)
-                and id(module) not in skipped)
-
-    paths = find_targets(model, cfg.targets, cfg.exclude, supports)
-    check = TARGET_CHECKS.get(type(cfg))
-    if check is not None:
-        check(model, paths)
+def _add_at_sites(model: nn.Module, cfg, name: str, method: Method, sites: list[Site]) -> None:
+    """Build every wrapper and parametrization first (one that refuses its layer changes nothing), then add."""
     plan = []
-    for path in paths:
-        module = model.get_submodule(path)
-        wrapper_cls = wrapper_for(_base_of(module))
-        if is_adapter_layer(module) and not isinstance(module, wrapper_cls):
-            raise ValueError(f"layer {path!r} already holds a {type(module).__name__}; one kind of adapter per layer")
-        plan.append((path, module, wrapper_cls))
-    if isinstance(cfg, LoRAConfig) and cfg.init == "svd":  # C-LoRA checks its own targets
-        bad = [p for p, m, _ in plan if not (isinstance(_base_of(m), nn.Linear) or is_hf_conv1d(_base_of(m)))]
-        if bad:
-            raise ValueError(f"init='svd' supports Linear and Conv1D layers only; {bad[0]!r} is not one")
-        small = [(p, min(_base_of(m).weight.shape)) for p, m, _ in plan if min(_base_of(m).weight.shape) < cfg.rank]
-        if small:
-            raise ValueError(f"init='svd' needs rank <= min(in, out); layer {small[0][0]!r} allows at most "
-                             f"{small[0][1]}, got rank={cfg.rank}")
-    # Build every new wrapper before the first goes in: one that refuses its layer leaves the model as it was.
-    wrapped = [(path, module, module if isinstance(module, cls) else cls(module)) for path, module, cls in plan]
-    for path, module, wrapper in wrapped:
+    for site in (s for s in sites if s.param is None):
+        module = model.get_submodule(site.path)
+        cls = method.wrapper_for(base_of(module))
+        if is_adapter_layer(module) and not isinstance(module, cls):
+            raise ValueError(f"layer {site.path!r} already holds a {type(module).__name__}; one kind of adapter per layer")
+        plan.append((module, module if isinstance(module, cls) else cls(module)))
+    loras = []
+    for site in (s for s in sites if s.param is not None):
+        module = model.get_submodule(site.path)
+        loras.append((module, site.param, LoRAParametrization(getattr(module, site.param), cfg, name)))
+    for module, wrapper in plan:
         if wrapper is not module:
-            _set_module(model, path, wrapper)
+            replace_everywhere(model, module, wrapper)  # a shared module: every path gets the one wrapper
         wrapper.add_adapter(name, cfg)
-
-
-def _inject_parametrize(model: nn.Module, cfg: LoRAConfig, name: str, skip=()) -> None:
-    pname = cfg.target_parameter
-    skipped = {id(model.get_submodule(p)) for p in skip}  # modules_to_save train whole, as in PEFT
-
-    def supports(module: nn.Module) -> bool:
-        weight = getattr(module, pname, None)
-        return (isinstance(weight, torch.Tensor) and weight.dim() >= 2 and not is_adapter_layer(module)
-                and id(module) not in skipped)
-
-    paths = find_targets(model, cfg.targets, cfg.exclude, supports)
-    new = [(p, LoRAParametrization(getattr(model.get_submodule(p), pname), cfg, name)) for p in paths]
-    for path, lora in new:
-        parametrize.register_parametrization(model.get_submodule(path), pname, lora, unsafe=True)
+    for module, pname, lora in loras:
+        parametrize.register_parametrization(module, pname, lora, unsafe=True)
 
 
 # -- walking the adapters -------------------------------------------------------------------------
@@ -240,7 +243,8 @@ def _require(model: nn.Module, name: str) -> None:
 
 
 def set_active(model: nn.Module, name: str) -> None:
-    """Make adapter ``name`` the one used in the forward and the only trainable one."""
+    """Make adapter ``name`` the one used in the forward and the only trainable adapter (base untouched)."""
+    model = unwrap_model(model)
     _require(model, name)
     for _, layer in adapter_layers(model):
         layer.set_active(name if name in layer.adapter_names else None)
@@ -253,33 +257,25 @@ def set_active(model: nn.Module, name: str) -> None:
 
 
 def _mark_trainable(model: nn.Module, name: str) -> None:
-    active = set()
+    """Adapter ``name``'s parameters train, every other adapter's do not; no other parameter is touched."""
+    own, active = {}, set()
     for _, layer in adapter_layers(model):
+        own |= {id(p): p for p in layer.adapter_parameters()}
         if name in layer.adapter_names:
             active |= {id(p) for p in layer.adapter_parameters(name)}
     for _, _, _, lora in parametrizations(model):
+        own |= {id(p): p for p in lora.adapter_parameters()}
         if lora.adapter_name == name:
             active |= {id(p) for p in lora.adapter_parameters()}
-    for p in model.parameters():
-        p.requires_grad_(id(p) in active)
+    for key, p in own.items():
+        p.requires_grad_(key in active)
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter ``name``; layers left with no adapter become their plain base modules again."""
+    model = unwrap_model(model)
     _require(model, name)
-    for path, layer in adapter_layers(model):
-        if name in layer.adapter_names:
-            layer.delete_adapter(name)
-            if not layer.adapter_names:
-                _remove_layer(model, path, layer)
-    for path, module, pname, lora in parametrizations(model):
-        if lora.adapter_name == name:
-            _unmerge_parametrization(module, pname, lora)
-            plist = module.parametrizations[pname]
-            if len(plist) == 1:
-                parametrize.remove_parametrizations(module, pname, leave_parametrized=False)
-            else:
-                del plist[[i for i, p in enumerate(plist) if p is lora][0]]
+    _remove_from_layers(model, name)
     configs = dict(model.lorakit_configs)
     del configs[name]
     model.lorakit_configs = configs
@@ -288,38 +284,66 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         return
     if getattr(model, "lorakit_active", None) == name:
         model.lorakit_active = None
-        if configs:
-            set_active(model, next(iter(configs)))
+        set_active(model, next(iter(configs)))
 
 
-def _plain(layer: nn.Module) -> nn.Module:
-    return getattr(layer, "base_layer", None) or getattr(layer, "original_module")
+def _remove_from_layers(model: nn.Module, name: str) -> None:
+    """Take adapter ``name`` out of every layer and parametrization; drop layers left empty."""
+    for path, layer in adapter_layers(model):
+        if name in layer.adapter_names:
+            layer.delete_adapter(name)
+        if not layer.adapter_names:
+            _remove_layer(model, path, layer)
+    for _, module, pname, lora in parametrizations(model):
+        if lora.adapter_name == name:
+            _unmerge_parametrization(module, pname, lora)
+            plist = module.parametrizations[pname]
+            if len(plist) == 1:
+                parametrize.remove_parametrizations(module, pname, leave_parametrized=False)
+            else:
+                del plist[[i for i, p in enumerate(plist) if p is lora][0]]
 
 
 def _remove_layer(model: nn.Module, path: str, layer: nn.Module) -> None:
-    """Put the plain module back; a layer that wraps nothing (a soft prompt) takes itself off instead."""
+    """Put the plain module back at every path; a layer that wraps nothing (a soft prompt) takes itself off."""
     detach = getattr(layer, "detach_from", None)
     if callable(detach):
         detach(model, path)
     else:
-        _set_module(model, path, _plain(layer))
-
-
-def _check_mergeable(model: nn.Module) -> None:
-    """Refuse, before anything changes, to merge when an active adapter cannot be folded into weights."""
-    for _, layer in adapter_layers(model):
-        check = getattr(layer, "check_mergeable", None)
-        if callable(check):
-            check()
+        replace_everywhere(model, layer, getattr(layer, "base_layer", None) or getattr(layer, "original_module"))
 
 
 # -- merge / disable / unload ---------------------------------------------------------------------
+def _check_mergeable(model: nn.Module) -> None:
+    """Refuse, before anything changes, to merge an active adapter that cannot be folded into its weight."""
+    configs = getattr(model, "lorakit_configs", {})
+    owners = weight_owners(model)
+    for path, layer in adapter_layers(model):
+        check = getattr(layer, "check_mergeable", None)
+        if callable(check):
+            check()
+        active = getattr(layer, "active_adapter", None)
+        refusal = METHODS[type(configs[active])].merge_refusal if active in configs else None
+        if refusal is not None:
+            raise ValueError(f"layer {path!r}: {refusal}")
+        if active is not None and getattr(layer, "merged_adapter", None) is None and hasattr(layer, "delta_weight"):
+            base = layer.base_layer
+            refuse_tied("merge", path, tied_partners(owners, base.weight, base))
+    for path, module, pname, lora in parametrizations(model):
+        if lora.enabled and not lora.merged:
+            plist = module.parametrizations[pname]
+            target = path if pname == "weight" else f"{path}.{pname}"
+            refuse_tied("merge", target, tied_partners(owners, plist.original, plist))
+
+
 def merge(model: nn.Module) -> nn.Module:
     """Fold the active adapter into the base weights (idempotent). Adapters that cannot merge say so."""
-    _check_mergeable(model)
-    for path, layer in adapter_layers(model):
-        layer.merge()
-    for _, module, pname, lora in parametrizations(model):
+    inner = unwrap_model(model)
+    _check_mergeable(inner)
+    for _, layer in adapter_layers(inner):
+        if getattr(layer, "active_adapter", None) is not None:
+            layer.merge()
+    for _, module, pname, lora in parametrizations(inner):
         if lora.enabled:
             _merge_parametrization(module, pname, lora)
     return model
@@ -343,9 +367,10 @@ def _unmerge_parametrization(module: nn.Module, pname: str, lora: LoRAParametriz
 
 def unmerge(model: nn.Module) -> nn.Module:
     """Take merged adapter weights back out of the base weights (idempotent)."""
-    for _, layer in adapter_layers(model):
+    inner = unwrap_model(model)
+    for _, layer in adapter_layers(inner):
         layer.unmerge()
-    for _, module, pname, lora in parametrizations(model):
+    for _, module, pname, lora in parametrizations(inner):
         _unmerge_parametrization(module, pname, lora)
     return model
 
@@ -353,12 +378,13 @@ def unmerge(model: nn.Module) -> nn.Module:
 @contextlib.contextmanager
 def disabled(model: nn.Module):
     """Inside, the model computes exactly what the base model computes (merged adapters are taken out)."""
-    layers = [layer for _, layer in adapter_layers(model)]
-    loras = parametrizations(model)
+    inner = unwrap_model(model)
+    layers = [layer for _, layer in adapter_layers(inner)]
+    loras = parametrizations(inner)
     merged = [layer for layer in layers if getattr(layer, "merged_adapter", None) is not None]
     merged_p = [(m, pn, lora) for _, m, pn, lora in loras if lora.merged]
     enabled = [lora.enabled for *_, lora in loras]
-    unmerge(model)
+    unmerge(inner)
     for layer in layers:
         layer.disabled = True
     for *_, lora in loras:
@@ -377,25 +403,32 @@ def disabled(model: nn.Module):
 
 
 def unload(model: nn.Module, merge: bool = True) -> nn.Module:
-    """Plain torch modules again: with ``merge`` the active adapter is folded in, else the base comes back."""
+    """Plain torch modules again: with ``merge`` the active adapter is folded in, else the base comes back.
+
+    Everything is checked first (an adapter that cannot merge, a tied weight), so it never stops halfway.
+    """
+    inner = unwrap_model(model)
     if merge:
-        _check_mergeable(model)
-    for path, layer in reversed(adapter_layers(model)):
+        _check_mergeable(inner)
+    for path, layer in reversed(adapter_layers(inner)):
         if isinstance(layer, ModulesToSave):
             keep = layer.modules_to_save[layer.active_adapter] if merge and layer.active_adapter else layer.original_module
-            _set_module(model, path, keep)
+            replace_everywhere(inner, layer, keep)
             continue
-        layer.merge() if merge else layer.unmerge()
-        _remove_layer(model, path, layer)
-    for _, module, pname, lora in parametrizations(model):
+        if merge and getattr(layer, "active_adapter", None) is not None:
+            layer.merge()
+        kept = getattr(layer, "merged_adapter", None) if merge else None
+        for name in [n for n in layer.adapter_names if n != kept]:
+            layer.delete_adapter(name)  # the layer gives its base back as it was (unmerged, residuals restored)
+        _remove_layer(inner, path, layer)
+    for _, module, pname, lora in parametrizations(inner):
         if merge and lora.enabled:
             _merge_parametrization(module, pname, lora)
         elif not merge:
             _unmerge_parametrization(module, pname, lora)
-    for module in {id(m): m for _, m, _, _ in parametrizations(model)}.values():
+    for module in {id(m): m for _, m, _, _ in parametrizations(inner)}.values():
         for pname in list(module.parametrizations):
             parametrize.remove_parametrizations(module, pname, leave_parametrized=False)
     for attr in ("lorakit_configs", "lorakit_active"):
-        if attr in model.__dict__:
-            delattr(model, attr)
+        inner.__dict__.pop(attr, None)
     return model

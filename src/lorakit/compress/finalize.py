@@ -8,9 +8,10 @@ from __future__ import annotations
 from torch import nn
 
 from ..config import CLoRAConfig
-from ..inject import _set_module
+from ..inject import set_active, unwrap_model
 from ..layers.clora import CLoRALayer
 from ..layers.modules_to_save import ModulesToSave
+from ..sharing import replace_everywhere
 
 _TOLERANCE = 1e-6
 
@@ -20,8 +21,10 @@ def compress(model: nn.Module, force: bool = False) -> nn.Module:
 
     Refuses (``ValueError``, model unchanged) while any layer's decay is above its ``decay_floor``: the
     compressed model would then drop a part of W the trained model still uses. ``force=True`` compresses
-    anyway. With ``decay_floor > 0`` the remaining ``floor * W`` is dropped too.
+    anyway. With ``decay_floor > 0`` the remaining ``floor * W`` is dropped too. Every low-rank layer is built
+    before the first one goes in, so an error leaves the model as it was. Accepts DDP / ``torch.compile`` wrappers.
     """
+    outer, model = model, unwrap_model(model)
     layers = [(path, m) for path, m in model.named_modules() if isinstance(m, CLoRALayer) and m.adapter_names]
     if not layers:
         raise ValueError("the model has no C-LoRA layers to compress; inject a CLoRAConfig and train it first")
@@ -35,18 +38,27 @@ def compress(model: nn.Module, force: bool = False) -> nn.Module:
                              f"{floor} ({len(waiting)} layer(s) not decayed); train until the schedule ends "
                              "(DecaySchedule.finished()) or pass force=True")
     names = {m.active_adapter or m.adapter_names[0] for _, m in layers}
-    for path, layer in layers:
-        if layer.active_adapter is None:
-            layer.set_active(layer.adapter_names[0])
-        _set_module(model, path, layer.to_low_rank())
+    swaps = [(layer, _low_rank(layer)) for _, layer in layers]
     for path, saved in [(p, m) for p, m in model.named_modules() if isinstance(m, ModulesToSave)]:
         trained = [n for n in saved.adapter_names if n in names]
         if trained:  # a head trained beside C-LoRA (modules_to_save) replaces the original
-            _set_module(model, path, saved.modules_to_save[trained[0]])
+            swaps.append((saved, saved.modules_to_save[trained[0]]))
+    for old, new in swaps:
+        replace_everywhere(model, old, new)
     configs = {n: c for n, c in getattr(model, "lorakit_configs", {}).items() if not isinstance(c, CLoRAConfig)}
+    active = model.__dict__.pop("lorakit_active", None)
     model.__dict__.pop("lorakit_configs", None)
-    model.__dict__.pop("lorakit_active", None)
     if configs:
         model.lorakit_configs = configs
-        model.lorakit_active = next(iter(configs))
-    return model
+        set_active(model, active if active in configs else next(iter(configs)))
+    return outer
+
+
+def _low_rank(layer: CLoRALayer) -> nn.Module:
+    """The layer's low-rank replacement, built from its one C-LoRA adapter even when another is active."""
+    was = layer.active_adapter
+    layer.set_active(was or layer.adapter_names[0])
+    try:
+        return layer.to_low_rank()
+    finally:
+        layer.set_active(was)
