@@ -279,7 +279,8 @@ def adapted_names(model: nn.Module) -> list[str]:
     (["blocks.1.q", "v"], None, ["blocks.0.v", "blocks.1.q", "blocks.1.v"]),
     (r"blocks\.\d\.(q|v)", r"blocks\.0\..*", ["blocks.1.q", "blocks.1.v"]),
     ("q", None, None),  # a regex must match the whole name: 'q' alone matches nothing
-    ("all-linear", None, ["blocks.0.q", "blocks.0.v", "blocks.1.q", "blocks.1.v"]),  # not the last Linear (head)
+    # PEFT's rule: only get_output_embeddings() is an output head; this plain model has none (tests/test_inject_models.py)
+    ("all-linear", None, ["blocks.0.q", "blocks.0.v", "blocks.1.q", "blocks.1.v", "lm_head"]),
     (None, ["lm_head", "emb"], ["blocks.0.q", "blocks.0.v", "blocks.1.q", "blocks.1.v"]),
     (None, None, ["blocks.0.q", "blocks.0.v", "blocks.1.q", "blocks.1.v", "emb", "lm_head"]),
 ])

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .config import LoRAConfig
-from .inject import adapter_layers, find_targets, is_adapter_layer, parametrizations
+from .inject import adapter_layers, find_targets, is_adapter_layer, parametrizations, unwrap_model
 from .layers.lora import is_hf_conv1d, lora_wrapper_for
 
 
@@ -32,6 +32,7 @@ class ParamCount:
 
 
 def count_parameters(model: nn.Module) -> ParamCount:
+    model = unwrap_model(model)  # DDP / torch.compile wrappers count as the model inside
     params = {id(p): p for p in model.parameters()}
     added = {id(p): p for _, layer in adapter_layers(model) for p in layer.adapter_parameters()}
     added |= {id(p): p for *_, lora in parametrizations(model) for p in lora.adapter_parameters()}

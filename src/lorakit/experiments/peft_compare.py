@@ -85,9 +85,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def clora_available() -> bool:
     import lorakit
     from ..config import CLoRAConfig
-    from ..inject import _INJECTORS, WRAPPERS
+    from ..inject import METHODS
 
-    return (CLoRAConfig in WRAPPERS or CLoRAConfig in _INJECTORS) and hasattr(lorakit, "DecaySchedule")
+    return CLoRAConfig in METHODS and hasattr(lorakit, "DecaySchedule")
 
 
 def method_config(method: str, settings: dict):
