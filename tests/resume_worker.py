@@ -23,9 +23,19 @@ def main(out: str, hang_at: int | None) -> None:
         torch.distributed.init_process_group("gloo")
     model = lora_mlp()
     model[1] = nn.Dropout(0.2)  # so the RNG state matters
-    wrapped = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    if world > 1 and os.environ.get("PARALLEL") == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in (model[0], model[2], model[4]):
+            fully_shard(layer)
+        wrapped = fully_shard(model)
+    else:
+        wrapped = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+
+    steps_run = []
 
     def on_step(step):
+        steps_run.append(step)
         if step == hang_at:
             if rank == 0:
                 open(out + ".hanging", "w").close()
@@ -33,8 +43,9 @@ def main(out: str, hang_at: int | None) -> None:
 
     cfg = mlp_config(steps=30, checkpoint_every=4, state_path=out + ".state.pt", resume=True, log_every=1)
     history = train(wrapped, problem(), cfg, on_step=on_step)
+    state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in model.state_dict().items()}
     if rank == 0:
-        torch.save({"state": model.state_dict(), "losses": history.losses}, out + ".final.pt")
+        torch.save({"state": state, "losses": history.losses, "steps_run": steps_run}, out + ".final.pt")
     if world > 1:
         torch.distributed.destroy_process_group()
 

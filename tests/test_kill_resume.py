@@ -24,8 +24,8 @@ def command(world: int) -> list[str]:
             "127.0.0.1", "--master_port", str(free_port()), WORKER]
 
 
-def run(world: int, out: Path, hang_at: int | None = None) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def run(world: int, out: Path, hang_at: int | None = None, parallel: str = "ddp") -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PARALLEL": parallel}
     args = [str(out)] + ([str(hang_at)] if hang_at else [])
     return subprocess.Popen(command(world) + args, env=env, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -47,14 +47,15 @@ def finished(process: subprocess.Popen, out: Path) -> dict:
     return torch.load(f"{out}.final.pt", weights_only=True)
 
 
-@pytest.mark.parametrize("world, tolerance", [(1, 0.0), (2, 1e-6)])
-def test_sigkill_then_resume_gives_the_uninterrupted_result(tmp_path, world, tolerance):
-    uninterrupted = run(world, tmp_path / "whole")
+@pytest.mark.parametrize("world, parallel, tolerance", [(1, "none", 0.0), (2, "ddp", 1e-6), (2, "fsdp", 1e-6)])
+def test_sigkill_then_resume_gives_the_uninterrupted_result(tmp_path, world, parallel, tolerance):
+    uninterrupted = run(world, tmp_path / "whole", parallel=parallel)
     killed_out = tmp_path / "killed"
-    kill_when_hanging(run(world, killed_out, hang_at=14), killed_out)  # last state saved at step 12
+    kill_when_hanging(run(world, killed_out, hang_at=14, parallel=parallel), killed_out)  # state saved at 12
     assert not Path(f"{killed_out}.final.pt").exists()
-    resumed = finished(run(world, killed_out), killed_out)
+    resumed = finished(run(world, killed_out, parallel=parallel), killed_out)
     expected = finished(uninterrupted, tmp_path / "whole")
+    assert resumed["steps_run"] == list(range(13, 31))  # it went on from the state of step 12
     assert resumed["losses"] == pytest.approx(expected["losses"], abs=tolerance)
     for key, value in expected["state"].items():
         torch.testing.assert_close(resumed["state"][key], value, atol=tolerance, rtol=0, msg=key)

@@ -9,6 +9,10 @@ import argparse
 import importlib
 import sys
 
+import torch
+
+from . import parallel
+
 EXPERIMENTS = {
     "digit-finetune": "lorakit.experiments.digit_finetune",
     "digit-stream": "lorakit.experiments.digit_stream",
@@ -59,10 +63,15 @@ def main(argv: list[str] | None = None) -> int:
     if handler is None:
         parser.error(f"experiment {args.experiment!r} is unavailable in this installation")
     try:
+        if hasattr(args, "parallel"):  # joins torchrun's process group, or refuses before any work
+            parallel.start(args.parallel)
         return int(handler(args) or 0)
     except (ValueError, KeyError, FileNotFoundError, RuntimeError) as err:
         print(f"lorakit: error: {err}", file=sys.stderr)
         return 1
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -73,3 +73,35 @@ def set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["cpu"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+# -- sharded models (FSDP2): torch.distributed.checkpoint, every rank writes its shards ----------------
+def is_sharded(tensors: dict[str, torch.Tensor]) -> bool:
+    return any(type(t).__name__ == "DTensor" for t in tensors.values())
+
+
+def save_sharded(folder: str, model: torch.nn.Module, optimizer, tensors: dict[str, torch.Tensor],
+                 best: dict[str, torch.Tensor] | None) -> None:
+    """The trained tensors, the optimizer and the best weights as a DCP checkpoint (a collective call)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    state = {"model": dict(tensors), "optimizer": get_optimizer_state_dict(model, optimizer)}
+    if best is not None:
+        state["best"] = best
+    dcp.save(state, checkpoint_id=folder)
+
+
+def load_sharded(folder: str, model: torch.nn.Module, optimizer, tensors: dict[str, torch.Tensor],
+                 has_best: bool) -> dict[str, torch.Tensor] | None:
+    """Load :func:`save_sharded`'s checkpoint in place; returns the best weights (sharded) or None."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    state = {"model": dict(tensors), "optimizer": get_optimizer_state_dict(model, optimizer)}
+    if has_best:
+        state["best"] = {n: t.detach().clone() for n, t in tensors.items()}
+    with torch.no_grad():
+        dcp.load(state, checkpoint_id=folder)
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+    return state.get("best")

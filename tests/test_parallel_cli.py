@@ -1,0 +1,49 @@
+"""``torchrun -m lorakit run ... --parallel ddp|fsdp``: same results as one process; bad launches refused."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from distributed_workers import free_port
+from lorakit.cli import main as cli_main
+from lorakit.experiments.digit_finetune import DigitFinetuneConfig, run
+
+SHORT = ["--pretrain-steps", "120", "--steps", "20"]
+
+
+@pytest.mark.integration
+def test_two_process_digit_finetune_matches_one_process(tmp_path):
+    single = run(DigitFinetuneConfig(pretrain_steps=120, steps=20, cache_dir=str(tmp_path / "c1")), tmp_path / "one")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", str(free_port()), "-m", "lorakit", "run", "digit-finetune", *SHORT, "--parallel", "ddp",
+         "--cache-dir", str(tmp_path / "c2"), "--out", str(tmp_path / "two")],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert done.stdout.count("wrote ") == 1  # only rank 0 prints and writes
+    assert two["before"] == single["before"]  # the same pre-trained model
+    assert abs(two["after"]["accuracy"] - single["after"]["accuracy"]) <= 0.1
+    assert two["frozen_weights_unchanged"] and two["disabled"] == two["before"]
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_parallel_without_a_process_group_is_refused_before_any_work(tmp_path, capsys, monkeypatch, parallel):
+    for name in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    code = cli_main(["run", "digit-finetune", "--parallel", parallel, "--out", str(tmp_path / "o")])
+    assert code == 1
+    assert f"--parallel {parallel} needs a process group" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_several_processes_with_parallel_none_are_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code = cli_main(["run", "digit-finetune", "--out", str(tmp_path / "o")])
+    assert code == 1
+    assert "pass --parallel ddp or --parallel fsdp" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
