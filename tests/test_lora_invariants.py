@@ -60,7 +60,7 @@ CASES = [_case(model, mode) for model in FACTORIES for mode in ("module", "param
     _case("conv1d", dropout=0.3),
     _case("hf_conv1d", dropout=0.3),
     _case("embedding", dropout=0.3),
-    _case("linear", "parametrize", dropout=0.3),
+    # parametrize mode refuses dropout > 0 (it never sees x): tests/test_base_layer.py::test_parametrize_refuses_dropout
 ]
 cases = pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 
@@ -157,16 +157,12 @@ def test_disabled_equals_base(case):
     if not case.svd:
         assert torch.equal(off, base(x))
         return
-    # svd: W holds the residual W0 - s B0 A0, so switching the adapter off does not give the base; the
-    # residual is what comes back from unload(merge=False), and the unchanged-at-init test covers W0.
-    assert not torch.allclose(off, base(x), atol=1e-3)
-    residual = base_weights(lk.unload(model, merge=False))
-    assert all(not torch.allclose(residual[t], base.get_submodule(t).weight, atol=1e-4) for t in TARGETS)
-    fresh = lk.inject(FACTORIES[case.model](), case.cfg)  # residual + s B0 A0 == W0, before any training
+    # svd: W holds the residual W0 - s B0 A0; the layer keeps B0, A0 and adds them back while disabled, so the
+    # base comes back within rounding (tests/test_base_layer.py checks it to 1e-6 in float32).
+    close(off, base(x), atol=1e-5)
+    restored = base_weights(lk.unload(model, merge=False))
     for t in TARGETS:
-        layer = fresh.get_submodule(t)
-        assert torch.equal(layer.base_layer.weight, residual[t])
-        close(layer.base_layer.weight + layer.delta_weight("default"), base.get_submodule(t).weight, atol=1e-5)
+        close(restored[t], base.get_submodule(t).weight, atol=1e-6)
 
 
 @cases
@@ -182,9 +178,8 @@ def test_merge_equals_unmerged(case):
     lk.merge(model)  # twice is harmless
     assert all(torch.equal(base_weights(model)[t], merged[t]) for t in TARGETS)
     close(model(x), adapted, atol=1e-5)
-    if not case.svd:
-        with lk.disabled(model):
-            close(model(x), base(x), atol=1e-5)
+    with lk.disabled(model):
+        close(model(x), base(x), atol=1e-5)
     assert all(torch.equal(base_weights(model)[t], merged[t]) for t in TARGETS), "disabled() re-merges on exit"
     close(model(x), adapted, atol=1e-5)
 
@@ -213,7 +208,9 @@ def test_unload_without_merge_gives_base_back(case):
     assert [type(m) for m in plain.modules()] == [type(m) for m in base.modules()]
     got, want = plain.state_dict(), base.state_dict()
     assert sorted(got) == sorted(want)  # parametrize mode re-registers the weight last
-    if case.svd:  # base holds the residual; see test_disabled_equals_base
+    if case.svd:  # W0 = residual + s B0 A0, restored within one rounding
+        for key in want:
+            close(got[key], want[key], atol=1e-6)
         return
     for key in want:
         assert torch.equal(got[key], want[key]), key
@@ -227,8 +224,7 @@ def test_unload_without_merge_after_merge(case):
     lk.merge(model)
     plain = lk.unload(model, merge=False)
     assert lorakit_leftovers(plain) == []
-    if not case.svd:
-        close(plain(x), base(x), atol=1e-5)
+    close(plain(x), base(x), atol=1e-5)
 
 
 @cases

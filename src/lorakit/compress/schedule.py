@@ -5,7 +5,8 @@
          = floor                                    for t >= end * T
 
 ``DecaySchedule`` is stepped after each optimizer step, like a learning-rate scheduler, and writes d into
-every C-LoRA layer's ``decay`` buffer (so evaluation in the middle of training uses the current d).
+every C-LoRA layer's ``decay`` buffer and its host mirror (``CLoRALayer.set_decay``), so evaluation in the middle
+of training uses the current d and no forward reads d back from the device.
 """
 from __future__ import annotations
 
@@ -58,13 +59,14 @@ class DecaySchedule:
 
     def finished(self) -> bool:
         """Whether every layer has reached its floor."""
-        return all(float(layer.decay) <= self._config(layer).decay_floor + 1e-6 for layer in self.layers)
+        return all(layer.decay_value() <= self._config(layer).decay_floor + 1e-6 for layer in self.layers)
 
     def _apply(self) -> None:
         for layer in self.layers:
             cfg = self._config(layer)
-            layer.decay.fill_(decay_factor(self.last_step, self.total_steps, cfg.decay_start, cfg.decay_end,
-                                           cfg.decay_floor))
+            # the buffer and its host mirror together: the layers' forward never reads d back from the device
+            layer.set_decay(decay_factor(self.last_step, self.total_steps, cfg.decay_start, cfg.decay_end,
+                                         cfg.decay_floor))
 
     def state_dict(self) -> dict:
         return {"last_step": self.last_step, "total_steps": self.total_steps}

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..config import AdapterConfig
+from .precision import factory_kwargs
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
 
@@ -55,9 +56,10 @@ def output_width(module: nn.Module) -> int | None:
 class BottleneckAdapter(nn.Module):
     """One adapter: ``x + up(act(down(x)))`` on the last dimension of ``x`` (..., d)."""
 
-    def __init__(self, width: int, bottleneck: int, activation: str, reference: torch.Tensor | None = None) -> None:
+    def __init__(self, width: int, bottleneck: int, activation: str, reference: torch.Tensor | None = None,
+                 dtype_choice: str = "float32") -> None:
         super().__init__()
-        kwargs = {"device": reference.device, "dtype": reference.dtype} if reference is not None else {}
+        kwargs = factory_kwargs(reference, dtype_choice) if reference is not None else {}
         self.down = nn.Linear(width, bottleneck, **kwargs)
         self.act = ACTIVATIONS[activation]()
         self.up = nn.Linear(bottleneck, width, **kwargs)
@@ -68,7 +70,8 @@ class BottleneckAdapter(nn.Module):
             nn.init.zeros_(self.up.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.up(self.act(self.down(x)))  # (..., d) -> (..., b) -> (..., d)
+        """(..., d) -> (..., b) -> (..., d), computed in the adapter's dtype and added in ``x``'s."""
+        return x + self.up(self.act(self.down(x.to(self.down.weight.dtype)))).to(x.dtype)
 
 
 class AdapterWrapper(nn.Module):
@@ -92,8 +95,9 @@ class AdapterWrapper(nn.Module):
         return list(self.adapters)
 
     def add_adapter(self, name: str, cfg: AdapterConfig) -> None:
-        reference = next(self.base_layer.parameters(), None)
-        self.adapters[name] = BottleneckAdapter(self.width, cfg.bottleneck, cfg.activation, reference)
+        reference = next(self.base_layer.parameters(), None)  # device and dtype rule of the base (precision.py)
+        self.adapters[name] = BottleneckAdapter(self.width, cfg.bottleneck, cfg.activation, reference,
+                                                cfg.adapter_dtype)
         self.active_adapter = name
 
     def delete_adapter(self, name: str) -> None:

@@ -6,7 +6,8 @@
 is a fresh random matrix shaped like W at every training forward, ~ N((1-d) m, (1-d^2) sigma^2) with m, sigma the
 mean and std of W per output unit (Linear) or over the whole tensor (Conv2d), so ``d W + noise`` keeps W's
 statistics while W's information fades. ``noise="scheduled"`` turns it off once d < 0.3, ``"none"`` never adds it.
-Nothing is random in eval mode: the noise term is a training-time regulariser, like dropout, and is left out.
+Nothing is random in eval mode: the noise term is a training-time regulariser, like dropout, and is left out; the
+layer starts in its base layer's train/eval mode and then follows the model's ``train()``/``eval()``.
 The layer's activation is not part of it (the seed's flaw): it stays where it is in the model.
 
 ``init="svd"`` starts ``s B A`` at the top-r part of W (PiSSA-style) and leaves W the residual, so the output is
@@ -17,6 +18,11 @@ When d reaches 0 the layer is ``s B A x + C`` alone, and :func:`lorakit.compress
 :class:`~lorakit.layers.lowrank.LowRankLinear` / ``LowRankConv2d``.
 
 Shapes: Linear A (r, in), B (out, r); Conv2d A (r, in, kh, kw) with the base's geometry, B (out, r, 1, 1); C (out,).
+
+Precision and devices: A, B, C live on the base weight's device in the ``adapter_dtype`` rule's dtype (float32 on a
+bf16/fp16 base by default); the low-rank path runs in that dtype and is cast to the dense path's. The forward never
+reads a tensor back to the host: d is mirrored as a Python float (``set_decay``), re-read only if the buffer was
+written some other way (then once, after loads, moves or a direct ``decay.fill_``).
 """
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ from torch import nn
 
 from ..config import CLoRAConfig
 from .lowrank import LowRankConv2d, LowRankLinear
+from .precision import factory_kwargs
 
 NOISE_OFF_BELOW = 0.3
 """``noise="scheduled"`` adds noise only while d >= this value (the seed's threshold)."""
@@ -53,9 +60,14 @@ class CLoRALayer(nn.Module):
         self.active_adapter: str | None = None
         self.merged_adapter = None  # C-LoRA never merges; the attribute is part of the wrapper protocol
         self.disabled = False
-        self.register_buffer("decay", torch.ones(()))
-        self.register_buffer("noise_mean", torch.zeros(()), persistent=False)
-        self.register_buffer("noise_std", torch.zeros(()), persistent=False)
+        device = base_layer.weight.device
+        self.register_buffer("decay", torch.ones((), device=device))
+        self.register_buffer("noise_mean", torch.zeros((), device=device), persistent=False)
+        self.register_buffer("noise_std", torch.zeros((), device=device), persistent=False)
+        self._decay_seen: tuple | None = None  # (buffer, its _version, d as a float): the host mirror of d
+        self._remember_decay(1.0)
+        self.register_load_state_dict_post_hook(_refresh_after_load)
+        self.train(base_layer.training)  # a model put in eval() before inject stays in eval
 
     # -- adapters ---------------------------------------------------------------------------------
     @property
@@ -70,21 +82,21 @@ class CLoRALayer(nn.Module):
         limit = min(self._weight_matrix().shape)
         if rank >= limit:
             raise ValueError(f"rank {rank} >= min(out, in) = {limit} of this {type(base).__name__}: no compression")
+        like = factory_kwargs(base.weight, cfg.adapter_dtype)
         if self.is_conv:
             self.lora_A[name] = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding,
-                                          base.dilation, bias=False)
-            self.lora_B[name] = nn.Conv2d(rank, base.out_channels, 1, bias=False)
+                                          base.dilation, bias=False, **like)
+            self.lora_B[name] = nn.Conv2d(rank, base.out_channels, 1, bias=False, **like)
         else:
-            self.lora_A[name] = nn.Linear(base.in_features, rank, bias=False)
-            self.lora_B[name] = nn.Linear(rank, base.out_features, bias=False)
-        self.lora_A[name].to(base.weight)
-        self.lora_B[name].to(base.weight)
+            self.lora_A[name] = nn.Linear(base.in_features, rank, bias=False, **like)
+            self.lora_B[name] = nn.Linear(rank, base.out_features, bias=False, **like)
         if cfg.bias:
-            self.lora_C[name] = nn.Parameter(torch.zeros(self._weight_matrix().shape[0]).to(base.weight))
+            self.lora_C[name] = nn.Parameter(torch.zeros(self._weight_matrix().shape[0], **like))
         self.configs[name] = cfg
         self.active_adapter = name
         self._init_factors(name, cfg)
         self._set_noise_statistics()
+        self.train(self.training)
 
     def _weight_matrix(self) -> torch.Tensor:
         """W as an (out, in * kh * kw) view."""
@@ -103,7 +115,7 @@ class CLoRALayer(nn.Module):
                 a.copy_((root[:, None] * vh[:cfg.rank]).view_as(a))
                 self.register_buffer("svd_init_delta_A", a.detach().clone(), persistent=False)
                 self.register_buffer("svd_init_delta_B", b.detach().clone(), persistent=False)
-                w -= self._delta(a, b, cfg.scale)
+                w.sub_(self._delta(a, b, cfg.scale))  # delta in float32 (or wider), rounded once into W
             else:
                 # The seed's Keras VarianceScaling(1, fan_in, uniform): U(-sqrt(3 / fan_in), +sqrt(3 / fan_in)).
                 bound = math.sqrt(3.0 / a[0].numel())
@@ -112,7 +124,8 @@ class CLoRALayer(nn.Module):
 
     @staticmethod
     def _delta(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-        return (b.flatten(1) @ a.flatten(1)) * scale  # (out, in * kh * kw)
+        dtype = torch.promote_types(a.dtype, torch.float32)
+        return (b.flatten(1).to(dtype) @ a.flatten(1).to(dtype)) * scale  # (out, in * kh * kw)
 
     def _set_noise_statistics(self) -> None:
         """m and sigma of the decaying W: per output unit for Linear (out, 1), per tensor for Conv2d."""
@@ -131,7 +144,7 @@ class CLoRALayer(nn.Module):
         del self.lora_A[name], self.lora_B[name]
         if name in self.lora_C:
             del self.lora_C[name]
-        self.decay.fill_(1.0)
+        self.set_decay(1.0)
         if self.active_adapter == name:
             self.active_adapter = None
 
@@ -165,51 +178,72 @@ class CLoRALayer(nn.Module):
             for key, tensor in self.peft_state(name).items():
                 tensor.copy_(state[key])
 
+    # -- the decay d, on the device and mirrored on the host ----------------------------------------
+    def set_decay(self, d: float) -> None:
+        """Set d in the ``decay`` buffer and its host mirror together (what ``DecaySchedule`` calls)."""
+        self.decay.fill_(d)
+        self._remember_decay(d)
+
+    def decay_value(self) -> float:
+        """d as a Python float, without a device read unless the buffer was written behind ``set_decay``'s back."""
+        buffer, seen = self.decay, self._decay_seen
+        if seen is None or seen[0] is not buffer or seen[1] != buffer._version:
+            self._remember_decay(float(buffer))  # loaded, moved, or filled directly: read it once
+        return self._decay_seen[2]
+
+    def _remember_decay(self, d: float) -> None:
+        self._decay_seen = (self.decay, self.decay._version, float(d))
+
     # -- forward ----------------------------------------------------------------------------------
     def noise_active(self) -> bool:
         """Whether this training step adds noise (never in eval mode)."""
         if not self.training or self.active_adapter is None:
             return False
-        mode, d = self.configs[self.active_adapter].noise, float(self.decay)
+        mode, d = self.configs[self.active_adapter].noise, self.decay_value()
         return d < 1.0 and (mode == "always" or (mode == "scheduled" and d >= NOISE_OFF_BELOW))
 
     def sample_noise(self) -> torch.Tensor:
         """One draw of the noise matrix, shaped like W: N((1-d) m, (1-d^2) sigma^2) elementwise."""
-        d = float(self.decay)
+        d = self.decay_value()
         w = self.base_layer.weight
         mean = (1.0 - d) * self.noise_mean
         std = math.sqrt(max(1.0 - d * d, 0.0)) * self.noise_std
         return torch.randn_like(w).mul_(std).add_(mean)  # Linear: (out, 1) statistics broadcast along rows
 
     def _dense_path(self, x: torch.Tensor) -> torch.Tensor | None:
-        """``d (W x + b) + noise x``, or None when both vanish (d = 0 and no noise)."""
-        d = float(self.decay)
+        """``d base_layer(x) + noise x``, or None when both vanish (d = 0 and no noise)."""
+        d = self.decay_value()
         noise = self.sample_noise() if self.noise_active() else None
         if d == 0.0 and noise is None:
             return None
-        base = self.base_layer
-        weight = base.weight * d if d != 1.0 else base.weight
+        out = None
+        if d != 0.0:
+            out = self.base_layer(x)  # the base layer itself (hooks, subclasses), scaled
+            out = out * d if d != 1.0 else out
         if noise is not None:
-            weight = weight + noise
-        bias = None if base.bias is None else (base.bias * d if d != 1.0 else base.bias)
-        if self.is_conv:
-            return F.conv2d(x, weight, bias, base.stride, base.padding, base.dilation)
-        return F.linear(x, weight, bias)
+            base = self.base_layer
+            noisy = (F.conv2d(x, noise, None, base.stride, base.padding, base.dilation) if self.is_conv
+                     else F.linear(x, noise))
+            out = noisy if out is None else out + noisy
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled or self.active_adapter is None:
             out = self.base_layer(x)
             if self.disabled and hasattr(self, "svd_init_delta_A"):  # the original W, not its residual
                 cfg = self.configs[self.adapter_names[0]]
-                out = out + self._low_rank(x, self.svd_init_delta_A, self.svd_init_delta_B, cfg.scale, None)
+                low = self._low_rank(x, self.svd_init_delta_A, self.svd_init_delta_B, cfg.scale, None)
+                out = out + low.to(out.dtype)
             return out
         name = self.active_adapter
         low = self._low_rank(x, self.lora_A[name].weight, self.lora_B[name].weight, self.configs[name].scale,
                              self.lora_C[name] if name in self.lora_C else None)
         dense = self._dense_path(x)
-        return low if dense is None else dense + low
+        return low.to(x.dtype) if dense is None else dense + low.to(dense.dtype)
 
     def _low_rank(self, x, a, b, scale, c) -> torch.Tensor:
+        """``s B (A x) + C`` in the factors' dtype."""
+        x = x.to(a.dtype)
         if self.is_conv:
             base = self.base_layer
             h = F.conv2d(x, a, None, base.stride, base.padding, base.dilation)  # (N, r, H', W')
@@ -228,7 +262,16 @@ class CLoRALayer(nn.Module):
         return LowRankLinear.from_factors(a, b, c)
 
     def extra_repr(self) -> str:
-        return f"adapters={self.adapter_names}, active={self.active_adapter}, decay={float(self.decay):.4f}"
+        return f"adapters={self.adapter_names}, active={self.active_adapter}, decay={self.decay_value():.4f}"
+
+
+def _refresh_after_load(layer: CLoRALayer, incompatible_keys) -> None:
+    """After ``load_state_dict`` (base weight and decay included): d's host mirror and the noise statistics."""
+    if layer.decay.is_meta:
+        return
+    layer._remember_decay(float(layer.decay))
+    if layer.adapter_names:
+        layer._set_noise_statistics()
 
 
 def clora_wrapper_for(module: nn.Module) -> type[CLoRALayer] | None:

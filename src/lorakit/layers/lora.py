@@ -4,6 +4,15 @@ The forward is written in low-rank form: ``B A`` is built only to merge. Each wr
 module as ``base_layer`` and its named adapters in ``nn.ModuleDict``s, so state-dict keys read like PEFT's
 (``q.lora_A.default.weight``). One adapter is active at a time.
 
+Every forward calls ``base_layer(x)`` (subclasses, hooks, quantised and sharded layers stay correct) and adds
+the low-rank term, computed in the adapter dtype (float32 on a bf16/fp16 base by default, see ``precision.py``)
+and cast to the base output's dtype. ``LoRALinear`` takes a fused autograd path only where
+:func:`~lorakit.layers._fused.fused_path_applies` proves it computes the same thing.
+
+PiSSA (``init="svd"``) moves the top-r part of W into ``s B0 A0`` and leaves W the residual; the layer keeps
+``A0, B0`` (non-persistent buffers) so the original base comes back exactly (``disabled``, ``unload(merge=False)``,
+``delete_adapter``) and checkpoints can be converted to a plain adapter on the original base.
+
 Shapes: Linear/Conv1D A (r, in), B (out, r); ConvNd A (r, in, *k), B (out, r, 1, ...);
 Embedding A (r, num_embeddings), B (embedding_dim, r) as PEFT's ``lora_embedding_A/B``.
 """
@@ -16,56 +25,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LoRAConfig
+from ._fused import FusedLoRALinear, fused_path_applies
+from .precision import factory_kwargs, merge_dtype
+
+_FusedLoRALinear = FusedLoRALinear  # the name the tests and benchmarks know
 
 
 def is_hf_conv1d(module: nn.Module) -> bool:
     """Hugging Face's GPT-2 style ``Conv1D`` (a Linear with weight stored (in, out)); no import of transformers."""
     is_conv1d = any(cls.__name__ == "Conv1D" for cls in type(module).__mro__)  # also when parametrized
     return is_conv1d and hasattr(module, "nf") and module.weight.dim() == 2
-
-
-def _factory_kwargs(weight: torch.Tensor) -> dict:
-    """New factors live on the base weight's device, in its dtype when that is a float type (as PEFT)."""
-    return {"device": weight.device, "dtype": weight.dtype if weight.is_floating_point() else None}
-
-
-class _FusedLoRALinear(torch.autograd.Function):
-    """``y = x W^T + b + s (x A^T) B^T`` with a hand-written backward.
-
-    Saves only ``x`` and ``h^T = A x^T`` (r, N); skips every gradient nobody asked for (the frozen W, and
-    the input's when it needs none), and adds the low-rank term in place. The skinny products are written
-    with the rank-r side first (``A x^T``, ``B^T g^T``, ``h^T g``): on CPU BLAS these run 3-4x faster than
-    the same products in the other orientation (``x A^T``, ``g B``, ``g^T h``).
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scale):
-        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-        h_t = lora_a @ x2.t()  # (r, N)
-        out = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()  # (N, out)
-        out.addmm_(h_t.t(), lora_b.t(), alpha=scale)
-        ctx.save_for_backward(x2, h_t, weight, lora_a, lora_b)
-        ctx.scale, ctx.has_bias, ctx.in_shape = scale, bias is not None, x.shape
-        return out.view(*x.shape[:-1], out.shape[-1])
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x2, h_t, weight, lora_a, lora_b = ctx.saved_tensors
-        need_x, need_w, need_b, need_a, need_bb, _ = ctx.needs_input_grad
-        g = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
-        g_low_t = (lora_b.t() @ g.t()).mul_(ctx.scale)  # (r, N): gradient reaching h, scaled
-        grad_x = grad_w = grad_bias = grad_a = grad_b = None
-        if need_x:
-            grad_x = (g @ weight).addmm_(g_low_t.t(), lora_a).view(ctx.in_shape)
-        if need_w:
-            grad_w = g.t() @ x2
-        if need_b and ctx.has_bias:
-            grad_bias = g.sum(0)
-        if need_a:
-            grad_a = g_low_t @ x2  # (r, in)
-        if need_bb:
-            grad_b = (h_t @ g).mul_(ctx.scale).t()  # (out, r)
-        return grad_x, grad_w, grad_bias, grad_a, grad_b, None
 
 
 class LoRAWrapper(nn.Module):
@@ -87,7 +56,7 @@ class LoRAWrapper(nn.Module):
         return list(self.scaling)
 
     def add_adapter(self, name: str, cfg: LoRAConfig) -> None:
-        self._add_factors(name, cfg.rank)
+        self._add_factors(name, cfg.rank, factory_kwargs(self.base_layer.weight, cfg.adapter_dtype))
         self.scaling[name] = cfg.scale
         self.lora_dropout[name] = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self._init_factors(name, cfg.init)
@@ -97,6 +66,7 @@ class LoRAWrapper(nn.Module):
     def delete_adapter(self, name: str) -> None:
         if self.merged_adapter == name:
             self.unmerge()
+        self._restore_pissa_start(name)
         for store in self._factor_stores():
             del store[name]
         del self.lora_dropout[name]
@@ -120,20 +90,48 @@ class LoRAWrapper(nn.Module):
 
     # -- merging ----------------------------------------------------------------------------------
     def merge(self) -> None:
-        """Add the active adapter's ``s B A`` into the base weight (idempotent)."""
+        """Add the active adapter's ``s B A`` into the base weight (idempotent).
+
+        The delta is computed in float32 (or wider) and W is updated by one in-place add, which rounds once to
+        W's dtype; ``unmerge`` subtracts the same delta, so the round trip is within one rounding of W's dtype.
+        """
         if self.merged_adapter is None and self.active_adapter is not None:
             with torch.no_grad():
-                self.base_layer.weight += self.delta_weight(self.active_adapter)
+                self.base_layer.weight.add_(self.delta_weight(self.active_adapter))
             self.merged_adapter = self.active_adapter
 
     def unmerge(self) -> None:
         if self.merged_adapter is not None:
             with torch.no_grad():
-                self.base_layer.weight -= self.delta_weight(self.merged_adapter)
+                self.base_layer.weight.sub_(self.delta_weight(self.merged_adapter))
             self.merged_adapter = None
 
     def _uses_adapter(self) -> bool:
         return self.active_adapter is not None and not self.disabled and self.merged_adapter is None
+
+    def _dropout_active(self, name: str) -> bool:
+        return self.training and not isinstance(self.lora_dropout[name], nn.Identity)
+
+    # -- PiSSA starts (only LoRALinear has any) ---------------------------------------------------
+    def pissa_initial(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(A0, B0)``, adapter ``name``'s factors at a PiSSA (``init="svd"``) start, or None for other inits.
+
+        The original base weight is ``W + s B0 A0`` (W the residual left in ``base_layer``).
+        """
+        return None
+
+    def _restore_pissa_start(self, name: str) -> None:
+        """Give W back the part a PiSSA adapter took out at its start (nothing for other inits)."""
+
+    def restore_base(self) -> None:
+        """Before the wrapper is taken off: W gets back every PiSSA start except the merged adapter's.
+
+        ``unload(merge=False)`` then hands back the original base weight, ``unload(merge=True)`` the weight
+        this layer computed with (the merged adapter already replaced its own start with its trained delta).
+        """
+        for name in self.adapter_names:
+            if name != self.merged_adapter:
+                self._restore_pissa_start(name)
 
     # -- PEFT's tensors ---------------------------------------------------------------------------
     def peft_state(self, name: str) -> dict[str, torch.Tensor]:
@@ -150,6 +148,20 @@ class LoRAWrapper(nn.Module):
         return f"adapters={self.adapter_names}, active={self.active_adapter}, merged={self.merged_adapter}"
 
 
+def _init_a(a: torch.Tensor, init: str) -> None:
+    """A's start: N(0, 1) for 'gaussian' (the seeds'), else Kaiming-uniform as nn.Linear (B starts at 0)."""
+    nn.init.normal_(a) if init == "gaussian" else nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+
+
+class _PiSSAStart(nn.Module):
+    """A PiSSA adapter's initial factors, as non-persistent buffers (they follow ``.to()``, not checkpoints)."""
+
+    def __init__(self, a0: torch.Tensor, b0: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("a0", a0.detach().clone(), persistent=False)  # (r, in)
+        self.register_buffer("b0", b0.detach().clone(), persistent=False)  # (out, r)
+
+
 class LoRALinear(LoRAWrapper):
     """LoRA for ``nn.Linear`` and Hugging Face ``Conv1D`` (whose weight is stored transposed)."""
 
@@ -160,6 +172,7 @@ class LoRALinear(LoRAWrapper):
         self.in_features, self.out_features = in_features, out_features
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
+        self.pissa_start = nn.ModuleDict()
 
     def _weight(self) -> torch.Tensor:
         """The base weight as (out, in), a view for Conv1D."""
@@ -169,8 +182,7 @@ class LoRALinear(LoRAWrapper):
     def _factor_stores(self):
         return (self.lora_A, self.lora_B)
 
-    def _add_factors(self, name: str, rank: int) -> None:
-        like = _factory_kwargs(self.base_layer.weight)
+    def _add_factors(self, name: str, rank: int, like: dict) -> None:
         self.lora_A[name] = nn.Linear(self.in_features, rank, bias=False, **like)
         self.lora_B[name] = nn.Linear(rank, self.out_features, bias=False, **like)
 
@@ -180,28 +192,42 @@ class LoRALinear(LoRAWrapper):
             if init == "svd":
                 self._init_pissa(name, a, b)
                 return
-            if init == "gaussian":
-                nn.init.normal_(a)
-            else:
-                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            _init_a(a, init)
             nn.init.zeros_(b)
 
     def _init_pissa(self, name: str, a: torch.Tensor, b: torch.Tensor) -> None:
         """PiSSA: ``s B A`` = the top-r part of W; W keeps the residual, so the output is unchanged."""
         rank, s = a.shape[0], self.scaling[name]
-        u, sv, vh = torch.linalg.svd(self._weight().float(), full_matrices=False)
+        w = self._weight()
+        u, sv, vh = torch.linalg.svd(w.to(merge_dtype(w.dtype)), full_matrices=False)
         root = sv[:rank].sqrt() / math.sqrt(s)
         b.copy_(u[:, :rank] * root)
         a.copy_(root[:, None] * vh[:rank])
-        self.base_layer.weight -= self.delta_weight(name)
+        self.pissa_start[name] = _PiSSAStart(a, b)
+        self.base_layer.weight.sub_(self.delta_weight(name))
+
+    def pissa_initial(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        start = self.pissa_start[name] if name in self.pissa_start else None
+        return None if start is None else (start.a0, start.b0)
+
+    def _restore_pissa_start(self, name: str) -> None:
+        if name in self.pissa_start:
+            start = self.pissa_start[name]
+            with torch.no_grad():
+                self.base_layer.weight.add_(self._oriented(self._delta(start.a0, start.b0, self.scaling[name])))
+            del self.pissa_start[name]
 
     def _oriented(self, delta: torch.Tensor) -> torch.Tensor:
         return delta.t() if self.fan_in_fan_out else delta
 
+    @staticmethod
+    def _delta(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+        dtype = merge_dtype(a.dtype)
+        return (b.to(dtype) @ a.to(dtype)) * scale  # (out, in), in float32 or wider
+
     def delta_weight(self, name: str) -> torch.Tensor:
-        """``s B A`` shaped like ``base_layer.weight``."""
-        delta = (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]
-        return self._oriented(delta)
+        """``s B A`` shaped like ``base_layer.weight``, in float32 (or wider: float64 factors stay float64)."""
+        return self._oriented(self._delta(self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]))
 
     def _peft_items(self, name: str):
         yield "lora_A.weight", self.lora_A[name].weight
@@ -209,13 +235,28 @@ class LoRALinear(LoRAWrapper):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._uses_adapter():
-            return self.base_layer(x)
-        name = self.active_adapter
-        a, b, s = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
-        dropout = self.lora_dropout[name]
-        if isinstance(dropout, nn.Identity) or not self.training:
-            return _FusedLoRALinear.apply(x, self._weight(), self.base_layer.bias, a, b, s)
-        return self.base_layer(x) + F.linear(F.linear(dropout(x), a), b) * s
+            out = self.base_layer(x)
+        else:
+            name = self.active_adapter
+            a, b, s = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
+            if fused_path_applies(self.base_layer, x, a, b, self._dropout_active(name)):
+                out = FusedLoRALinear.apply(x, self._weight(), self.base_layer.bias, a, b, s)
+            else:
+                out = self.base_layer(x)
+                low = F.linear(F.linear(self.lora_dropout[name](x.to(a.dtype)), a), b)  # (..., r) -> (..., out)
+                out = out + (low * s).to(out.dtype)
+        if len(self.pissa_start):
+            out = self._add_pissa_starts(x, out)
+        return out
+
+    def _add_pissa_starts(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """W holds only the residual of every PiSSA adapter: add back ``s B0 A0 x`` of each one not in use."""
+        in_use = None if self.disabled else self.active_adapter
+        for name, start in self.pissa_start.items():
+            if name != in_use:
+                low = F.linear(F.linear(x.to(start.a0.dtype), start.a0), start.b0) * self.scaling[name]
+                out = out + low.to(out.dtype)
+        return out
 
 
 class LoRAConv(LoRAWrapper):
@@ -233,9 +274,8 @@ class LoRAConv(LoRAWrapper):
     def _factor_stores(self):
         return (self.lora_A, self.lora_B)
 
-    def _add_factors(self, name: str, rank: int) -> None:
+    def _add_factors(self, name: str, rank: int, like: dict) -> None:
         base = self.base_layer
-        like = _factory_kwargs(base.weight)
         self.lora_A[name] = self.conv_type(
             base.in_channels, rank, base.kernel_size, base.stride, base.padding, base.dilation, bias=False,
             padding_mode=base.padding_mode, **like  # pads x as the base does, so merging changes nothing
@@ -246,14 +286,15 @@ class LoRAConv(LoRAWrapper):
         if init == "svd":
             raise ValueError("init='svd' is supported for Linear and Conv1D layers; use 'kaiming' or 'gaussian' for convolutions")
         with torch.no_grad():
-            a = self.lora_A[name].weight
-            nn.init.normal_(a) if init == "gaussian" else nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            _init_a(self.lora_A[name].weight, init)
             nn.init.zeros_(self.lora_B[name].weight)
 
     def delta_weight(self, name: str) -> torch.Tensor:
+        """``s B A`` shaped like ``base_layer.weight``, in float32 (or wider)."""
         a, b = self.lora_A[name].weight, self.lora_B[name].weight  # (r, in, *k), (out, r, 1...)
-        delta = b.flatten(1) @ a.flatten(1)  # (out, in * prod(k))
-        return delta.view_as(self.base_layer.weight) * self.scaling[name]
+        dtype = merge_dtype(a.dtype)
+        delta = b.flatten(1).to(dtype) @ a.flatten(1).to(dtype)  # (out, in * prod(k))
+        return delta.view(self.base_layer.weight.shape) * self.scaling[name]
 
     def _peft_items(self, name: str):
         yield "lora_A.weight", self.lora_A[name].weight
@@ -264,8 +305,9 @@ class LoRAConv(LoRAWrapper):
         if not self._uses_adapter():
             return out
         name = self.active_adapter
-        low = self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x)))
-        return out + low * self.scaling[name]
+        dtype = self.lora_A[name].weight.dtype
+        low = self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x.to(dtype))))
+        return out + (low * self.scaling[name]).to(out.dtype)
 
 
 class LoRAEmbedding(LoRAWrapper):
@@ -279,9 +321,8 @@ class LoRAEmbedding(LoRAWrapper):
     def _factor_stores(self):
         return (self.lora_embedding_A, self.lora_embedding_B)
 
-    def _add_factors(self, name: str, rank: int) -> None:
+    def _add_factors(self, name: str, rank: int, like: dict) -> None:
         num, dim = self.base_layer.weight.shape
-        like = _factory_kwargs(self.base_layer.weight)
         self.lora_embedding_A[name] = nn.Parameter(torch.empty(rank, num, **like))
         self.lora_embedding_B[name] = nn.Parameter(torch.empty(dim, rank, **like))
 
@@ -289,13 +330,14 @@ class LoRAEmbedding(LoRAWrapper):
         if init == "svd":
             raise ValueError("init='svd' is supported for Linear and Conv1D layers; use 'kaiming' or 'gaussian' for embeddings")
         with torch.no_grad():
-            a = self.lora_embedding_A[name]
-            nn.init.normal_(a) if init == "gaussian" else nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            _init_a(self.lora_embedding_A[name], init)
             nn.init.zeros_(self.lora_embedding_B[name])
 
     def delta_weight(self, name: str) -> torch.Tensor:
+        """``s (B A)^T`` shaped like the (num, dim) table, in float32 (or wider)."""
         a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
-        return (b @ a).t() * self.scaling[name]  # (num, dim)
+        dtype = merge_dtype(a.dtype)
+        return (b.to(dtype) @ a.to(dtype)).t() * self.scaling[name]  # (num, dim)
 
     def _peft_items(self, name: str):
         yield "lora_embedding_A", self.lora_embedding_A[name]
@@ -308,7 +350,7 @@ class LoRAEmbedding(LoRAWrapper):
         name, base = self.active_adapter, self.base_layer
         rows = F.embedding(x, self.lora_embedding_A[name].t(), base.padding_idx, base.max_norm,
                            base.norm_type, base.scale_grad_by_freq, base.sparse)  # (..., r)
-        return out + (rows @ self.lora_embedding_B[name].t()) * self.scaling[name]
+        return out + ((rows @ self.lora_embedding_B[name].t()) * self.scaling[name]).to(out.dtype)
 
 
 def lora_wrapper_for(module: nn.Module) -> type[LoRAWrapper] | None:

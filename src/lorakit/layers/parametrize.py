@@ -4,6 +4,10 @@
 ``W + s * (B A).view(W.shape)``; the names become ``<module>.parametrizations.weight.original`` and
 ``...weight.0.lora_A`` (rank, cols) / ``...lora_B`` (rows, r), where a weight of shape (rows, *rest) is seen
 as a (rows, prod(rest)) matrix. Each named adapter is one parametrization in the module's list.
+
+The factors live on the weight's device, in the ``adapter_dtype`` rule's dtype (float32 on a bf16/fp16 weight by
+default); the delta is cast to the weight's dtype when added. LoRA dropout acts on the layer's input ``x``, which a
+parametrization never sees (it only maps W to a new W), so ``dropout > 0`` is refused here, not silently ignored.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import torch
 from torch import nn
 
 from ..config import LoRAConfig
+from .precision import factory_kwargs, merge_dtype
 
 
 class LoRAParametrization(nn.Module):
@@ -24,9 +29,14 @@ class LoRAParametrization(nn.Module):
             raise ValueError(f"parametrize-mode LoRA needs a weight with >= 2 dimensions, got shape {tuple(weight.shape)}")
         if cfg.init == "svd":
             raise ValueError("init='svd' is available in mode='module'; use 'kaiming' or 'gaussian' with mode='parametrize'")
+        if cfg.dropout > 0:
+            raise ValueError(f"dropout={cfg.dropout} is not available with mode='parametrize': LoRA dropout acts on the "
+                             "layer's input, which a parametrization of the weight never sees; use mode='module' for "
+                             "dropout, or dropout=0.0 with mode='parametrize'")
         rows, cols = weight.shape[0], weight[0].numel()
-        self.lora_A = nn.Parameter(torch.empty(cfg.rank, cols, dtype=weight.dtype))
-        self.lora_B = nn.Parameter(torch.zeros(rows, cfg.rank, dtype=weight.dtype))
+        like = factory_kwargs(weight, cfg.adapter_dtype)
+        self.lora_A = nn.Parameter(torch.empty(cfg.rank, cols, **like))
+        self.lora_B = nn.Parameter(torch.zeros(rows, cfg.rank, **like))
         with torch.no_grad():
             if cfg.init == "gaussian":
                 nn.init.normal_(self.lora_A)
@@ -38,12 +48,15 @@ class LoRAParametrization(nn.Module):
         self.merged = False
 
     def delta(self, shape: torch.Size) -> torch.Tensor:
-        return (self.lora_B @ self.lora_A).view(shape) * self.scale
+        """``s B A`` viewed as ``shape``, in float32 (or wider), for merging: one in-place add rounds it into W."""
+        dtype = merge_dtype(self.lora_A.dtype)
+        return (self.lora_B.to(dtype) @ self.lora_A.to(dtype)).view(shape) * self.scale
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.enabled or self.merged:
             return weight
-        return weight + self.delta(weight.shape)
+        low = (self.lora_B @ self.lora_A).view(weight.shape) * self.scale  # adapter dtype (autocast: its dtype)
+        return weight + low.to(weight.dtype)
 
     def adapter_parameters(self, name: str | None = None) -> list[nn.Parameter]:
         return [self.lora_A, self.lora_B]
