@@ -1,0 +1,95 @@
+"""lorakit.hf.Trainer: checkpoints are PEFT-layout adapter folders, and resuming from one ends where an
+uninterrupted run ends. Accelerate's prepare() takes a lorakit model as it is."""
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import lorakit as lk  # noqa: E402
+from lorakit.models.hf import tiny_bert_config  # noqa: E402
+
+
+def lora_bert():
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(tiny_bert_config(num_labels=3))
+    return lk.inject(model, lk.LoRAConfig(rank=4, alpha=8, targets=["query", "value"], modules_to_save=["classifier"]))
+
+
+def examples(n=24):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 64, (n, 10), generator=g)
+    return [{"input_ids": ids[i], "attention_mask": torch.ones(10, dtype=torch.long), "labels": int(ids[i, 1] % 3)}
+            for i in range(n)]
+
+
+def trainer(out, model):
+    from transformers import TrainingArguments
+
+    from lorakit.hf import Trainer
+
+    args = TrainingArguments(output_dir=str(out), max_steps=6, save_steps=3, save_strategy="steps",
+                             per_device_train_batch_size=4, learning_rate=1e-2, report_to=[], use_cpu=True, seed=0,
+                             logging_steps=1, dataloader_num_workers=0, disable_tqdm=True)
+    return Trainer(model=model, args=args, train_dataset=examples())
+
+
+def adapter_state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k or "modules_to_save" in k}
+
+
+def test_checkpoints_are_adapter_folders_and_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
+    model = lora_bert()
+    trainer(tmp_path / "whole", model).train()
+    expected = adapter_state(model)
+
+    checkpoint = tmp_path / "whole" / "checkpoint-3"
+    files = {p.name for p in checkpoint.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt",
+            "trainer_state.json"} <= files
+    assert not files & {"model.safetensors", "pytorch_model.bin"}
+    assert json.loads((checkpoint / "adapter_config.json").read_text())["peft_type"] == "LORA"
+
+    resumed = lora_bert()
+    trainer(tmp_path / "resumed", resumed).train(resume_from_checkpoint=str(checkpoint))
+    for key, value in adapter_state(resumed).items():
+        torch.testing.assert_close(value, expected[key], atol=1e-6, rtol=0, msg=key)
+    untouched = adapter_state(lora_bert())
+    assert any(not torch.equal(untouched[k], expected[k]) for k in expected)  # training did change the adapter
+
+
+def test_the_checkpoint_loads_in_peft_with_the_same_outputs(tmp_path):
+    peft = pytest.importorskip("peft")
+    from transformers import BertForSequenceClassification
+
+    model = lora_bert()
+    trainer(tmp_path / "run", model).train()
+    torch.manual_seed(0)
+    base = BertForSequenceClassification(tiny_bert_config(num_labels=3))
+    loaded = peft.PeftModel.from_pretrained(base, str(tmp_path / "run" / "checkpoint-6")).eval()
+    batch = {"input_ids": torch.stack([e["input_ids"] for e in examples(4)])}
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model.eval()(**batch).logits, atol=1e-5, rtol=0)
+
+
+def test_accelerate_prepare_trains_and_saves_a_lorakit_model(tmp_path):
+    accelerate = pytest.importorskip("accelerate")
+    model = lora_bert()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    loader = torch.utils.data.DataLoader(examples(), batch_size=4)
+    accelerator = accelerate.Accelerator(cpu=True)
+    prepared, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    before = adapter_state(model)
+    for batch in loader:
+        accelerator.backward(prepared(**batch).loss)
+        optimizer.step()
+        optimizer.zero_grad()
+    assert any(not torch.equal(v, before[k]) for k, v in adapter_state(model).items())
+    lk.save_adapter(accelerator.unwrap_model(prepared), tmp_path / "adapter")
+    fresh = lora_bert()
+    lk.load_adapter(fresh, tmp_path / "adapter", name="default")
+    for key, value in adapter_state(model).items():
+        assert torch.equal(adapter_state(fresh)[key], value), key
