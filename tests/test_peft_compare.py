@@ -1,7 +1,8 @@
-"""A tiny smoke run of ``lorakit run peft-compare`` on a random BERT and a small text file it writes itself.
+"""``lorakit run peft-compare`` on a tiny random BERT and a small text file the tests write themselves.
 
-It checks that the harness runs every row end to end and writes its files; it asserts no timings and no
-accuracies (a random tiny model learns nothing worth asserting in a few steps).
+The one-command path end to end (sweep, cells, equivalence, differences, report), the resume (a second run trains
+nothing), lorakit-from-PEFT's-start computing PEFT's losses to 1e-6, and AdapterHub's row when its environment is
+missing. No timings and no accuracies are asserted (a random tiny model learns nothing worth asserting).
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def tiny_text_file(tmp_path_factory):
     rng = random.Random(0)
     path = tmp_path_factory.mktemp("data") / "tiny.csv"
     lines = ["text,label"]
-    for i in range(48):
+    for i in range(64):
         label = rng.randrange(2)
         words = rng.sample(WORDS[:4] if label == 0 else WORDS[4:8], 2) + rng.sample(WORDS[8:], 2)
         lines.append(f"{' '.join(words)},{label}")
@@ -46,30 +47,138 @@ def tiny_text_file(tmp_path_factory):
     return path
 
 
-def test_peft_compare_smoke(tiny_model_folder, tiny_text_file, tmp_path):
+def _argv(model, data, out, *extra):
+    return ["run", "peft-compare", "--model", str(model), "--dataset", str(data), "--per-class-val", "4",
+            "--seeds", "0,1", "--epochs", "2", "--batch-size", "8", "--max-length", "12", "--num-tokens", "3",
+            "--rank", "2", "--bottleneck", "2", "--clora-rank", "2", "--threads", "1", "--warmup-steps", "2",
+            "--lr-full", "1e-3", "--lr-lora", "1e-3,1e-2", "--lr-adapter", "1e-2", "--lr-prompt", "1e-2",
+            "--lr-clora", "1e-2", "--timing-rounds", "2", "--timing-steps", "1", "--skip-memory", "--out", str(out),
+            *extra]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tiny_model_folder, tiny_text_file, tmp_path_factory):
+    """One run of the whole command, AdapterHub's environment pointed at a folder that does not exist."""
     from lorakit.cli import main
 
-    out = tmp_path / "run"
-    code = main(["run", "peft-compare", "--model", str(tiny_model_folder), "--dataset", str(tiny_text_file),
-                 "--epochs", "1", "--batch-size", "8", "--max-length", "12", "--num-tokens", "3", "--rank", "2",
-                 "--bottleneck", "2", "--clora-rank", "2", "--timing-rounds", "2", "--timing-steps", "1",
-                 "--skip-memory", "--out", str(out)])
-    assert code == 0
+    root = tmp_path_factory.mktemp("run")
+    (root / "no-env.log").write_text("Collecting adapters\nERROR: No matching distribution found for adapters\n")
+    out = root / "out"
+    argv = _argv(tiny_model_folder, tiny_text_file, out, "--adapters-env", str(root / "no-env"))
+    assert main(argv) == 0
+    return out, argv
+
+
+def test_one_command_makes_every_row_with_its_evidence(smoke_run):
+    out, _ = smoke_run
     results = json.loads((out / "results.json").read_text())
-    rows = {(r["method"], r["implementation"]) for r in results["rows"]}
-    assert {("full", "lorakit"), ("lora", "lorakit"), ("lora", "peft"), ("adapter", "lorakit"),
-            ("prompt", "lorakit"), ("prompt", "peft")} <= rows
+    assert results["seeds"] == [0, 1] and results["classes"] == ["0", "1"]
+    assert results["test_size"] == 16 and results["train_size"] == 48 - 8
+    rows = {(r["method"], r["implementation"], r["seed"]) for r in results["rows"]}
+    expected = {("full", "lorakit"), ("lora", "lorakit"), ("lora", "peft"), ("adapter", "lorakit"),
+                ("prompt", "lorakit"), ("prompt", "peft")}
+    assert {(m, i, s) for m, i in expected for s in (0, 1)} <= rows
+    steps = results["steps"]
+    assert steps == 2 * 5  # 40 training examples, batch 8, 2 epochs
     for row in results["rows"]:
-        assert 0.0 <= row["accuracy"] <= 100.0
-        assert 0 < row["trainable_parameters"] <= row["total_parameters"]
-        assert row["checkpoint_bytes"] > 0
-        assert row["step_time_ratio"] > 0
-    lora = {r["implementation"]: r for r in results["rows"] if r["method"] == "lora"}
-    assert lora["lorakit"]["trainable_parameters"] == lora["peft"]["trainable_parameters"]
-    prompt = {r["implementation"]: r for r in results["rows"] if r["method"] == "prompt"}
-    assert prompt["lorakit"]["trainable_parameters"] == prompt["peft"]["trainable_parameters"]
-    assert (out / "report.md").read_text().startswith("# peft-compare")
+        assert row["steps"] == steps and row["lr"] > 0 and row["threads"] == 1
+        assert 0.0 <= row["accuracy"] <= 100.0 and row["step_time_ratio"] > 0
+        assert "recovered_from_log" not in row
+        cell = json.loads((out / row["cell"]).read_text())
+        assert len(cell["losses"]) == steps and cell["val_steps"] == [5, 10]
+        assert cell["train_config"]["lr"] == row["lr"] and "git_commit" in cell
+    # The sweep ran on validation accuracy, and the chosen rate is what both LoRA rows used.
+    lora_sweep = [s for s in results["sweep"] if s["method"] == "lora"]
+    assert [s["lr"] for s in lora_sweep] == [1e-3, 1e-2] and sum(s["chosen"] for s in lora_sweep) == 1
+    chosen = next(s["lr"] for s in lora_sweep if s["chosen"])
+    assert {r["lr"] for r in results["rows"] if r["method"] == "lora"} == {chosen}
+    assert {d["method"] for d in results["differences"]} == {"lora", "prompt"}
+    for d in results["differences"]:
+        assert d["n"] == 2 and d["ci95_low_pp"] <= d["mean_pp"] <= d["ci95_high_pp"]
+    assert {e["method"] for e in results["equivalence"]} == {"lora", "prompt"}
+    report = (out / "report.md").read_text()
+    assert report.startswith("# peft-compare") and "## Learning-rate sweep" in report
     assert (out / "accuracy_vs_params.png").stat().st_size > 0
+
+
+def test_same_start_gives_peft_losses_to_1e6(smoke_run):
+    # The equivalence check of the run: lorakit from PEFT's initial adapter, same data order and dropout masks.
+    out, _ = smoke_run
+    results = json.loads((out / "results.json").read_text())
+    for entry in results["equivalence"]:
+        assert entry["steps"] == results["steps"] and entry["seeds"] == [0, 1]
+        assert entry["max_abs_loss_diff"] <= 1e-6, entry
+    # and the test is able to fail: lorakit's own initialisation is a different start
+    lorakit = json.loads((out / "cells" / "lora-lorakit-seed0-lr0.01.json").read_text())
+    assert lorakit["start"] == "PEFT's initial weights"
+
+
+def test_own_init_is_not_peft_start(tiny_model_folder):
+    import torch
+
+    from lorakit.experiments.peft_compare import build
+
+    settings = {"model": str(tiny_model_folder), "num_labels": 2, "max_length": 12, "rank": 2, "num_tokens": 3}
+    for method in ("lora", "prompt"):
+        peft_model, _ = build(method, "peft", settings, seed=5)
+        same, _ = build(method, "lorakit", settings, seed=5, same_start=True)
+        own, _ = build(method, "lorakit", settings, seed=5)
+        ref = {k.split(".default")[0].replace(".modules_to_save", ""): v for k, v in peft_model.state_dict().items()}
+        if method == "lora":
+            key = "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A"
+            mine = dict(same.named_parameters())["bert.encoder.layer.0.attention.self.query.lora_A.default.weight"]
+            theirs = dict(peft_model.named_parameters())[key + ".default.weight"]
+        else:
+            mine = same.lorakit_prompt.prompts["default"]
+            theirs = peft_model.get_prompt_embedding_to_save("default")
+            assert not torch.equal(own.lorakit_prompt.prompts["default"], theirs)
+        assert torch.equal(mine, theirs), method
+        assert ref  # PEFT's model was built
+
+
+def test_resume_trains_nothing(smoke_run, monkeypatch):
+    from lorakit.cli import main
+    from lorakit.experiments import peft_compare_cells
+
+    out, argv = smoke_run
+    before = json.loads((out / "results.json").read_text())
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished cell was trained again")
+
+    monkeypatch.setattr(peft_compare_cells, "run_row", no_training)
+    assert main([a for a in argv] + ["--resume"]) == 0
+    after = json.loads((out / "results.json").read_text())
+    assert [(r["cell"], r["accuracy"]) for r in after["rows"]] == [(r["cell"], r["accuracy"]) for r in before["rows"]]
+    assert after["equivalence"] == before["equivalence"]
+
+
+def test_rerun_without_resume_is_refused(smoke_run):
+    from lorakit.cli import main
+
+    out, argv = smoke_run
+    assert main(argv) == 1  # "already holds finished cells; pass --resume"
+
+
+def test_resume_with_other_settings_is_refused(smoke_run, capsys):
+    from lorakit.cli import main
+
+    out, argv = smoke_run
+    argv = list(argv)
+    argv[argv.index("--max-length") + 1] = "10"
+    assert main(argv + ["--resume"]) == 1
+    assert "max_length" in capsys.readouterr().err
+
+
+def test_adapterhub_env_missing_is_reported_not_invented(smoke_run):
+    out, _ = smoke_run
+    results = json.loads((out / "results.json").read_text())
+    assert not [r for r in results["rows"] if r["implementation"] == "adapters"]
+    assert [(m["method"], m["implementation"]) for m in results["missing_rows"]] == [("adapter", "adapters")]
+    assert "No matching distribution found for adapters" in results["missing_rows"][0]["reason"]
+    report = (out / "report.md").read_text()
+    assert "ERROR: No matching distribution found for adapters" in report
+    assert "adapter/adapters row is missing" in report
 
 
 def test_memory_probe_in_process(tiny_model_folder):
@@ -82,39 +191,13 @@ def test_memory_probe_in_process(tiny_model_folder):
     assert memory["peak_memory_mb"] > 0 and memory["training_memory_mb"] >= 0
 
 
-def test_combine_merges_parallel_parts(tmp_path):
-    # Rows trained in separate processes plus a timing/memory-only run become one report.
-    from lorakit.experiments.peft_compare import combine
+def test_validation_is_carved_stratified_from_training():
+    from lorakit.data.text import TextDataset
+    from lorakit.experiments.peft_compare import split_validation
 
-    def part(name, rows):
-        folder = tmp_path / name
-        folder.mkdir()
-        results = {"experiment": "peft-compare", "config": {"model": "m", "dataset": "d", "epochs": 1.0,
-                                                            "batch_size": 2, "max_length": 8, "seeds": "0"},
-                   "base_parameters": 100, "label_names": ["a", "b"], "train_examples": 4, "test_examples": 2,
-                   "notes": ["a note"], "rows": rows, "wall_seconds": 1.0, "metadata": {"command": name}}
-        (folder / "results.json").write_text(json.dumps(results))
-        return folder
-
-    trained = {"trainable_parameters": 10, "total_parameters": 110, "added_parameters": 10, "checkpoint_bytes": 99}
-    a = part("a", [{"method": "lora", "implementation": "lorakit", "seed": 0, "accuracy": 50.0, **trained}])
-    b = part("b", [{"method": "lora", "implementation": "peft", "seed": 0, "accuracy": 100.0, **trained}])
-    timing = part("t", [{"method": m, "implementation": i, "seed": 0, "step_time_ratio": r, "peak_memory_mb": 5.0}
-                        for m, i, r in [("lora", "lorakit", 1.0), ("lora", "peft", 1.5)]])
-    out = tmp_path / "out"
-    assert combine([a, b, timing], out) == 0
-    results = json.loads((out / "results.json").read_text())
-    assert [(r["implementation"], r["accuracy"], r["step_time_ratio"]) for r in results["rows"]] == \
-        [("lorakit", 50.0, 1.0), ("peft", 100.0, 1.5)]
-    assert results["notes"] == ["a note"] and len(results["parts"]) == 3
-    assert "-50.00" in (out / "report.md").read_text()
-
-
-def test_rows_from_log(tmp_path):
-    from lorakit.experiments.peft_compare import rows_from_log
-
-    log = tmp_path / "run.log"
-    log.write_text("[peft-compare] lora/lorakit seed 0\nnoise\n[peft-compare]   accuracy 88.67 % in 912 s\n"
-                   "[peft-compare] lora/peft seed 0\n")  # the second row never finished
-    assert rows_from_log(log) == [{"method": "lora", "implementation": "lorakit", "seed": 0, "accuracy": 88.67,
-                                   "train_seconds": 912.0, "recovered_from_log": "run.log"}]
+    data = TextDataset([f"t{i}" for i in range(30)], [i % 3 for i in range(30)], ["a", "b", "c"])
+    train, val = split_validation(data, 2)
+    assert val.class_counts() == [2, 2, 2] and train.class_counts() == [8, 8, 8]
+    assert not set(train.texts) & set(val.texts) and val.texts == ["t0", "t1", "t2", "t3", "t4", "t5"]
+    with pytest.raises(ValueError, match="per-class-val"):
+        split_validation(data, 10)

@@ -1,0 +1,136 @@
+"""One cell of peft-compare: a (method, implementation, seed, learning rate) trained, validated and tested once.
+
+Each finished cell is written atomically to ``<out>/cells/<key>.json`` with its full record (settings, training
+config, learning rate, steps, the loss of every step, the validation curve, test accuracy, threads, git commit).
+With ``--resume`` a finished cell is read back instead of trained again, and a cell stopped mid-way continues
+from its training state (``<key>.state``, written every ``state_every`` steps and removed when the cell ends).
+A cell written with other settings is refused, naming the setting that differs.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import subprocess
+from pathlib import Path
+
+import torch
+
+from .peft_compare_models import _Examples, build, checkpoint_bytes, clora_step_hook
+
+
+def cell_key(method: str, implementation: str, seed: int, lr: float) -> str:
+    return f"{method}-{implementation}-seed{seed}-lr{lr:g}"
+
+
+@functools.lru_cache(maxsize=1)
+def git_commit() -> str | None:
+    """``git rev-parse HEAD`` of the source tree this code runs from, or None outside a git checkout."""
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                              cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() or None if done.returncode == 0 else None
+
+
+def load_cell(path: Path, expected: dict) -> dict | None:
+    """The finished cell at ``path`` if there is one; a ValueError if it was made with other settings."""
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    for field, value in expected.items():
+        if record.get(field) != value:
+            raise ValueError(f"cannot resume: {path} was made with {field}={record.get(field)!r}, this run has "
+                             f"{value!r}; use the same settings, or another --out")
+    return record
+
+
+def run_row(method, implementation, settings, train_data, test_data, train_cfg, seed, *,
+            validation=None, same_start: bool = False) -> dict:
+    """Train one lorakit or PEFT row with ``lorakit.train`` and score ``test_data`` once, on the kept weights.
+
+    With ``validation`` the loop validates every epoch and keeps the best-validation weights (``train_cfg``).
+    The returned row has the accuracy, parameter counts, checkpoint size and the training history.
+    """
+    from .. import count_parameters
+    from ..data.text import TextCollator
+    from ..train import evaluate, train
+
+    model, tokenizer = build(method, implementation, settings, seed, same_start=same_start)
+    collator = TextCollator(tokenizer, settings["max_length"])
+    steps = train_cfg.total_steps(-(-len(train_data) // train_cfg.batch_size))
+    on_step = clora_step_hook(model, steps) if method == "clora" else None
+    history = train(model, _Examples(train_data), train_cfg, collate_fn=collator, on_step=on_step,
+                    validation=None if validation is None else _Examples(validation),
+                    num_classes=settings["num_labels"])
+    result = evaluate(model, _Examples(test_data), settings["num_labels"], batch_size=128, collate_fn=collator)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    if implementation == "lorakit":
+        added = count_parameters(model).adapter
+    else:
+        added = total - settings["base_parameters"] if "base_parameters" in settings else None
+    return {"method": method, "implementation": implementation, "seed": seed, "accuracy": result.accuracy,
+            "trainable_parameters": trainable, "total_parameters": total, "added_parameters": added,
+            "checkpoint_bytes": checkpoint_bytes(model, method, implementation),
+            "train_seconds": history.seconds, "steps": history.steps, "final_loss": history.losses[-1],
+            "lr": train_cfg.lr, "per_class_accuracy": result.to_dict()["per_class_accuracy"],
+            "wrong_per_class": result.wrong_per_class, "total_per_class": result.total_per_class,
+            "losses": history.losses, "val_steps": history.val_steps, "val_accuracies": history.val_accuracies,
+            "best_step": history.best_step, "best_val_accuracy": history.best_val_accuracy}
+
+
+def static_row(method, implementation, settings, seed) -> dict:
+    """What a row is without training it: parameter counts and checkpoint size (both depend on shapes only)."""
+    from .. import count_parameters
+
+    model, _ = build(method, implementation, settings, seed)
+    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    added = count_parameters(model).adapter if implementation == "lorakit" else total - settings["base_parameters"]
+    return {"trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "total_parameters": total, "added_parameters": added,
+            "checkpoint_bytes": checkpoint_bytes(model, method, implementation)}
+
+
+def run_cell(method: str, implementation: str, seed: int, lr: float, *, context: dict) -> dict:
+    """Train (or, with ``resume``, read back) one cell. ``context``: settings, data (train, validation, test),
+    train_config(lr, seed) -> TrainConfig, cells folder, resume, state_every, run_config (recorded), and for
+    AdapterHub's rows ``adapterhub`` (a callable that runs the cell there)."""
+    from .._io import write_json
+
+    folder: Path = context["cells"]
+    key = cell_key(method, implementation, seed, lr)
+    path = folder / f"{key}.json"
+    cfg = context["train_config"](lr, seed)
+    expected = {"settings": context["settings"], "train_config": _asdict(cfg)}
+    if context["resume"]:
+        record = load_cell(path, expected)
+        if record is not None:
+            return record
+    folder.mkdir(parents=True, exist_ok=True)
+    train_data, validation, test = context["data"]
+    print(f"[peft-compare] {key}", flush=True)
+    if implementation == "adapters":
+        row = context["adapterhub"](seed, lr, cfg, key)
+    else:
+        state = folder / f"{key}.state"
+        cfg.state_path, cfg.resume, cfg.checkpoint_every = str(state), context["resume"], context["state_every"]
+        same_start = implementation == "lorakit" and method in ("lora", "prompt") and context["same_start"]
+        row = run_row(method, implementation, context["settings"], train_data, test, cfg, seed,
+                      validation=validation, same_start=same_start)
+        row["start"] = "PEFT's initial weights" if same_start else "own initialisation"
+        state.unlink(missing_ok=True)
+    record = {"key": key, **row, "method": method, "implementation": implementation, "seed": seed, "lr": lr,
+              **expected, "run_config": context["run_config"], "threads": torch.get_num_threads(),
+              "git_commit": git_commit()}
+    write_json(path, record)
+    print(f"[peft-compare]   test {record['accuracy']:.2f} %, best validation {record['best_val_accuracy']} "
+          f"at step {record['best_step']}, {record['train_seconds']:.0f} s", flush=True)
+    return record
+
+
+def _asdict(cfg) -> dict:
+    import dataclasses
+
+    free = {"state_path", "resume", "checkpoint_every", "progress", "checkpoint"}
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in free}

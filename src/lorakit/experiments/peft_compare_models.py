@@ -1,0 +1,233 @@
+"""peft-compare's data and models: the split, each row's model, and the shared starting point with PEFT.
+
+Rows are ``(method, implementation)``: methods full, lora, adapter, prompt, clora; implementations lorakit, peft
+(LoRA and prompt tuning) and adapters (AdapterHub's bottleneck adapter, run in its own environment; see
+:mod:`.peft_compare_adapterhub`).
+
+**Same start.** A lorakit LoRA or prompt row starts from exactly PEFT's initial weights for that seed: PEFT's
+freshly initialised model is built, its adapter is saved with ``save_pretrained`` and loaded into the lorakit
+model with :func:`lorakit.load_adapter` (LoRA), or its initial prompt (``get_prompt_embedding_to_save``) is
+written into a lorakit adapter folder and loaded the same way (prompt). The classifier head is the same in
+both because both models are built after ``torch.manual_seed(seed)``.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROWS = [("full", "lorakit"), ("lora", "lorakit"), ("lora", "peft"), ("adapter", "lorakit"), ("adapter", "adapters"),
+        ("prompt", "lorakit"), ("prompt", "peft"), ("clora", "lorakit")]
+IMPLEMENTATIONS = ("lorakit", "peft", "adapters")
+LIBRARY = {"lora": "peft", "prompt": "peft", "adapter": "adapters"}  # the library row each method is paired with
+# Seed 004 (T5-small on IMDB, 10 epochs, best validation accuracy): hand-written and library numbers.
+SEED_004 = {"full": (90.0, None, None), "prompt": (86.8, 87.1, "OpenDelta"), "adapter": (90.6, 90.3, "AdapterHub"),
+            "lora": (88.9, 89.0, "PEFT"), "clora": (None, None, None)}
+SEED_004_PARAMS = {"full": 60_506_624, "prompt": 5_120, "adapter": 104_544, "lora": 294_912}
+BERT_TARGETS = {"lora": ["query", "value"], "adapter": r".*\.layer\.\d+\.output\.dense",
+                "clora": ["query", "key", "value", "attention.output.dense"]}
+HEAD = ["classifier"]
+
+
+# -- data -------------------------------------------------------------------------------------------
+def load_data(args):
+    """``(train, test, label_names)`` as :class:`~lorakit.data.text.TextDataset`s (validation not yet carved).
+
+    ``args`` needs ``dataset``, ``per_class_train``, ``per_class_test`` and may give ``classes`` (a comma list).
+    WordNet: stratified per class (``load_wordnet_supersense``). A .csv/.jsonl file: every fourth example is test.
+    """
+    from ..data.text import DEFAULT_CLASSES, TextDataset, load_text_file, load_wordnet_supersense
+
+    if args.dataset == "wordnet-supersense":
+        classes = getattr(args, "classes", None)
+        classes = [c.strip() for c in classes.split(",") if c.strip()] if classes else list(DEFAULT_CLASSES)
+        return load_wordnet_supersense(classes=classes, per_class_train=args.per_class_train,
+                                       per_class_test=args.per_class_test)
+    data = load_text_file(args.dataset)
+    test = [i % 4 == 0 for i in range(len(data))]  # every fourth example is test: fixed and documented
+
+    def subset(want_test: bool) -> TextDataset:
+        keep = [i for i in range(len(data)) if test[i] == want_test]
+        return TextDataset([data.texts[i] for i in keep], [data.labels[i] for i in keep], data.label_names)
+
+    return subset(False), subset(True), data.label_names
+
+
+def split_validation(train, per_class: int):
+    """``(train, validation)``: the first ``per_class`` training examples of each class (in data order, which
+    the loaders have already shuffled with a fixed seed) become validation; the rest stay training data."""
+    from ..data.text import TextDataset
+
+    if per_class < 1:
+        raise ValueError(f"per_class_val must be >= 1 (the sweep and best-epoch selection need it), got {per_class}")
+    taken = [0] * len(train.label_names)
+    val, rest = [], []
+    for i, label in enumerate(train.labels):
+        (val if taken[label] < per_class else rest).append(i)
+        taken[label] += 1
+    short = [train.label_names[c] for c, n in enumerate(taken) if n <= per_class]
+    if short:
+        raise ValueError(f"classes {short} have at most {per_class} training examples; lower --per-class-val "
+                         "or raise --per-class-train")
+
+    def subset(keep: list[int]) -> TextDataset:
+        ids = [train.ids[i] for i in keep] if train.ids else []
+        return TextDataset([train.texts[i] for i in keep], [train.labels[i] for i in keep], train.label_names, ids)
+
+    return subset(rest), subset(val)
+
+
+class _Examples(torch.utils.data.Dataset):
+    """A ``TextDataset`` seen as a torch ``Dataset`` (``train``/``evaluate`` accept only those)."""
+
+    def __init__(self, data) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int):
+        return self.data[index]
+
+
+# -- one row's model --------------------------------------------------------------------------------
+def clora_available() -> bool:
+    """C-LoRA can run here: lorakit exports its config and its decay schedule."""
+    import lorakit
+
+    return hasattr(lorakit, "CLoRAConfig") and hasattr(lorakit, "DecaySchedule")
+
+
+def method_config(method: str, settings: dict):
+    """lorakit's config for ``method`` (None for full fine-tuning); the classifier head always trains."""
+    from .. import AdapterConfig, CLoRAConfig, LoRAConfig, PromptConfig
+
+    if method == "full":
+        return None
+    if method == "lora":
+        return LoRAConfig(rank=settings["rank"], alpha=2.0 * settings["rank"], targets=BERT_TARGETS["lora"],
+                          modules_to_save=HEAD)
+    if method == "adapter":
+        return AdapterConfig(bottleneck=settings["bottleneck"], targets=BERT_TARGETS["adapter"], modules_to_save=HEAD)
+    if method == "prompt":
+        return PromptConfig(num_tokens=settings["num_tokens"], init="vocab", modules_to_save=HEAD)
+    if method == "clora":
+        return CLoRAConfig(rank=settings["clora_rank"], alpha=2.0 * settings["clora_rank"],
+                           targets=BERT_TARGETS["clora"], modules_to_save=HEAD)
+    raise ValueError(f"unknown method {method!r}; known: full, lora, adapter, prompt, clora")
+
+
+def peft_config(method: str, settings: dict):
+    """PEFT's config with the same hyperparameters as :func:`method_config` (SEQ_CLS trains the classifier)."""
+    import peft
+
+    if method == "lora":
+        return peft.LoraConfig(task_type=peft.TaskType.SEQ_CLS, r=settings["rank"], lora_alpha=2.0 * settings["rank"],
+                               lora_dropout=0.0, target_modules=BERT_TARGETS["lora"])
+    if method == "prompt":
+        return peft.PromptTuningConfig(task_type=peft.TaskType.SEQ_CLS, num_virtual_tokens=settings["num_tokens"],
+                                       prompt_tuning_init=peft.PromptTuningInit.SAMPLE_VOCAB)
+    raise ValueError(f"PEFT has no {method!r} row here; PEFT rows: lora, prompt")
+
+
+def _base_model(settings: dict, seed: int):
+    from ..models.hf import load_hf_model
+
+    torch.manual_seed(seed)  # the new classifier head (and adapter inits) come from the global RNG
+    return load_hf_model(settings["model"], "sequence-classification", settings["num_labels"])
+
+
+def build(method: str, implementation: str, settings: dict, seed: int, *, same_start: bool = False):
+    """``(model, tokenizer)`` for one row: the pretrained model, a head seeded by ``seed``, the method applied.
+
+    ``same_start=True`` (lorakit LoRA and prompt rows only): the adapter starts from PEFT's initial weights
+    for this seed instead of lorakit's own initialisation (see the module docstring).
+    """
+    from .. import inject
+
+    if implementation == "adapters":
+        raise ValueError("AdapterHub's row runs in its own environment (peft_compare_adapterhub), not in this process")
+    model, tokenizer = _base_model(settings, seed)
+    if method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    elif implementation == "lorakit" and same_start and method in ("lora", "prompt"):
+        library, _ = build(method, "peft", settings, seed)
+        if method == "prompt":
+            inject(model, method_config(method, settings))
+        start_from_peft(model, library, method)
+    elif implementation == "lorakit":
+        inject(model, method_config(method, settings))
+    elif implementation == "peft":
+        import peft
+
+        model = peft.get_peft_model(model, peft_config(method, settings))
+    else:
+        raise ValueError(f"unknown implementation {implementation!r}; known: {', '.join(IMPLEMENTATIONS)}")
+    return model, tokenizer
+
+
+def start_from_peft(model, peft_model, method: str) -> None:
+    """Put PEFT's initial adapter (LoRA factors, or the prompt, plus the head) into lorakit's ``model``,
+    through the checkpoint format both understand: ``save_pretrained`` / ``save_adapter``, then ``load_adapter``.
+
+    LoRA: ``model`` is the plain base model; ``load_adapter`` injects LoRA from PEFT's files (its config names a
+    'score' head too, which BERT lacks, so only 'classifier' is wrapped). Prompt: ``model`` already has lorakit's
+    prompt injected; its checkpoint is written, PEFT's initial prompt put in it, and loaded back."""
+    from safetensors.torch import load_file, save_file
+
+    from .. import load_adapter, save_adapter
+
+    with tempfile.TemporaryDirectory() as folder:
+        if method == "lora":
+            peft_model.save_pretrained(folder)
+            load_adapter(model, folder)
+            return
+        if method != "prompt":
+            raise ValueError(f"same start is defined for lora and prompt, not {method!r}")
+        save_adapter(model, folder)  # lorakit's prompt layout, then PEFT's initial prompt put in it
+        weights = Path(folder) / "adapter_model.safetensors"
+        tensors = load_file(weights)
+        key = next(k for k in tensors if k.endswith("prompt_embeddings"))
+        initial = peft_model.get_prompt_embedding_to_save("default").detach()
+        if initial.shape != tensors[key].shape:
+            raise ValueError(f"PEFT's prompt has shape {tuple(initial.shape)}, lorakit's {tuple(tensors[key].shape)}")
+        tensors[key] = initial.to(tensors[key].dtype).contiguous()
+        save_file(tensors, weights, metadata={"format": "pt"})
+        load_adapter(model, folder)
+
+
+def checkpoint_bytes(model, method: str, implementation: str) -> int:
+    """Bytes on disk of what this row must store: the adapter (+ head), or the whole model for full fine-tuning."""
+    from .. import save_adapter
+    from .._io import save_tensors
+
+    with tempfile.TemporaryDirectory() as folder:
+        if method == "full":
+            save_tensors(Path(folder) / "model.safetensors", dict(model.state_dict()))
+        elif implementation == "lorakit":
+            save_adapter(model, folder)
+        else:
+            model.save_pretrained(folder)
+        return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
+
+
+def clora_step_hook(model, total_steps: int):
+    """C-LoRA's decay schedule advanced after every optimizer step (None when the method needs none)."""
+    from .. import DecaySchedule  # provided with C-LoRA
+
+    schedule = DecaySchedule(model, total_steps)
+
+    def advance(step: int) -> None:
+        schedule.step()
+
+    return advance
+
+
+def model_folder(settings: dict) -> str:
+    """The model's folder on disk (for a subprocess in another environment, which cannot resolve 'minilm')."""
+    from ..models.hf import MINILM_ALIASES, check_model_folder, minilm_path
+
+    name = str(settings["model"])
+    return str(check_model_folder(minilm_path() if name.lower() in MINILM_ALIASES else name).resolve())
