@@ -105,25 +105,29 @@ def test_fast_path_predicate_refuses_every_other_case():
     torch.manual_seed(0)
     linear, x = nn.Linear(4, 3), torch.randn(2, 4)
     a, b = torch.randn(2, 4), torch.randn(3, 2)
-    assert fused_path_applies(linear, x, a, b, dropout_active=False)
-    assert not fused_path_applies(linear, x, a, b, dropout_active=True)
-    assert not fused_path_applies(FakeQuantLinear(4, 3), x, a, b, dropout_active=False)
-    assert not fused_path_applies(linear, x.bfloat16(), a, b, dropout_active=False), "dtypes differ"
-    assert not fused_path_applies(linear, x, a.double(), b.double(), dropout_active=False)
+
+    def applies(base=linear, x=x, a=a, b=b, dropout_active=False):
+        return fused_path_applies(base, x, base.weight, base.bias, a, b, dropout_active)
+
+    assert applies()
+    assert not applies(dropout_active=True)
+    assert not applies(base=FakeQuantLinear(4, 3))
+    assert not applies(x=x.bfloat16()), "dtypes differ"
+    assert not applies(a=a.double(), b=b.double())
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not fused_path_applies(linear, x, a, b, dropout_active=False)
+        assert not applies()
     for register in (nn.modules.module.register_module_forward_hook,
                      nn.modules.module.register_module_forward_pre_hook):
         handle = register(lambda *args: None)
-        assert not fused_path_applies(linear, x, a, b, dropout_active=False), register.__name__
+        assert not applies(), register.__name__
         handle.remove()
     handle = linear.register_forward_pre_hook(lambda *args: None)
-    assert not fused_path_applies(linear, x, a, b, dropout_active=False)
+    assert not applies()
     handle.remove()
     handle = linear.register_full_backward_hook(lambda *args: None)
-    assert not fused_path_applies(linear, x, a, b, dropout_active=False)
+    assert not applies()
     handle.remove()
-    assert fused_path_applies(linear, x, a, b, dropout_active=False)
+    assert applies()
 
 
 def test_parametrize_refuses_dropout():

@@ -229,6 +229,24 @@ def test_clora_and_bottleneck_under_autocast(method):
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_clora_on_bf16_compresses_to_a_bf16_model(kind):
+    torch.manual_seed(0)
+    first = nn.Linear(8, 6) if kind == "linear" else nn.Conv2d(3, 6, 3, padding=1)
+    model = nn.Sequential(first, nn.ReLU()).to(torch.bfloat16)
+    lk.inject(model, lk.CLoRAConfig(rank=2, targets=["0"]))
+    assert model[0].lora_A["default"].weight.dtype == torch.float32
+    with torch.no_grad():
+        model[0].lora_B["default"].weight.normal_()
+    model[0].set_decay(0.0)
+    x = torch.randn(3, 8) if kind == "linear" else torch.randn(2, 3, 5, 5)
+    x = x.to(torch.bfloat16)
+    before = model.eval()(x)
+    lk.compress(model)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    torch.testing.assert_close(model(x), before, atol=3e-2, rtol=3e-2)
+
+
 def test_fp32_factors_on_bf16_base_all_move_at_small_lr():
     """The issue: bf16 factors on a bf16 base kept ~92 % of A unchanged after 20 AdamW steps at lr 1e-5."""
     torch.manual_seed(0)

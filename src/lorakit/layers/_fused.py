@@ -50,6 +50,12 @@ class FusedLoRALinear(torch.autograd.Function):
         return grad_x, grad_w, grad_bias, grad_a, grad_b, None
 
 
+_PLAIN_TENSOR_TYPES = (torch.Tensor, nn.Parameter)
+# The global hook registries are module-level dicts that torch mutates in place: a reference stays current.
+_GLOBAL_HOOKS = tuple(getattr(_module, name, {}) for name in (
+    "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks"))
+
+
 def _is_exact_hf_conv1d(module: nn.Module) -> bool:
     cls = type(module)
     return cls.__name__ == "Conv1D" and cls.__module__ == "transformers.pytorch_utils"
@@ -57,10 +63,8 @@ def _is_exact_hf_conv1d(module: nn.Module) -> bool:
 
 def _has_hooks(module: nn.Module) -> bool:
     """Any forward/backward hook on ``module`` itself or registered globally for every module."""
-    local = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
-    global_ = (getattr(_module, name, None) for name in ("_global_forward_hooks", "_global_forward_pre_hooks",
-                                                         "_global_backward_hooks", "_global_backward_pre_hooks"))
-    return any(local) or any(global_)
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or any(_GLOBAL_HOOKS))
 
 
 def _autocast_enabled(device_type: str) -> bool:
@@ -70,30 +74,29 @@ def _autocast_enabled(device_type: str) -> bool:
         return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
 
 
-def _plain(t: torch.Tensor | None) -> bool:
-    """A dense tensor of no subclass (not a DTensor, float8 or quantised wrapper tensor)."""
-    return t is None or type(t) in (torch.Tensor, nn.Parameter)
-
-
-def fused_path_applies(base: nn.Module, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                       dropout_active: bool) -> bool:
+def fused_path_applies(base: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       lora_a: torch.Tensor, lora_b: torch.Tensor, dropout_active: bool) -> bool:
     """Whether ``FusedLoRALinear`` computes exactly ``base(x) + s B (A dropout(x))``, so ``base`` may be skipped.
 
-    All of these must hold, else the wrapper calls ``base(x)``:
+    ``weight`` and ``bias`` are ``base.weight`` and ``base.bias`` (read once by the caller). All of these must
+    hold, else the wrapper calls ``base(x)``:
     - ``base`` is exactly ``nn.Linear`` or Hugging Face's ``Conv1D`` (no subclass with its own forward, no
       parametrization), so its forward is ``x W^T + b`` and nothing else;
     - no forward/backward hook on it and no global module hook (they would never fire);
     - autocast is off (the fused products would run in the inputs' dtypes, not autocast's);
     - ``x``, W, b, A and B share one dtype, and none is a tensor subclass (DTensor shards must be gathered by
-      the base layer's own forward);
+      the base layer's own forward; float8 and quantised tensors have their own matmuls);
     - no dropout is active (the fused backward assumes the same ``x`` on both branches).
+    Written for speed (it runs in every forward): plain attribute reads and identity comparisons only.
     """
-    if type(base) is not nn.Linear and not _is_exact_hf_conv1d(base):
+    if dropout_active or (type(base) is not nn.Linear and not _is_exact_hf_conv1d(base)) or _has_hooks(base):
         return False
-    if dropout_active or _has_hooks(base) or _autocast_enabled(x.device.type):
+    dtype = x.dtype
+    if not (weight.dtype is dtype and lora_a.dtype is dtype and lora_b.dtype is dtype
+            and (bias is None or bias.dtype is dtype)):
         return False
-    weight, bias = base.weight, base.bias
-    if not all(_plain(t) for t in (x, weight, bias, lora_a, lora_b)):
+    if not (type(x) in _PLAIN_TENSOR_TYPES and type(weight) in _PLAIN_TENSOR_TYPES
+            and type(lora_a) in _PLAIN_TENSOR_TYPES and type(lora_b) in _PLAIN_TENSOR_TYPES
+            and (bias is None or type(bias) in _PLAIN_TENSOR_TYPES)):
         return False
-    dtypes = {x.dtype, weight.dtype, lora_a.dtype, lora_b.dtype} | ({bias.dtype} if bias is not None else set())
-    return len(dtypes) == 1
+    return not _autocast_enabled(x.device.type)

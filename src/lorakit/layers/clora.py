@@ -253,10 +253,16 @@ class CLoRALayer(nn.Module):
         return out
 
     def to_low_rank(self) -> nn.Module:
-        """The compressed layer ``B' A x + C`` with ``B' = s B`` (what this layer computes at d = 0)."""
+        """The compressed layer ``B' A x + C`` with ``B' = s B`` (what this layer computes at d = 0).
+
+        It takes the base layer's dtype (a bf16 model compresses to a bf16 model), whatever the factors' dtype.
+        """
         name = self.active_adapter
-        a, b = self.lora_A[name].weight.detach(), self.lora_B[name].weight.detach() * self.configs[name].scale
-        c = self.lora_C[name].detach() if name in self.lora_C else None
+        weight = self.base_layer.weight
+        dtype = weight.dtype if weight.is_floating_point() else self.lora_A[name].weight.dtype
+        a = self.lora_A[name].weight.detach().to(dtype)
+        b = (self.lora_B[name].weight.detach() * self.configs[name].scale).to(dtype)  # scaled in the factors' dtype
+        c = self.lora_C[name].detach().to(dtype) if name in self.lora_C else None
         if self.is_conv:
             return LowRankConv2d.from_factors(self.base_layer, a, b.flatten(1), c)
         return LowRankLinear.from_factors(a, b, c)

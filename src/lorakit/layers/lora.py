@@ -237,10 +237,11 @@ class LoRALinear(LoRAWrapper):
         if not self._uses_adapter():
             out = self.base_layer(x)
         else:
-            name = self.active_adapter
+            name, base = self.active_adapter, self.base_layer
             a, b, s = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
-            if fused_path_applies(self.base_layer, x, a, b, self._dropout_active(name)):
-                out = FusedLoRALinear.apply(x, self._weight(), self.base_layer.bias, a, b, s)
+            weight, bias = base.weight, base.bias
+            if fused_path_applies(base, x, weight, bias, a, b, self._dropout_active(name)):
+                out = FusedLoRALinear.apply(x, weight.t() if self.fan_in_fan_out else weight, bias, a, b, s)
             else:
                 out = self.base_layer(x)
                 low = F.linear(F.linear(self.lora_dropout[name](x.to(a.dtype)), a), b)  # (..., r) -> (..., out)
