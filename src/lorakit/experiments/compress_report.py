@@ -1,0 +1,169 @@
+"""Reading a compression table (rows of :mod:`.compress_cells`): summaries per method and rank, the markdown
+table, the targets against dense, C-LoRA against SVD + fine-tune seed by seed, and the accuracy-vs-ratio figure."""
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from matplotlib.figure import Figure
+
+from .. import report
+from .compress_cells import BASELINES, CLORA_VARIANTS
+
+FINETUNED = ("svd+finetune", "asvd+finetune")
+# Optional row fields summarised when every row of a group has them: field -> how seeds are combined.
+EXTRA_FIELDS = {"model_ratio": statistics.fmean, "inference_ratio": statistics.median}
+
+
+def method_name(row: dict) -> str:
+    return row["variant"] if row["init"] is None else f"{row['variant']} ({row['init']})"
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Mean and std of accuracy (and mean ratios) per (method, rank), over the seeds present."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((method_name(row), row["variant"], row["init"], row["rank"]), []).append(row)
+    summary = []
+    for (method, variant, init, rank), group in groups.items():
+        accuracies = [r["accuracy"] for r in group]
+        entry = {"method": method, "variant": variant, "init": init, "rank": rank, "n": len(group),
+                 "accuracy_mean": statistics.fmean(accuracies),
+                 "accuracy_std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
+                 "compression_ratio": statistics.fmean(r["compression_ratio"] for r in group),
+                 "file_ratio": statistics.fmean(r["file_ratio"] for r in group),
+                 "train_seconds": statistics.fmean(r["train_seconds"] for r in group)}
+        for name, combine in EXTRA_FIELDS.items():
+            if all(r.get(name) is not None for r in group):
+                entry[name] = combine(r[name] for r in group)
+        summary.append(entry)
+    return summary
+
+
+def summary_table(summary: list[dict], seed_value: Optional[Callable[[dict], Optional[float]]] = None,
+                  columns: Sequence[tuple[str, Callable[[dict], object]]] = ()) -> str:
+    """One line per (rank, method), best first within a rank: ratio and file size in % of dense, accuracy mean ±
+    std; ``columns`` add (header, value of a summary entry) after the file size, ``seed_value`` the seed's number."""
+    headers = ["rank", "method", "n", "ratio %", "file %", *[h for h, _ in columns], "accuracy %"]
+    headers += ["seed's %"] if seed_value else []
+    body = []
+    for s in sorted(summary, key=lambda s: (s["rank"] or 0, -s["accuracy_mean"])):
+        line = [s["rank"] or "—", s["method"], s["n"], round(100 * s["compression_ratio"], 2),
+                round(100 * s["file_ratio"], 2), *[value(s) for _, value in columns],
+                f"{s['accuracy_mean']:.2f} ± {s['accuracy_std']:.2f}"]
+        body.append(line + ([seed_value(s)] if seed_value else []) + [round(s["train_seconds"], 1)])
+    return report.markdown_table(headers + ["train s"], body)
+
+
+def gap_targets(summary: list[dict], limits: Sequence[tuple[float, float]]) -> list[str]:
+    """For each (ratio limit, allowed gap in pp): is the best C-LoRA method at that ratio or below within the
+    gap of dense? One markdown bullet each."""
+    dense = [s for s in summary if s["variant"] == "dense"]
+    if not dense:
+        return ["- no dense row: the targets against dense cannot be checked"]
+    reference = dense[0]
+    lines = []
+    for limit, allowed in limits:
+        fits = [s for s in summary if s["variant"] in CLORA_VARIANTS and s["compression_ratio"] <= limit]
+        if not fits:
+            lines.append(f"- C-LoRA at a ratio of {100 * limit:g} % or less: no such cell in this run")
+            continue
+        best = max(fits, key=lambda s: s["accuracy_mean"])
+        gap = reference["accuracy_mean"] - best["accuracy_mean"]
+        lines.append(f"- best C-LoRA at a ratio of {100 * limit:g} % or less: {best['method']}, rank {best['rank']} "
+                     f"({100 * best['compression_ratio']:.1f} %), {best['accuracy_mean']:.2f} ± {best['accuracy_std']:.2f} % "
+                     f"against dense {reference['accuracy_mean']:.2f} ± {reference['accuracy_std']:.2f} %: gap "
+                     f"{gap:+.2f} pp (target <= {allowed:g} pp): **{'met' if gap <= allowed else 'not met'}**")
+    return lines
+
+
+def clora_vs_svd(rows: list[dict]) -> list[str]:
+    """Per rank: the best C-LoRA method against the best SVD + fine-tune method (by mean accuracy), and their
+    accuracy difference seed by seed (same dense model, same training steps). One markdown bullet per rank."""
+    lines = []
+    for rank in sorted({r["rank"] for r in rows if r["rank"] is not None}):
+        clora = _by_method([r for r in rows if r["rank"] == rank and r["variant"] in CLORA_VARIANTS])
+        tuned = _by_method([r for r in rows if r["rank"] == rank and r["variant"] in FINETUNED])
+        if not clora or not tuned:
+            continue
+        best_c = max(clora, key=lambda m: statistics.fmean(clora[m].values()))
+        best_s = max(tuned, key=lambda m: statistics.fmean(tuned[m].values()))
+        seeds = sorted(set(clora[best_c]) & set(tuned[best_s]))
+        if not seeds:
+            continue
+        diffs = [clora[best_c][s] - tuned[best_s][s] for s in seeds]
+        if len(seeds) < 2:
+            verdict = "one seed only: no verdict"
+        elif all(d > 0 for d in diffs):
+            verdict = "C-LoRA is better on every seed"
+        elif all(d < 0 for d in diffs):
+            verdict = "SVD + fine-tune is better on every seed"
+        else:
+            verdict = "no consistent difference (the seeds disagree)"
+        lines.append(f"- rank {rank}: {best_c} {_mean_std(clora[best_c])} vs {best_s} {_mean_std(tuned[best_s])}; "
+                     f"C-LoRA minus SVD per seed {', '.join(f'{d:+.2f}' for d in diffs)} pp (mean "
+                     f"{statistics.fmean(diffs):+.2f}, n = {len(seeds)}): **{verdict}**")
+    return lines
+
+
+def merged_runs(made_by: list[dict]) -> list[str]:
+    """The report's section naming the runs whose rows were merged into this table (none: no lines)."""
+    if not made_by:
+        return []
+    return ["## Runs merged into this table", "",
+            "Seeds and methods ran in separate processes (same protocol), then merged with `--report-only --merge`:",
+            "", *[f"- `{m['command']}` -> {m['rows']} rows, {m['wall_seconds'] / 60:.1f} min" for m in made_by], ""]
+
+
+def _by_method(rows: list[dict]) -> dict[str, dict[int, float]]:
+    """{method: {seed: accuracy}}."""
+    table: dict[str, dict[int, float]] = {}
+    for r in rows:
+        table.setdefault(method_name(r), {})[r["seed"]] = r["accuracy"]
+    return table
+
+
+def _mean_std(by_seed: dict[int, float]) -> str:
+    values = list(by_seed.values())
+    return f"{statistics.fmean(values):.2f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.2f} %"
+
+
+def plot_accuracy_vs_ratio(path: Path, summary: list[dict], *, title: str, low: float, high: Optional[float] = None,
+                           xticks: Sequence[float] = (), seed_points: Sequence[tuple[str, list, list, str]] = (),
+                           seed_dense: Optional[float] = None,
+                           xlabel: str = "compression ratio (% of the dense parameters)") -> None:
+    """Accuracy vs ratio (log x), one line per method (solid: svd init, dashed: random init, dotted: SVD
+    baselines), error bars = std over seeds; y from ``low`` (points below are named in the legend) to ``high``.
+    ``seed_points``: (label, ratios %, accuracies, marker) drawn in black; ``seed_dense`` a black dotted line."""
+    fig = Figure(figsize=(10, 5.5))
+    ax = fig.add_subplot()
+    colours = {v: f"C{i}" for i, v in enumerate([*CLORA_VARIANTS, *BASELINES])}
+    for method in sorted({s["method"] for s in summary if s["variant"] != "dense"}):
+        points = sorted((s for s in summary if s["method"] == method), key=lambda s: s["compression_ratio"])
+        variant, init = points[0]["variant"], points[0]["init"]
+        xs, ys = [100 * s["compression_ratio"] for s in points], [s["accuracy_mean"] for s in points]
+        below = [f"{y:.1f} % at r={s['rank']}" for s, y in zip(points, ys) if y < low]
+        style = "-" if init == "svd" else "--" if init == "random" else ":"
+        ax.errorbar(xs, ys, yerr=[s["accuracy_std"] for s in points], color=colours[variant], linestyle=style,
+                    marker="o", capsize=2, label=method + (f" (below: {', '.join(below)})" if below else ""))
+    for label, xs, ys, marker in seed_points:
+        ax.scatter(xs, ys, marker=marker, color="black", facecolors="none" if marker != "x" else None, s=50,
+                   zorder=3, label=label)
+    dense = [s for s in summary if s["variant"] == "dense"]
+    if dense:
+        ax.axhline(dense[0]["accuracy_mean"], color="grey", linestyle="-.",
+                   label=f"dense, ours ({dense[0]['accuracy_mean']:.2f} %)")
+    if seed_dense is not None:
+        ax.axhline(seed_dense, color="black", linestyle=(0, (1, 3)), label=f"dense, seed ({seed_dense} %)")
+    ax.set_ylim(low, high)
+    ax.set_xscale("log")
+    ax.minorticks_off()
+    if xticks:
+        ax.set_xticks(list(xticks), [f"{t:g}" for t in xticks])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test accuracy (%), mean ± std over seeds")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    report.save_figure(fig, path)
