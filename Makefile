@@ -37,5 +37,18 @@ reference: install
 bench: install
 	$(BIN)/python benchmarks/lora_step.py
 
+# AdapterHub's `adapters` pins transformers 4.57, so peft-compare runs its row in this separate environment.
+# torch==2.13.0 first (the CPU wheel), then adapters. The installer's output goes to .venv-adapters.log, which
+# the peft-compare report quotes when the environment could not be made.
+.PHONY: adapters-env
+adapters-env: .venv-adapters/.installed
+
+.venv-adapters/.installed:
+	rm -rf .venv-adapters
+	( $(PYTHON) -m venv .venv-adapters && .venv-adapters/bin/python -m pip install torch==2.13.0 \
+	  && .venv-adapters/bin/python -m pip install adapters ) > .venv-adapters.log 2>&1 \
+	  || { rm -rf .venv-adapters; tail -n 15 .venv-adapters.log; exit 1; }
+	touch $@
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache

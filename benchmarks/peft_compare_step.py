@@ -1,53 +1,84 @@
-"""Training-step time of lorakit's LoRA, adapter and soft prompt beside PEFT's LoRA and prompt tuning on MiniLM.
+"""Training-step time of every peft-compare row on MiniLM, interleaved, against lorakit's LoRA.
 
-Each row is the model ``lorakit run peft-compare`` trains (same targets, ranks, heads). All rows are built
-once, then timed in interleaved rounds whose order rotates; a row's number is the median over rounds of its
-step time divided by lorakit-LoRA's in the same round (forward, backward, AdamW step on one fixed batch of
-WordNet glosses). Writes its section of benchmarks/RESULTS.md.
+Each row is the model ``lorakit run peft-compare`` trains (same targets, ranks, heads): full fine-tuning, LoRA,
+bottleneck adapter, soft prompt and C-LoRA from lorakit; LoRA and prompt tuning from PEFT; AdapterHub's bottleneck
+adapter in its own environment (``make adapters-env``; left out, saying why, when it is missing). All rows are
+built once, then timed in interleaved rounds whose order rotates; a row's number is the median over rounds of its
+step time over lorakit-LoRA's in the same round, with the quartiles and the range (forward, backward, AdamW on
+one fixed batch of WordNet glosses, fixed threads). Writes its section of benchmarks/RESULTS.md.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/peft_compare_step.py
+    .venv/bin/python benchmarks/peft_compare_step.py --threads 2 --rounds 15
 """
 from __future__ import annotations
 
+import argparse
 import os
+import tempfile
+from pathlib import Path
 
 import torch
 
 from _common import machine, write_section
 from lorakit.data.text import encode, load_wordnet_supersense
-from lorakit.experiments.peft_compare import build, step_time_ratios
+from lorakit.experiments import peft_compare_adapterhub as adapterhub
+from lorakit.experiments.peft_compare import build, clora_available, step_time_ratios
 
-ROWS = [("lora", "lorakit"), ("lora", "peft"), ("adapter", "lorakit"), ("prompt", "lorakit"), ("prompt", "peft")]
+ROWS = [("full", "lorakit"), ("lora", "lorakit"), ("lora", "peft"), ("adapter", "lorakit"), ("prompt", "lorakit"),
+        ("prompt", "peft"), ("clora", "lorakit")]
 SETTINGS = {"model": "minilm", "num_labels": 6, "max_length": 48, "rank": 8, "bottleneck": 8, "num_tokens": 10,
             "clora_rank": 16}
-CASES = [(16, 10, 2), (64, 6, 1)]  # (batch size, rounds, steps per row per round)
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds (the median is over these)")
+    parser.add_argument("--steps", type=int, default=2, help="training steps per row per round")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--adapters-env", default=str(Path(__file__).resolve().parents[1] / ".venv-adapters"))
+    args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    train, _, _ = load_wordnet_supersense(per_class_train=150, per_class_test=50)
+    torch.set_num_threads(args.threads)
+    train, _, _ = load_wordnet_supersense(per_class_train=200, per_class_test=200)
     _, tokenizer = build("full", "lorakit", SETTINGS, 0)
-    table = {}
-    for batch_size, rounds, steps in CASES:
-        texts, labels = zip(*[train[i] for i in range(batch_size)])
-        batch = encode(tokenizer, texts, SETTINGS["max_length"])
-        batch["labels"] = torch.tensor(labels)
-        table[batch_size] = step_time_ratios(ROWS, SETTINGS, batch, rounds, steps, seed=0)
-        print(batch_size, {f"{m}/{i}": round(v["step_time_ratio"], 3) for (m, i), v in table[batch_size].items()})
-    header = "| row | " + " | ".join(f"batch {b}" for b, _, _ in CASES) + " |"
-    lines = [header, "|---|" + "---:|" * len(CASES)]
-    for key in ROWS:
-        lines.append(f"| {key[0]} ({key[1]}) | " + " | ".join(f"{table[b][key]['step_time_ratio']:.3f}" for b, _, _ in CASES) + " |")
-    peft_over_ours = " / ".join(f"{1 / table[b][('lora', 'peft')]['step_time_ratio']:.3f} at batch {b}" for b, _, _ in CASES)
+    texts, labels = zip(*[train[i] for i in range(args.batch_size)])
+    batch = encode(tokenizer, texts, SETTINGS["max_length"])
+    batch["labels"] = torch.tensor(labels)
+    rows = [r for r in ROWS if r[0] != "clora" or clora_available()]
+    env = adapterhub.find_env(args.adapters_env)
+    with tempfile.TemporaryDirectory() as folder:
+        external, server = {}, None
+        if env.ready:
+            head = adapterhub.save_initial_head(SETTINGS, 0, Path(folder) / "head.safetensors")
+            common = adapterhub.common_job(SETTINGS, tokenizer, args.threads, 0, head)
+            server = adapterhub.StepServer(env, adapterhub.batch_job(common, tokenizer, texts, labels, 48), Path(folder))
+            external[("adapter", "adapters")] = server
+        try:
+            table = step_time_ratios(rows, SETTINGS, batch, args.rounds, args.steps, seed=0, external=external)
+        finally:
+            if server is not None:
+                server.close()
+    lines = ["| row | step time / lorakit-LoRA (median) | quartiles | range over rounds | s/step (median) |",
+             "|---|---:|---|---|---:|"]
+    for (method, implementation), t in table.items():
+        lines.append(f"| {method} ({implementation}) | {t['step_time_ratio']:.3f} | {t['step_time_ratio_q1']:.3f}-"
+                     f"{t['step_time_ratio_q3']:.3f} | {t['step_time_ratio_min']:.3f}-{t['step_time_ratio_max']:.3f} | "
+                     f"{t['step_seconds_median']:.3f} |")
+        print(lines[-1])
+    peft = table[("lora", "peft")]
+    missing = [] if env.ready else [f"AdapterHub's row is missing: {env.reason.splitlines()[0]}"]
     write_section("peft_compare", "\n".join([
-        "## MiniLM training step, lorakit beside PEFT (`benchmarks/peft_compare_step.py`)",
+        "## MiniLM training step, every peft-compare row (`benchmarks/peft_compare_step.py`)",
         "",
-        "Step time / lorakit-LoRA's in the same round (median over rotating interleaved rounds; forward, backward, "
-        f"AdamW; max length 48, WordNet glosses). Machine: {machine()}.",
+        f"Step time / lorakit-LoRA's in the same round: median over {args.rounds} rotating interleaved rounds of "
+        f"{args.steps} steps, quartiles and range; forward, backward, AdamW; batch {args.batch_size}, max length 48, "
+        f"WordNet glosses; {args.threads} threads. Machine: {machine()}.",
         "",
         *lines,
         "",
-        f"Target: lorakit-LoRA / PEFT-LoRA <= 1.0; measured {peft_over_ours}.",
+        f"lorakit-LoRA / PEFT-LoRA = {1 / peft['step_time_ratio']:.3f} (median; over rounds "
+        f"{1 / peft['step_time_ratio_max']:.3f}-{1 / peft['step_time_ratio_min']:.3f}); target <= 1.0.",
+        *missing,
     ]))
 
 

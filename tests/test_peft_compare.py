@@ -60,17 +60,30 @@ def _argv(model, data, out, *extra):
 def smoke_run(tiny_model_folder, tiny_text_file, tmp_path_factory):
     """One run of the whole command, AdapterHub's environment pointed at a folder that does not exist."""
     from lorakit.cli import main
+    from lorakit.experiments import peft_compare_cells
 
     root = tmp_path_factory.mktemp("run")
     (root / "no-env.log").write_text("Collecting adapters\nERROR: No matching distribution found for adapters\n")
     out = root / "out"
     argv = _argv(tiny_model_folder, tiny_text_file, out, "--adapters-env", str(root / "no-env"))
-    assert main(argv) == 0
-    return out, argv
+    trained, run_row = [], peft_compare_cells.run_row
+
+    def counting(method, implementation, settings, train, test, cfg, seed, **kwargs):
+        trained.append((method, implementation, seed, cfg.lr))
+        return run_row(method, implementation, settings, train, test, cfg, seed, **kwargs)
+
+    peft_compare_cells.run_row = counting
+    try:
+        assert main(argv) == 0
+    finally:
+        peft_compare_cells.run_row = run_row
+    return out, argv, trained
 
 
 def test_one_command_makes_every_row_with_its_evidence(smoke_run):
-    out, _ = smoke_run
+    out, _, trained = smoke_run
+    # Each cell trains once: the sweep's cell of the chosen rate at the first seed is that row's seed-0 cell.
+    assert len(trained) == len(set(trained)) == 6 + 9  # sweep: 1+2+1+1+1 rates; then 7 rows x 2 seeds - 5 reused
     results = json.loads((out / "results.json").read_text())
     assert results["seeds"] == [0, 1] and results["classes"] == ["0", "1"]
     assert results["test_size"] == 16 and results["train_size"] == 48 - 8
@@ -103,7 +116,7 @@ def test_one_command_makes_every_row_with_its_evidence(smoke_run):
 
 def test_same_start_gives_peft_losses_to_1e6(smoke_run):
     # The equivalence check of the run: lorakit from PEFT's initial adapter, same data order and dropout masks.
-    out, _ = smoke_run
+    out, _, _ = smoke_run
     results = json.loads((out / "results.json").read_text())
     for entry in results["equivalence"]:
         assert entry["steps"] == results["steps"] and entry["seeds"] == [0, 1]
@@ -113,7 +126,7 @@ def test_same_start_gives_peft_losses_to_1e6(smoke_run):
     assert lorakit["start"] == "PEFT's initial weights"
 
 
-def test_own_init_is_not_peft_start(tiny_model_folder):
+def test_same_start_copies_peft_initial_adapter(tiny_model_folder):
     import torch
 
     from lorakit.experiments.peft_compare import build
@@ -123,24 +136,25 @@ def test_own_init_is_not_peft_start(tiny_model_folder):
         peft_model, _ = build(method, "peft", settings, seed=5)
         same, _ = build(method, "lorakit", settings, seed=5, same_start=True)
         own, _ = build(method, "lorakit", settings, seed=5)
-        ref = {k.split(".default")[0].replace(".modules_to_save", ""): v for k, v in peft_model.state_dict().items()}
         if method == "lora":
-            key = "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A"
-            mine = dict(same.named_parameters())["bert.encoder.layer.0.attention.self.query.lora_A.default.weight"]
-            theirs = dict(peft_model.named_parameters())[key + ".default.weight"]
+            name = "bert.encoder.layer.0.attention.self.query.lora_A.default.weight"
+            theirs = dict(peft_model.named_parameters())["base_model.model." + name]
+            mine, others = dict(same.named_parameters())[name], dict(own.named_parameters())[name]
         else:
-            mine = same.lorakit_prompt.prompts["default"]
             theirs = peft_model.get_prompt_embedding_to_save("default")
-            assert not torch.equal(own.lorakit_prompt.prompts["default"], theirs)
+            mine, others = same.lorakit_prompt.prompts["default"], own.lorakit_prompt.prompts["default"]
         assert torch.equal(mine, theirs), method
-        assert ref  # PEFT's model was built
+        if method == "prompt":  # lorakit draws other vocabulary rows: without the copy the starts differ
+            assert not torch.equal(others, theirs)
+        # (lorakit's own LoRA init draws the same Kaiming-uniform A as PEFT from the same RNG state; the copy
+        # makes that a guarantee instead of a coincidence of draw order)
 
 
 def test_resume_trains_nothing(smoke_run, monkeypatch):
     from lorakit.cli import main
     from lorakit.experiments import peft_compare_cells
 
-    out, argv = smoke_run
+    out, argv, _ = smoke_run
     before = json.loads((out / "results.json").read_text())
 
     def no_training(*args, **kwargs):
@@ -156,14 +170,14 @@ def test_resume_trains_nothing(smoke_run, monkeypatch):
 def test_rerun_without_resume_is_refused(smoke_run):
     from lorakit.cli import main
 
-    out, argv = smoke_run
+    out, argv, _ = smoke_run
     assert main(argv) == 1  # "already holds finished cells; pass --resume"
 
 
 def test_resume_with_other_settings_is_refused(smoke_run, capsys):
     from lorakit.cli import main
 
-    out, argv = smoke_run
+    out, argv, _ = smoke_run
     argv = list(argv)
     argv[argv.index("--max-length") + 1] = "10"
     assert main(argv + ["--resume"]) == 1
@@ -171,7 +185,7 @@ def test_resume_with_other_settings_is_refused(smoke_run, capsys):
 
 
 def test_adapterhub_env_missing_is_reported_not_invented(smoke_run):
-    out, _ = smoke_run
+    out, _, _ = smoke_run
     results = json.loads((out / "results.json").read_text())
     assert not [r for r in results["rows"] if r["implementation"] == "adapters"]
     assert [(m["method"], m["implementation"]) for m in results["missing_rows"]] == [("adapter", "adapters")]

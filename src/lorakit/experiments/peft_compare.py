@@ -41,8 +41,8 @@ from .peft_compare_stats import mean_std, paired_difference
 DESCRIPTION = ("full fine-tuning, LoRA, bottleneck adapters and soft prompts (+ C-LoRA) on a pretrained transformer, "
                "lorakit beside PEFT and AdapterHub: accuracy over seeds, equivalence, step time, memory")
 METHODS = ("full", "lora", "adapter", "prompt", "clora")
-LR_GRIDS = {"full": "3e-5,1e-4,3e-4", "lora": "5e-4,1e-3,2e-3", "adapter": "5e-4,1e-3,2e-3",
-            "prompt": "3e-3,1e-2,3e-2", "clora": "5e-4,1e-3,2e-3"}
+LR_GRIDS = {"full": "3e-5,1e-4,3e-4", "lora": "1e-3,3e-3,1e-2", "adapter": "1e-3,3e-3,1e-2",
+            "prompt": "1e-2,3e-2,1e-1", "clora": "1e-3,3e-3,1e-2"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -177,6 +177,9 @@ def main(args: argparse.Namespace) -> int:
         # Best validation accuracy; ties go to the higher mean over all validations, then to the first in the grid.
         best = max(records, key=lambda r: (r["best_val_accuracy"], sum(r["val_accuracies"]) / len(r["val_accuracies"])))
         chosen[method] = best["lr"]
+        if len(records) > 1 and best["lr"] in (min(lrs[method]), max(lrs[method])):
+            notes.append(f"The sweep chose {method}'s learning rate {best['lr']:g} at the edge of its grid "
+                         f"{lrs[method]}; a wider grid might find a better one.")
         sweep += [{"method": method, "lr": r["lr"], "seed": seeds[0], "best_val_accuracy": r["best_val_accuracy"],
                    "best_step": r["best_step"], "chosen": r is best} for r in records]
 

@@ -93,7 +93,7 @@ def static_row(method, implementation, settings, seed) -> dict:
 
 
 def run_cell(method: str, implementation: str, seed: int, lr: float, *, context: dict) -> dict:
-    """Train (or, with ``resume``, read back) one cell. ``context``: settings, data (train, validation, test),
+    """Train (or, if this run or, with ``resume``, an earlier one finished it, read back) one cell. ``context``: settings, data (train, validation, test),
     train_config(lr, seed) -> TrainConfig, cells folder, resume, state_every, run_config (recorded), and for
     AdapterHub's rows ``adapterhub`` (a callable that runs the cell there)."""
     from .._io import write_json
@@ -103,9 +103,13 @@ def run_cell(method: str, implementation: str, seed: int, lr: float, *, context:
     path = folder / f"{key}.json"
     cfg = context["train_config"](lr, seed)
     expected = {"settings": context["settings"], "train_config": _asdict(cfg)}
+    done = context.setdefault("done", {})  # cells finished in this run (the sweep's seed is also a row's seed)
+    if key in done:
+        return done[key]
     if context["resume"]:
         record = load_cell(path, expected)
         if record is not None:
+            done[key] = record
             return record
     folder.mkdir(parents=True, exist_ok=True)
     train_data, validation, test = context["data"]
@@ -124,9 +128,10 @@ def run_cell(method: str, implementation: str, seed: int, lr: float, *, context:
               **expected, "run_config": context["run_config"], "threads": torch.get_num_threads(),
               "git_commit": git_commit()}
     write_json(path, record)
+    done[key] = json.loads(path.read_text())  # as a resumed run reads it back, so both give the same results
     print(f"[peft-compare]   test {record['accuracy']:.2f} %, best validation {record['best_val_accuracy']} "
           f"at step {record['best_step']}, {record['train_seconds']:.0f} s", flush=True)
-    return record
+    return done[key]
 
 
 def _asdict(cfg) -> dict:

@@ -1,0 +1,73 @@
+"""peft-compare's statistics: t quantiles against known values and an independent fp64 integration, the paired
+interval against a hand computation, and verdicts that refuse to decide when the interval does not allow it."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from lorakit.experiments.peft_compare_stats import (at_least_verdict, mean_std, paired_difference, parity_verdict,
+                                                    t_quantile_975)
+
+
+def t_cdf(x: float, df: int, pieces: int = 4000) -> float:
+    """P(T <= x) for x >= 0: 1/2 + the integral of Student's t density over [0, x] (Simpson's rule, fp64)."""
+    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+
+    def density(t: float) -> float:
+        return math.exp(log_c - (df + 1) / 2 * math.log1p(t * t / df))
+
+    h = x / pieces
+    total = density(0) + density(x) + sum((4 if i % 2 else 2) * density(i * h) for i in range(1, pieces))
+    return 0.5 + total * h / 3
+
+
+@pytest.mark.parametrize("df, known", [(1, 12.706), (2, 4.303), (3, 3.182), (4, 2.776), (9, 2.262), (19, 2.093),
+                                       (29, 2.045), (30, 2.042)])
+def test_t_quantiles_match_printed_tables(df, known):
+    assert t_quantile_975(df) == pytest.approx(known, abs=5e-4)
+
+
+@pytest.mark.parametrize("df", list(range(1, 31)) + [40, 60, 120])
+def test_t_quantiles_have_cdf_0975(df):
+    # An independent reference: integrate the density up to the tabled quantile. 3-decimal rounding of the
+    # quantile moves the CDF by at most density * 5e-4 (< 1e-4 here); the large-df approximation by < 3e-4.
+    assert t_cdf(t_quantile_975(df), df) == pytest.approx(0.975, abs=3e-4)
+
+
+def test_bad_degrees_of_freedom():
+    with pytest.raises(ValueError, match="degrees of freedom"):
+        t_quantile_975(0)
+
+
+def test_paired_difference_by_hand():
+    ours = {0: 91.0, 1: 90.0, 2: 92.5}
+    theirs = {0: 90.0, 1: 90.5, 2: 91.0, 7: 50.0}  # seed 7 has no partner and is left out
+    d = paired_difference(ours, theirs)
+    diffs = [1.0, -0.5, 1.5]
+    mean = sum(diffs) / 3
+    sd = math.sqrt(sum((x - mean) ** 2 for x in diffs) / 2)
+    half = 4.303 * sd / math.sqrt(3)
+    assert d["n"] == 3 and d["seeds"] == [0, 1, 2]
+    assert d["mean_pp"] == pytest.approx(mean)
+    assert (d["ci95_low_pp"], d["ci95_high_pp"]) == pytest.approx((mean - half, mean + half))
+    assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2)))
+
+
+def test_one_seed_gives_no_interval_and_no_verdict():
+    d = paired_difference({0: 91.0}, {0: 90.0})
+    assert d["ci95_low_pp"] is None and d["n"] == 1
+    assert parity_verdict(d).startswith("not distinguishable at n = 1")
+    assert at_least_verdict(d, -3.0).startswith("not distinguishable at n = 1")
+
+
+def test_verdicts_only_where_the_interval_allows():
+    equal = {"mean_pp": 0.1, "ci95_low_pp": -0.3, "ci95_high_pp": 0.4, "n": 5}
+    wide = {"mean_pp": 0.1, "ci95_low_pp": -2.0, "ci95_high_pp": 2.2, "n": 3}
+    apart = {"mean_pp": 2.0, "ci95_low_pp": 1.0, "ci95_high_pp": 3.0, "n": 3}
+    assert parity_verdict(equal).startswith("equal within")
+    assert parity_verdict(wide) == "not distinguishable at n = 3"
+    assert parity_verdict(apart).startswith("different")
+    assert at_least_verdict({"ci95_low_pp": -2.5, "ci95_high_pp": 0.5, "n": 3}, -3.0).startswith("met")
+    assert at_least_verdict({"ci95_low_pp": -6.0, "ci95_high_pp": -3.5, "n": 3}, -3.0).startswith("missed")
+    assert at_least_verdict({"ci95_low_pp": -4.0, "ci95_high_pp": -1.0, "n": 3}, -3.0).startswith("not distinguishable")
