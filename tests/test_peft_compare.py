@@ -51,7 +51,7 @@ def _argv(model, data, out, *extra):
     return ["run", "peft-compare", "--model", str(model), "--dataset", str(data), "--per-class-val", "4",
             "--seeds", "0,1", "--epochs", "2", "--batch-size", "8", "--max-length", "12", "--num-tokens", "3",
             "--rank", "2", "--bottleneck", "2", "--clora-rank", "2", "--threads", "1", "--warmup-steps", "2",
-            "--lr-full", "1e-3", "--lr-lora", "1e-3,1e-2", "--lr-adapter", "1e-2", "--lr-prompt", "1e-2",
+            "--lr-full", "1e-3", "--lr-lora", "1e-3,1e-2", "--lr-adapter", "1e-2,1e30", "--lr-prompt", "1e-2",
             "--lr-clora", "1e-2", "--timing-rounds", "2", "--timing-steps", "1", "--skip-memory", "--out", str(out),
             *extra]
 
@@ -83,7 +83,7 @@ def smoke_run(tiny_model_folder, tiny_text_file, tmp_path_factory):
 def test_one_command_makes_every_row_with_its_evidence(smoke_run):
     out, _, trained = smoke_run
     # Each cell trains once: the sweep's cell of the chosen rate at the first seed is that row's seed-0 cell.
-    assert len(trained) == len(set(trained)) == 6 + 9  # sweep: 1+2+1+1+1 rates; then 7 rows x 2 seeds - 5 reused
+    assert len(trained) == len(set(trained)) == 7 + 9  # sweep: 1+2+2+1+1 rates; then 7 rows x 2 seeds - 5 reused
     results = json.loads((out / "results.json").read_text())
     assert results["seeds"] == [0, 1] and results["classes"] == ["0", "1"]
     assert results["test_size"] == 16 and results["train_size"] == 48 - 8
@@ -105,6 +105,9 @@ def test_one_command_makes_every_row_with_its_evidence(smoke_run):
     assert [s["lr"] for s in lora_sweep] == [1e-3, 1e-2] and sum(s["chosen"] for s in lora_sweep) == 1
     chosen = next(s["lr"] for s in lora_sweep if s["chosen"])
     assert {r["lr"] for r in results["rows"] if r["method"] == "lora"} == {chosen}
+    adapter_sweep = {s["lr"]: s for s in results["sweep"] if s["method"] == "adapter"}
+    assert adapter_sweep[1e30]["diverged"] and not adapter_sweep[1e30]["chosen"]  # a diverged rate is passed over
+    assert adapter_sweep[1e-2]["chosen"]
     assert {d["method"] for d in results["differences"]} == {"lora", "prompt"}
     for d in results["differences"]:
         assert d["n"] == 2 and d["ci95_low_pp"] <= d["mean_pp"] <= d["ci95_high_pp"]

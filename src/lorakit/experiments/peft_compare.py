@@ -173,15 +173,18 @@ def main(args: argparse.Namespace) -> int:
     # 1. the learning-rate sweep, on validation accuracy only
     sweep, chosen = [], {}
     for method in methods:
-        records = [run_cell(method, "lorakit", seeds[0], lr, context=context) for lr in lrs[method]]
+        records = [run_cell(method, "lorakit", seeds[0], lr, context=context, sweep=True) for lr in lrs[method]]
+        usable = [r for r in records if r["best_val_accuracy"] is not None]
+        if not usable:
+            raise ValueError(f"every learning rate of {method}'s grid {lrs[method]} diverged; give --lr-{method} lower ones")
         # Best validation accuracy; ties go to the higher mean over all validations, then to the first in the grid.
-        best = max(records, key=lambda r: (r["best_val_accuracy"], sum(r["val_accuracies"]) / len(r["val_accuracies"])))
+        best = max(usable, key=lambda r: (r["best_val_accuracy"], sum(r["val_accuracies"]) / len(r["val_accuracies"])))
         chosen[method] = best["lr"]
         if len(records) > 1 and best["lr"] in (min(lrs[method]), max(lrs[method])):
             notes.append(f"The sweep chose {method}'s learning rate {best['lr']:g} at the edge of its grid "
                          f"{lrs[method]}; a wider grid might find a better one.")
         sweep += [{"method": method, "lr": r["lr"], "seed": seeds[0], "best_val_accuracy": r["best_val_accuracy"],
-                   "best_step": r["best_step"], "chosen": r is best} for r in records]
+                   "best_step": r["best_step"], "chosen": r is best, "diverged": r.get("diverged")} for r in records]
 
     # 2. every row at every seed, with its method's chosen rate
     records: dict[tuple, dict] = {}

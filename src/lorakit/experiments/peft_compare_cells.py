@@ -92,10 +92,15 @@ def static_row(method, implementation, settings, seed) -> dict:
             "checkpoint_bytes": checkpoint_bytes(model, method, implementation)}
 
 
-def run_cell(method: str, implementation: str, seed: int, lr: float, *, context: dict) -> dict:
+def run_cell(method: str, implementation: str, seed: int, lr: float, *, context: dict, sweep: bool = False) -> dict:
     """Train (or, if this run or, with ``resume``, an earlier one finished it, read back) one cell. ``context``: settings, data (train, validation, test),
     train_config(lr, seed) -> TrainConfig, cells folder, resume, state_every, run_config (recorded), and for
-    AdapterHub's rows ``adapterhub`` (a callable that runs the cell there)."""
+    AdapterHub's rows ``adapterhub`` (a callable that runs the cell there).
+
+    ``sweep=True``: a learning rate that diverges is recorded as such (``diverged``, no accuracies), so the
+    sweep can pass over it; outside the sweep a divergence stops the run with its error."""
+    from ..train import TrainingDivergedError
+
     from .._io import write_json
 
     folder: Path = context["cells"]
@@ -120,8 +125,14 @@ def run_cell(method: str, implementation: str, seed: int, lr: float, *, context:
         state = folder / f"{key}.state"
         cfg.state_path, cfg.resume, cfg.checkpoint_every = str(state), context["resume"], context["state_every"]
         same_start = implementation == "lorakit" and method in ("lora", "prompt") and context["same_start"]
-        row = run_row(method, implementation, context["settings"], train_data, test, cfg, seed,
-                      validation=validation, same_start=same_start)
+        try:
+            row = run_row(method, implementation, context["settings"], train_data, test, cfg, seed,
+                          validation=validation, same_start=same_start)
+        except TrainingDivergedError as err:
+            if not sweep:
+                raise
+            row = {"diverged": str(err), "steps": err.step, "accuracy": None, "best_val_accuracy": None,
+                   "best_step": None, "val_accuracies": [], "losses": [], "train_seconds": None}
         row["start"] = "PEFT's initial weights" if same_start else "own initialisation"
         state.unlink(missing_ok=True)
     record = {"key": key, **row, "method": method, "implementation": implementation, "seed": seed, "lr": lr,
@@ -129,8 +140,8 @@ def run_cell(method: str, implementation: str, seed: int, lr: float, *, context:
               "git_commit": git_commit()}
     write_json(path, record)
     done[key] = json.loads(path.read_text())  # as a resumed run reads it back, so both give the same results
-    print(f"[peft-compare]   test {record['accuracy']:.2f} %, best validation {record['best_val_accuracy']} "
-          f"at step {record['best_step']}, {record['train_seconds']:.0f} s", flush=True)
+    print(f"[peft-compare]   {record.get('diverged') or 'test %.2f %%' % record['accuracy']}, best validation "
+          f"{record['best_val_accuracy']} at step {record['best_step']}", flush=True)
     return done[key]
 
 

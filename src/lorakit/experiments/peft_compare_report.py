@@ -109,7 +109,7 @@ def report_markdown(results: dict) -> str:
                          ", ".join(f"{v:.1e}" for v in e["per_seed"])] for e in results["equivalence"]]), "",
         "## Learning-rate sweep (validation accuracy, seed " f"{results['seeds'][0]}; the test set plays no part)", "",
         markdown_table(["method", "lr", "best validation %", "at step", "chosen"],
-                       [[s["method"], f"{s['lr']:g}", s["best_val_accuracy"], s["best_step"], "yes" if s["chosen"] else ""]
+                       [[s["method"], f"{s['lr']:g}", s["best_val_accuracy"], s["best_step"], "yes" if s["chosen"] else ("diverged" if s.get("diverged") else "")]
                         for s in results["sweep"]]), "",
         "## Data", "", data["description"], "",
         "Seed 004's parameter counts, reproduced exactly by `lorakit params` on T5-small's architecture: "
