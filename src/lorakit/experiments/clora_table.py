@@ -15,7 +15,7 @@ Rows are written to results.json as they finish; ``--resume`` skips rows already
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -28,7 +28,7 @@ from .. import report
 from ..data.vision import load_fashion_mnist, to_float
 from ..models import fmnist_mlp
 from ..train import TrainConfig, evaluate
-from .compress_cells import (ALL_VARIANTS, CLORA_VARIANTS, CellsConfig, Fit, Key, add_cell_arguments,
+from .compress_cells import (CLORA_VARIANTS, CellsConfig, Fit, Key, add_cell_arguments,
                              cached_dense, calibration_batches, clora_cell, file_size, parameter_count, run_cells,
                              svd_cell)
 from .compress_report import merged_runs, plot_accuracy_vs_ratio, summarize, summary_table
@@ -152,16 +152,18 @@ def run(cfg: CLoRATableConfig, out: Path) -> dict:
                 "parameters": sum(p.numel() for p in model.parameters()), "train_seconds": seconds,
                 "file_ratio": file_size(model) / info["file_bytes"]}
 
-    return run_cells(cfg, out, PROTOCOL, make_row, lambda c, rows, seconds, made_by: write(c, out, rows, seconds, made_by))
+    return run_cells(cfg, out, PROTOCOL, make_row, lambda c, rows, seconds, made_by, final: write(c, out, rows, seconds, made_by, final))
 
 
-def write(cfg: CLoRATableConfig, out: Path, rows: list[dict], seconds: float, made_by: list | None = None) -> dict:
+def write(cfg: CLoRATableConfig, out: Path, rows: list[dict], seconds: float, made_by: list | None = None,
+          final: bool = True) -> dict:
     results = {"experiment": "clora-table", "model": "fmnist-mlp", "config": asdict(cfg), "made_by": made_by or [],
                "seed_numbers": {"dense": SEED_DENSE, "table": {str(r): {"ratio": v[0], **v[1]} for r, v in SEED_TABLE.items()}},
                "wall_seconds": round(seconds, 1), "rows": rows, "summary": summarize(rows)}
     report.write_results(out, results)
     report.write_report(out, render(results))
-    plot(out / "accuracy_vs_ratio.png", results["summary"])
+    if final:
+        plot(out / "accuracy_vs_ratio.png", results["summary"])
     return results
 
 

@@ -144,12 +144,13 @@ def check_same_protocol(cfg, other: dict, path, protocol: tuple[str, ...]) -> No
 
 
 def run_cells(cfg: CellsConfig, out: Path, protocol: tuple[str, ...], make_row: Callable[[Key], dict],
-              write: Callable[[Any, list[dict], float, list[dict]], dict]) -> dict:
+              write: Callable[[Any, list[dict], float, list[dict], bool], dict]) -> dict:
     """Make every planned row not made yet, writing the table after each; returns ``write``'s last results.
 
     Rows come back from OUT/results.json (with ``resume`` or ``report_only``) and from every ``merge`` file, each
     checked to have the same ``protocol`` fields. ``make_row(key)`` computes one row; ``write(cfg, rows, seconds,
-    made_by)`` writes results.json, report.md and the figure. Wall time adds up over resumed and merged runs.
+    made_by, final)`` writes results.json and report.md, and with ``final`` (once, at the end) the figure too.
+    Wall time adds up over resumed and merged runs.
     """
     torch.set_num_threads(cfg.threads)
     out.mkdir(parents=True, exist_ok=True)
@@ -170,7 +171,7 @@ def run_cells(cfg: CellsConfig, out: Path, protocol: tuple[str, ...], make_row: 
     if cfg.report_only:
         merged = replace(cfg, seeds=sorted({r["seed"] for r in rows}),
                          ranks=sorted({r["rank"] for r in rows if r["rank"] is not None}))
-        return write(merged, rows, prior_seconds, made_by)
+        return write(merged, rows, prior_seconds, made_by, True)
     done = {row_key(r) for r in rows}
     for key in planned_rows(cfg):
         if key in done:
@@ -180,8 +181,8 @@ def run_cells(cfg: CellsConfig, out: Path, protocol: tuple[str, ...], make_row: 
         variant, init, rank, seed = key
         print(f"{variant:>14} {init or '':>6} rank {rank or '':>3} seed {seed}: {row['accuracy']:.2f} % "
               f"at {100 * row['compression_ratio']:.1f} % ({row['train_seconds']:.0f} s)", flush=True)
-        write(cfg, rows, time.perf_counter() - start, made_by)
-    return write(cfg, rows, time.perf_counter() - start, made_by)
+        write(cfg, rows, time.perf_counter() - start, made_by, False)
+    return write(cfg, rows, time.perf_counter() - start, made_by, True)
 
 
 # -- training a cell --------------------------------------------------------------------------------

@@ -100,10 +100,51 @@ def clora_vs_svd(rows: list[dict]) -> list[str]:
         elif all(d < 0 for d in diffs):
             verdict = "SVD + fine-tune is better on every seed"
         else:
-            verdict = "no consistent difference (the seeds disagree)"
+            verdict = "no consistent difference across the seeds"
         lines.append(f"- rank {rank}: {best_c} {_mean_std(clora[best_c])} vs {best_s} {_mean_std(tuned[best_s])}; "
                      f"C-LoRA minus SVD per seed {', '.join(f'{d:+.2f}' for d in diffs)} pp (mean "
                      f"{statistics.fmean(diffs):+.2f}, n = {len(seeds)}): **{verdict}**")
+    return lines
+
+
+def write_table(out: Path, head: dict, rows: list[dict], seconds: float, made_by: list, final: bool,
+                render: Callable[[dict], str], **plot_options) -> dict:
+    """results.json (``head`` -- experiment, model, config -- then made_by, wall time, rows, summary) and report.md;
+    with ``final`` also accuracy_vs_ratio.png (``plot_options`` go to :func:`plot_accuracy_vs_ratio`)."""
+    results = {**head, "made_by": made_by, "wall_seconds": round(seconds, 1), "rows": rows, "summary": summarize(rows)}
+    report.write_results(out, results)
+    report.write_report(out, render(results))
+    if final:
+        dense = [s["accuracy_mean"] for s in results["summary"] if s["variant"] == "dense"]
+        plot_accuracy_vs_ratio(out / "accuracy_vs_ratio.png", results["summary"], low=max(0.0, (dense or [100])[0] - 15),
+                               xticks=rank_ticks(results["summary"]), **plot_options)
+    return results
+
+
+def result_sections(results: dict, limits: Sequence[tuple[float, float]], seed_note: str) -> list[str]:
+    """The report of clora-conv and clora-transformer after their introduction: the table, the targets, C-LoRA
+    against SVD + fine-tune, inference time per rank, the seed's numbers (``seed_note``), merged runs, the figure."""
+    summary, rows = results["summary"], results["rows"]
+    columns = [("model %", lambda s: round(100 * s["model_ratio"], 2) if "model_ratio" in s else None),
+               ("time ratio", lambda s: round(s["inference_ratio"], 3) if "inference_ratio" in s else None)]
+    lines = [summary_table(summary, columns=columns), "", "## Targets", "", *gap_targets(summary, limits), "",
+             "C-LoRA against SVD + fine-tune at equal rank, steps, learning rate and batch (the best method of each "
+             "kind by mean accuracy; the choice of the best of several methods favours the side with more methods):",
+             "", *(clora_vs_svd(rows) or ["- no rank has both a C-LoRA and an SVD + fine-tune row"]), ""]
+    timed = sorted((s for s in summary if "inference_ratio" in s), key=lambda s: s["rank"])
+    if timed:
+        cfg = results["config"]
+        lines += ["## Inference time", "",
+                  f"Compressed / dense time of one forward pass on a batch of {cfg['timing_batch']} test inputs (eval, "
+                  f"no grad, {cfg['threads']} thread(s)), timed dense, compressed, dense, ... for {cfg['timing_rounds']} "
+                  "rounds; the median of each, then the median over seeds. Measured on the plain-SVD model of each rank, "
+                  "which has the same low-rank layers as every compressed cell of that rank (C-LoRA wds lacks only C).",
+                  "", report.markdown_table(["rank", "ratio %", "model %", "time compressed / dense", "seeds"],
+                                            [[s["rank"], round(100 * s["compression_ratio"], 2),
+                                              round(100 * s["model_ratio"], 2), round(s["inference_ratio"], 3), s["n"]]
+                                             for s in timed]), ""]
+    lines += ["## The seed's numbers", "", seed_note, "", *merged_runs(results["made_by"]),
+              "![accuracy vs compression ratio](accuracy_vs_ratio.png)"]
     return lines
 
 
@@ -127,6 +168,12 @@ def _by_method(rows: list[dict]) -> dict[str, dict[int, float]]:
 def _mean_std(by_seed: dict[int, float]) -> str:
     values = list(by_seed.values())
     return f"{statistics.fmean(values):.2f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.2f} %"
+
+
+def rank_ticks(summary: list[dict]) -> list[float]:
+    """One x tick per rank: the mean ratio (%) of its methods, rounded to 0.1."""
+    ranks = sorted({s["rank"] for s in summary if s["rank"] is not None})
+    return [round(statistics.fmean(100 * s["compression_ratio"] for s in summary if s["rank"] == r), 1) for r in ranks]
 
 
 def plot_accuracy_vs_ratio(path: Path, summary: list[dict], *, title: str, low: float, high: Optional[float] = None,

@@ -1,0 +1,118 @@
+"""The rows of clora-conv and clora-transformer: an experiment describes its data, models and training as a
+:class:`Task`; :func:`compression_rows` makes every (variant, init, rank, seed) row of :mod:`.compress_cells` from it.
+
+Each row has ``accuracy``, ``compression_ratio`` (A + B + C of the compressed layers over the whole dense model, or
+over those layers' dense parameters when ``Task.ratio_of_targets``), ``model_ratio`` (all parameters, compressed /
+dense), ``file_ratio`` (safetensors bytes), ``train_seconds``, ``steps`` and ``compressed_layers``; the plain-svd
+rows add ``inference_ratio`` (compressed / dense time of a forward pass, interleaved, medians).
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Protocol
+
+from torch import nn
+
+import lorakit as lk
+from .compress_cells import (CLORA_VARIANTS, CellsConfig, Fit, Key, add_cell_arguments, clora_cell, file_size,
+                             inference_ratio, parameter_count, svd_cell)
+
+
+@dataclass
+class CompressionConfig(CellsConfig):
+    """:class:`CellsConfig` plus what :func:`compression_rows` needs: inference timing, cell states, a dense cache."""
+
+    timing_rounds: int = 7
+    """Interleaved rounds of the inference timing (on the plain-svd rows); 0 skips it."""
+    timing_batch: int = 256
+    """Inputs per timed forward pass."""
+    state_every: int = 200
+    """Steps between saved training states of a cell (what --resume continues from)."""
+    cache_dir: Optional[str] = None
+    """Where the dense models are cached (default: OUT/dense)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("batch_size", "timing_batch", "state_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def add_compression_arguments(parser: argparse.ArgumentParser, d: CompressionConfig) -> None:
+    """The flags of :class:`CompressionConfig`'s fields, with ``d``'s values as defaults."""
+    add_cell_arguments(parser, d)
+    parser.add_argument("--timing-rounds", type=int, default=d.timing_rounds)
+    parser.add_argument("--timing-batch", type=int, default=d.timing_batch)
+    parser.add_argument("--state-every", type=int, default=d.state_every)
+    parser.add_argument("--cache-dir", default=None, help="dense model cache (default: OUT/dense)")
+
+
+class Task(Protocol):
+    """What an experiment supplies to :func:`compression_rows`: its data, models and training."""
+
+    head: list[str]
+    """Uncompressed modules that train in every compressed cell (C-LoRA: ``modules_to_save``)."""
+    ratio_of_targets: bool
+    """compression_ratio's denominator: the compressed layers' dense parameters (True) or the whole dense model's."""
+
+    def dense(self, seed: int) -> tuple[nn.Module, float]:
+        """The trained dense model of ``seed`` (cached) and the seconds its training took (0 when loaded)."""
+
+    def layers(self, rank: int) -> list[str]:
+        """The paths compressed at ``rank``."""
+
+    def fit(self, seed: int) -> Fit:
+        """How every compressed cell of ``seed`` trains (C-LoRA and the SVD fine-tunes alike: equal budget)."""
+
+    def calibration(self, seed: int) -> list:
+        """asvd's calibration batches."""
+
+    def accuracy(self, model: nn.Module) -> float:
+        """Test accuracy in %."""
+
+    def timing_input(self) -> Callable[[nn.Module], Any]:
+        """One forward pass of a model on a batch of ``timing_batch`` test inputs."""
+
+
+def compression_rows(make_task: Callable[[], Task], cfg: CompressionConfig, out: Path) -> Callable[[Key], dict]:
+    """``make_row`` for :func:`run_cells`. The task is made (its data loaded) at the first row that needs it."""
+    made: dict = {}
+
+    def make_row(key: Key) -> dict:
+        variant, init, rank, seed = key
+        task = made.get("task") or made.setdefault("task", make_task())
+        if seed not in made:
+            model, seconds = task.dense(seed)
+            made[seed] = (model, {"accuracy": task.accuracy(model), "seconds": seconds, "file_bytes": file_size(model),
+                                  "parameters": sum(p.numel() for p in model.parameters())})
+        dense, info = made[seed]
+        if variant == "dense":
+            return {"variant": "dense", "init": None, "rank": None, "seed": seed, "accuracy": info["accuracy"],
+                    "compression_ratio": 1.0, "model_ratio": 1.0, "file_ratio": 1.0, "parameters": info["parameters"],
+                    "train_seconds": info["seconds"]}
+        layers, fit = task.layers(rank), task.fit(seed)
+        state = out / "cells" / f"{variant}-{init or 'none'}-r{rank}-seed{seed}.state"
+        if variant in CLORA_VARIANTS:
+            noise, bias = CLORA_VARIANTS[variant]
+            clora = lk.CLoRAConfig(rank=rank, alpha=cfg.alpha, targets=layers, decay_start=cfg.decay_start,
+                                   decay_end=cfg.decay_end, noise=cfg.noise if noise != "none" else "none", bias=bias,
+                                   init=init, modules_to_save=task.head)
+            model, history = clora_cell(dense, clora, 1000 * seed + rank, fit, state)
+            seconds = history.seconds
+        else:
+            calibration = task.calibration(seed) if variant.startswith("asvd") else None
+            model, seconds = svd_cell(dense, variant, rank, layers, fit, task.head, calibration, state)
+        parameters = sum(p.numel() for p in model.parameters())
+        denominator = parameter_count(dense, layers) if task.ratio_of_targets else info["parameters"]
+        row = {"variant": variant, "init": init, "rank": rank, "seed": seed, "accuracy": task.accuracy(model),
+               "compression_ratio": parameter_count(model, layers) / denominator,
+               "model_ratio": parameters / info["parameters"], "file_ratio": file_size(model) / info["file_bytes"],
+               "parameters": parameters, "train_seconds": seconds, "steps": 0 if variant == "svd" else fit.steps,
+               "compressed_layers": layers}
+        if variant == "svd" and cfg.timing_rounds > 0:
+            row["inference_ratio"] = inference_ratio(dense, model, task.timing_input(), cfg.timing_rounds)
+        return row
+
+    return make_row
