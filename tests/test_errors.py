@@ -117,11 +117,11 @@ SCENARIOS = [
      r"\['q_proj'\] match no supported module; modules that exist include: layer, head"),
     ("regex-matches-nothing", lambda tmp: _inject(linear_net(), targets=r"encoder\..*"), ValueError,
      r"match no supported module; modules that exist include: layer, head"),
-    ("rank-zero", lambda tmp: _inject(linear_net(), rank=0), ValueError, r"rank must be an integer >= 1, got 0"),
-    ("rank-float", lambda tmp: _inject(linear_net(), rank=2.5), ValueError, r"rank must be an integer >= 1"),
+    ("rank-zero", lambda tmp: _inject(linear_net(), rank=0), ValueError, r"rank=0 is out of range; expected an integer >= 1"),
+    ("rank-float", lambda tmp: _inject(linear_net(), rank=2.5), TypeError, r"rank=2.5 is not an integer; expected an integer >= 1"),
     ("dropout-one", lambda tmp: _inject(linear_net(), dropout=1.0), ValueError,
-     r"dropout must be in \[0, 1\), got 1.0"),
-    ("dropout-negative", lambda tmp: _inject(linear_net(), dropout=-0.1), ValueError, r"dropout must be in \[0, 1\)"),
+     r"dropout=1.0 is out of range; expected a finite number in \[0, 1\)"),
+    ("dropout-negative", lambda tmp: _inject(linear_net(), dropout=-0.1), ValueError, r"dropout=-0.1 is out of range"),
     ("unknown-init", lambda tmp: _inject(linear_net(), init="xavier"), ValueError,
      r"init='xavier' is not supported; choose one of \['gaussian', 'kaiming', 'svd'\]"),
     ("unknown-mode", lambda tmp: _inject(linear_net(), mode="fused"), ValueError,
@@ -189,13 +189,13 @@ SCENARIOS = [
     ("json-without-peft-type", lambda tmp: _load(linear_net(), _replaced_json(saved_adapter(tmp), {"r": 2})),
      ValueError, r"has no 'peft_type'; expected a PEFT adapter config"),
     ("dora-refused", lambda tmp: _load(linear_net(), _edited(saved_adapter(tmp), use_dora=True)), ValueError,
-     r"sets use_dora=True, which lorakit does not support; it loads plain LoRA adapters"),
+     r"use_dora=True is not supported \(DoRA adds a magnitude vector.*\); lorakit loads use_dora=False only"),
     ("rank-pattern-refused", lambda tmp: _load(linear_net(), _edited(saved_adapter(tmp), rank_pattern={"head": 4})),
-     ValueError, r"sets rank_pattern=\{'head': 4\}, which lorakit does not support"),
+     ValueError, r"rank_pattern=\{'head': 4\} is not supported \(per-layer ranks"),
     ("other-peft-type", lambda tmp: _load(linear_net(), _edited(saved_adapter(tmp), peft_type="IA3")), ValueError,
-     r"peft_type 'IA3' is not one lorakit loads; expected one of \['LORA'"),
+     r"peft_type='IA3' is not one lorakit loads; expected one of \['LORA'"),
     ("invalid-rank-in-file", lambda tmp: _load(linear_net(), _edited(saved_adapter(tmp), r=0)), ValueError,
-     r"rank must be an integer >= 1, got 0"),
+     r"adapter_config.json: r=0 is out of range; expected an integer >= 1"),
 ]
 
 
@@ -227,15 +227,23 @@ def test_failed_load_keeps_the_other_adapter_working(tmp_path):
                                                                          "layer.lora_B.other.weight"}
 
 
-def test_unknown_config_keys_warn_and_still_load(tmp_path):
+def test_unknown_config_keys_warn_when_empty_and_refuse_when_set(tmp_path):
+    """A key lorakit does not know may be a newer PEFT's option that changes the outputs (aLoRA was one): set, it is
+    refused; empty (null, false, {}, []), it cannot change anything and is only reported."""
     source = lk.inject(linear_net(), lk.LoRAConfig(rank=2, targets=["layer", "head"]))
     perturb_adapters(source)
     lk.save_adapter(source, tmp_path)
-    _edited(tmp_path, shiny_new_option=3, another=None)
+    _edited(tmp_path, shiny_new_option=None, another=False)
     x = source.layer.base_layer.weight.new_ones(2, 6)
     with pytest.warns(UserWarning, match=r"ignoring keys lorakit does not know: \['another', 'shiny_new_option'\]"):
         model = lk.load_adapter(linear_net(), tmp_path)
     torch.testing.assert_close(model(x), source(x))
+    _edited(tmp_path, shiny_new_option=3)
+    model = linear_net()
+    before = state_snapshot(model)
+    with pytest.raises(lk.AdapterLoadError, match=r"shiny_new_option=3 is a setting lorakit does not know"):
+        lk.load_adapter(model, tmp_path)
+    assert_same_state(model, before)
 
 
 def test_error_message_lists_existing_modules_on_a_larger_model():

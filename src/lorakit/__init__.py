@@ -1,5 +1,5 @@
 """lorakit: low-rank adaptation and compression for PyTorch models."""
-from .checkpoint import load_adapter, save_adapter
+from .checkpoint import AdapterLoadError, load_adapter, save_adapter
 from .compress import DecaySchedule, compress, svd_compress
 from .config import AdapterConfig, CLoRAConfig, LoRAConfig, PromptConfig
 from .inject import delete_adapter, disabled, inject, merge, set_active, unload, unmerge
@@ -11,6 +11,6 @@ __version__ = "0.1.0"
 __all__ = [
     "LoRAConfig", "AdapterConfig", "PromptConfig", "CLoRAConfig",
     "inject", "merge", "unmerge", "unload", "disabled", "set_active", "delete_adapter",
-    "count_parameters", "ParamCount", "save_adapter", "load_adapter",
+    "count_parameters", "ParamCount", "save_adapter", "load_adapter", "AdapterLoadError",
     "compress", "svd_compress", "DecaySchedule", "LowRankLinear", "LowRankConv2d",
 ]

@@ -1,27 +1,78 @@
-"""Configuration dataclasses, one per method. Each validates itself on construction.
+"""Configuration dataclasses, one per method. Each validates every field on construction.
 
-`dataclasses.asdict(cfg)` is what goes into results files; a CLI flag maps 1:1 to a field.
+`dataclasses.asdict(cfg)` is what goes into results files; a CLI flag maps 1:1 to a field. A bad value is a
+``ValueError`` (wrong range or choice) or ``TypeError`` (wrong type) whose message reads
+``"<field>=<value!r> ...; expected ..."``.
 """
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
 from typing import Optional, Union
 
 Targets = Optional[Union[str, list[str]]]
+DTYPE_CHOICES = ("float32", "base")
 
 
-def _check_choice(field_name: str, value, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"{field_name}={value!r} is not supported; choose one of {sorted(choices)}")
+# -- the checks every config uses -----------------------------------------------------------------
+def check_int(name: str, value, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name}={value!r} is not an integer; expected an integer >= {minimum}")
+    if value < minimum:
+        raise ValueError(f"{name}={value!r} is out of range; expected an integer >= {minimum}")
 
 
-def _check_targets(field_name: str, value) -> None:
-    if value is None or isinstance(value, str):
+def check_number(name: str, value, low: float | None = None, high: float | None = None,
+                  high_open: bool = False) -> None:
+    """A finite int or float (never a bool or a string) in [low, high] (or [low, high) with ``high_open``)."""
+    bounds = f" in [{low:g}, {high:g}{')' if high_open else ']'}" if low is not None and high is not None else ""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name}={value!r} is not a number; expected a finite number{bounds}")
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if not math.isfinite(value) or (low is not None and value < low) or too_high:
+        raise ValueError(f"{name}={value!r} is out of range; expected a finite number{bounds}")
+
+
+def check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}={value!r} is not a boolean; expected True or False")
+
+
+def check_choice(name: str, value, choices) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name}={value!r} is not supported; choose one of {sorted(choices)}")
+
+
+def check_targets(name: str, value, allow_empty: bool = False) -> None:
+    """None, a regex string (full match) or 'all-linear', or a list of module names."""
+    expected = "expected a regex string, 'all-linear', a list of module names, or None"
+    if value is None:
         return
-    if not isinstance(value, (list, tuple)) or not all(isinstance(t, str) for t in value):
-        raise ValueError(f"{field_name} must be a regex string, a list of module names, 'all-linear' or None; got {value!r}")
+    if isinstance(value, str):
+        try:
+            re.compile(value)
+        except re.error as err:
+            raise ValueError(f"{name}={value!r} is not a valid regular expression ({err}); {expected}") from None
+        return
+    if not isinstance(value, (list, tuple)) or not all(isinstance(t, str) and t for t in value):
+        raise TypeError(f"{name}={value!r} is not a target spec; {expected} (non-empty strings)")
+    if not value and not allow_empty:
+        raise ValueError(f"{name}={value!r} is empty; {expected}")
 
 
+def check_names(name: str, value) -> None:
+    """None or a list of module names (``modules_to_save``)."""
+    if value is not None and (not isinstance(value, (list, tuple)) or not all(isinstance(t, str) and t for t in value)):
+        raise TypeError(f"{name}={value!r} is not a list of module names; expected a list of non-empty strings or None")
+
+
+def check_identifier(name: str, value) -> None:
+    if not isinstance(value, str) or not value.isidentifier():
+        raise ValueError(f"{name}={value!r} is not a parameter name; expected a name such as 'weight'")
+
+
+# -- the configs ----------------------------------------------------------------------------------
 @dataclass
 class LoRAConfig:
     """Low-rank adaptation: each target computes ``W x + s * B (A x)`` with ``s = alpha / rank``."""
@@ -29,7 +80,7 @@ class LoRAConfig:
     rank: int = 8
     """r: rows of A (rank, in) and columns of B (out, rank). Must be >= 1."""
     alpha: float = 8.0
-    """Scale numerator: s = alpha / rank (or alpha / sqrt(rank) with ``rslora``)."""
+    """Scale numerator: s = alpha / rank (or alpha / sqrt(rank) with ``rslora``). Any finite number."""
     dropout: float = 0.0
     """Dropout on the input of the low-rank path, in [0, 1)."""
     targets: Targets = None
@@ -50,16 +101,17 @@ class LoRAConfig:
     """dtype of the adapter's factors: 'float32' (as PEFT, also on a bf16/fp16 base) or 'base' (the base weight's)."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
-            raise ValueError(f"rank must be an integer >= 1, got {self.rank!r}")
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        _check_choice("init", self.init, {"kaiming", "gaussian", "svd"})
-        _check_choice("mode", self.mode, {"module", "parametrize"})
-        _check_choice("adapter_dtype", self.adapter_dtype, {"float32", "base"})
-        _check_targets("targets", self.targets)
-        _check_targets("exclude", self.exclude)
-        _check_targets("modules_to_save", self.modules_to_save)
+        check_int("rank", self.rank, 1)
+        check_number("alpha", self.alpha)
+        check_number("dropout", self.dropout, 0.0, 1.0, high_open=True)
+        check_targets("targets", self.targets)
+        check_targets("exclude", self.exclude, allow_empty=True)
+        check_choice("init", self.init, {"kaiming", "gaussian", "svd"})
+        check_bool("rslora", self.rslora)
+        check_choice("mode", self.mode, {"module", "parametrize"})
+        check_identifier("target_parameter", self.target_parameter)
+        check_names("modules_to_save", self.modules_to_save)
+        check_choice("adapter_dtype", self.adapter_dtype, DTYPE_CHOICES)
 
     @property
     def scale(self) -> float:
@@ -84,12 +136,13 @@ class AdapterConfig:
     """dtype of the adapter's weights: 'float32' (default) or 'base' (the base weight's)."""
 
     def __post_init__(self) -> None:
-        _check_choice("adapter_dtype", self.adapter_dtype, {"float32", "base"})
-        if not isinstance(self.bottleneck, int) or self.bottleneck < 1:
-            raise ValueError(f"bottleneck must be an integer >= 1, got {self.bottleneck!r}")
-        _check_choice("activation", self.activation, {"relu", "gelu", "tanh", "silu"})
-        _check_choice("init", self.init, {"near-identity"})
-        _check_targets("targets", self.targets)
+        check_int("bottleneck", self.bottleneck, 1)
+        check_targets("targets", self.targets)
+        check_choice("activation", self.activation, {"relu", "gelu", "tanh", "silu"})
+        check_choice("init", self.init, {"near-identity"})
+        check_targets("exclude", self.exclude, allow_empty=True)
+        check_names("modules_to_save", self.modules_to_save)
+        check_choice("adapter_dtype", self.adapter_dtype, DTYPE_CHOICES)
 
 
 @dataclass
@@ -102,9 +155,9 @@ class PromptConfig:
     modules_to_save: Optional[list[str]] = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.num_tokens, int) or self.num_tokens < 1:
-            raise ValueError(f"num_tokens must be an integer >= 1, got {self.num_tokens!r}")
-        _check_choice("init", self.init, {"random", "vocab"})
+        check_int("num_tokens", self.num_tokens, 1)
+        check_choice("init", self.init, {"random", "vocab"})
+        check_names("modules_to_save", self.modules_to_save)
 
 
 @dataclass
@@ -131,18 +184,21 @@ class CLoRAConfig:
     """dtype of A, B and C: 'float32' (default) or 'base' (the base weight's)."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"rank must be an integer >= 1, got {self.rank!r}")
-        if not 0.0 <= self.decay_start <= self.decay_end <= 1.0:
-            raise ValueError(
-                f"need 0 <= decay_start <= decay_end <= 1, got decay_start={self.decay_start}, decay_end={self.decay_end}"
-            )
-        if not 0.0 <= self.decay_floor < 1.0:
-            raise ValueError(f"decay_floor must be in [0, 1), got {self.decay_floor}")
-        _check_choice("noise", self.noise, {"scheduled", "always", "none"})
-        _check_choice("adapter_dtype", self.adapter_dtype, {"float32", "base"})
-        _check_choice("init", self.init, {"random", "svd"})
-        _check_targets("targets", self.targets)
+        check_int("rank", self.rank, 1)
+        check_number("alpha", self.alpha)
+        check_targets("targets", self.targets)
+        check_targets("exclude", self.exclude, allow_empty=True)
+        check_number("decay_start", self.decay_start, 0.0, 1.0)
+        check_number("decay_end", self.decay_end, 0.0, 1.0)
+        if self.decay_start > self.decay_end:
+            raise ValueError(f"decay_start={self.decay_start!r} is after decay_end={self.decay_end!r}; expected "
+                             "0 <= decay_start <= decay_end <= 1")
+        check_number("decay_floor", self.decay_floor, 0.0, 1.0, high_open=True)
+        check_choice("noise", self.noise, {"scheduled", "always", "none"})
+        check_bool("bias", self.bias)
+        check_choice("init", self.init, {"random", "svd"})
+        check_names("modules_to_save", self.modules_to_save)
+        check_choice("adapter_dtype", self.adapter_dtype, DTYPE_CHOICES)
 
     @property
     def scale(self) -> float:

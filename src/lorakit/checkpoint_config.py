@@ -1,0 +1,304 @@
+"""``adapter_config.json``: read into a validated config before anything touches the model, and written.
+
+Two kinds of file:
+
+- **PEFT's LoRA** (``"peft_type": "LORA"``). Every ``peft.LoraConfig`` field has one rule here: it is *read*
+  into :class:`~lorakit.LoRAConfig` (``r`` -> ``rank``, ...), it is *metadata* (type-checked, no effect on the
+  outputs), or it is *refused unless at PEFT's default*, because lorakit would compute other outputs than PEFT.
+  A key in none of these (a newer PEFT's option) is refused when set and warned about when empty. The keys
+  whose absence would silently change the outputs are required: ``r``, ``lora_alpha``, ``target_modules``,
+  ``use_rslora`` (PEFT always writes them).
+- **lorakit's own** (``"peft_type": "LORAKIT_<CONFIG CLASS>"``, e.g. ``LORAKIT_LORACONFIG``): the config
+  dataclass's fields. lorakit writes it for the methods PEFT does not have, and for a LoRA adapter whose outputs
+  PEFT would not reproduce (``"lorakit_reason"`` says why). PEFT refuses such a file (unknown ``peft_type``).
+
+Every refusal is an :class:`AdapterLoadError` (a ``ValueError``) naming the file, the key, the value found and
+what is accepted.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from . import config as configs
+from .config import LoRAConfig, check_bool, check_choice, check_int, check_names, check_number, check_targets
+from .inject import adapter_layers, candidate_modules, is_hf_conv1d, parametrizations
+from .layers.modules_to_save import ModulesToSave
+from .sharing import module_paths
+from .targets import parent_reading
+
+CONFIG_FILE, WEIGHTS_FILE, BIN_FILE = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
+NoneType = type(None)
+
+
+class AdapterLoadError(ValueError):
+    """An adapter folder lorakit refuses: missing or unreadable files, invalid values, or tensors that do not fit
+    the model. ``load_adapter`` raises it before the model changes, or after rolling every change back."""
+
+
+@dataclass(frozen=True)
+class FileConfig:
+    """A validated ``adapter_config.json``: the lorakit config and how to read the tensors."""
+
+    config: object
+    """A LoRAConfig, AdapterConfig, PromptConfig or CLoRAConfig."""
+    peft_format: bool
+    """True for PEFT's LoRA (PEFT's semantics, e.g. its LoRA convolutions pad with zeros)."""
+    path: Path
+
+
+# -- PEFT's LoraConfig, field by field --------------------------------------------------------------
+def _dropout(key, value):
+    check_number(key, value, 0.0, 1.0, high_open=True)
+
+
+def _exclude(key, value):
+    check_targets(key, value, allow_empty=True)
+
+
+def _rank(key, value):
+    check_int(key, value, 1)
+
+
+READ = {  # PEFT key -> (LoRAConfig field, check(key, value)); these decide the outputs
+    "r": ("rank", _rank),
+    "lora_alpha": ("alpha", check_number),
+    "lora_dropout": ("dropout", _dropout),
+    "target_modules": ("targets", check_targets),
+    "exclude_modules": ("exclude", _exclude),
+    "use_rslora": ("rslora", check_bool),
+    "modules_to_save": ("modules_to_save", check_names),
+}
+REQUIRED = ("r", "lora_alpha", "target_modules", "use_rslora")
+
+REFUSED_UNLESS = {  # PEFT key -> (the only value lorakit loads, what another value would change)
+    "bias": ("none", "PEFT then trains and saves the base layers' biases"),
+    "use_dora": (False, "DoRA adds a magnitude vector and rescales the weight"),
+    "rank_pattern": ({}, "per-layer ranks; a lorakit adapter has one rank"),
+    "alpha_pattern": ({}, "per-layer alphas; a lorakit adapter has one alpha"),
+    "layers_to_transform": (None, "it adapts only the blocks with these indices; use a target regex instead"),
+    "layer_replication": (None, "it stacks replicated layers"),
+    "target_parameters": (None, "PEFT's parameter LoRA has its own layout"),
+    "use_qalora": (False, "QALoRA pools the input in groups"),
+    "lora_bias": (False, "it adds a bias to lora_B"),
+    "trainable_token_indices": (None, "it trains single embedding rows"),
+    "alora_invocation_tokens": (None, "aLoRA applies the adapter only after the invocation tokens"),
+    "use_bdlora": (None, "BD-LoRA uses block-diagonal factors"),
+    "arrow_config": (None, "Arrow routes among several adapters"),
+    "kasa_config": (None, "KaSA truncates W's smallest singular components and adds a diagonal"),
+    "monteclora_config": (None, "MonteCLoRA samples the adapters"),
+    "megatron_config": (None, "it builds Megatron parallel layers"),
+    "ensure_weight_tying": (False, "it ties adapter copies across tied layers"),
+}
+
+_OPTIONAL_STR = (str, NoneType)
+METADATA = {  # keys that describe the file, not the outputs -> accepted types
+    "task_type": _OPTIONAL_STR, "peft_version": _OPTIONAL_STR, "base_model_name_or_path": _OPTIONAL_STR,
+    "revision": _OPTIONAL_STR, "inference_mode": bool, "auto_mapping": (dict, NoneType),
+    "fan_in_fan_out": bool,  # PEFT sets it per layer from the layer type (Conv1D), as lorakit does
+    "layers_pattern": (str, list, NoneType),  # used only with layers_to_transform
+    "megatron_core": _OPTIONAL_STR, "qalora_group_size": int, "loftq_config": dict,  # used only with their option
+    "eva_config": (dict, NoneType), "corda_config": (dict, NoneType), "lora_ga_config": (dict, NoneType),
+    "velora_config": (dict, NoneType),  # VeLoRA changes only the backward pass
+    "runtime_config": object,  # PEFT drops it when reading
+}
+
+# init_lora_weights: values that only initialise the factors (the file's tensors replace them) ...
+INIT_FACTORS_ONLY = (True, False, "gaussian", "orthogonal", "eva", "mica")
+# ... and values that also change W at the start, which the saved factors alone cannot reproduce.
+INIT_REFUSED = {"olora": "OLoRA", "corda": "CorDA", "loftq": "LoftQ", "lora_ga": "LoRA-GA"}
+
+
+def _peft_init(path: Path, value) -> str:
+    """lorakit's ``init`` for PEFT's ``init_lora_weights``; 'pissa' is lorakit's 'svd' (the same residual W)."""
+    if any(value is v or (isinstance(value, str) and value == v) for v in INIT_FACTORS_ONLY):
+        return "kaiming"
+    if value == "pissa":
+        return "svd"
+    convert = ("convert it with PEFT first: save_pretrained(..., path_initial_model_for_weight_conversion=...) "
+               "writes a plain LoRA adapter on the original base")
+    if isinstance(value, str) and (value in INIT_REFUSED or value.startswith("pissa_niter_")):
+        what = INIT_REFUSED.get(value, "fast (randomised) PiSSA")
+        raise AdapterLoadError(f"{path}: init_lora_weights={value!r} is not supported: {what} changes the base weights "
+                               f"at the start in a way the saved factors do not record; {convert}")
+    raise AdapterLoadError(f"{path}: init_lora_weights={value!r} is not supported; expected one of "
+                           f"{list(INIT_FACTORS_ONLY) + ['pissa']}")
+
+
+def _is_default(value, default) -> bool:
+    return type(value) is type(default) and value == default
+
+
+def _unknown(path: Path, raw: dict, known) -> None:
+    """Refuse an unknown key that is set; warn about unknown keys that are empty."""
+    unknown = sorted(set(raw) - set(known))
+    for key in unknown:
+        if raw[key] not in (None, False, {}, [], ""):
+            raise AdapterLoadError(f"{path}: {key}={raw[key]!r} is a setting lorakit does not know (from a newer PEFT "
+                                   "or lorakit?); lorakit refuses it rather than ignore something that may change "
+                                   "the outputs")
+    if unknown:
+        warnings.warn(f"{path}: ignoring keys lorakit does not know: {unknown} (all empty)", stacklevel=4)
+
+
+def _from_peft(path: Path, raw: dict) -> LoRAConfig:
+    missing = [key for key in REQUIRED if key not in raw]
+    if missing:
+        raise AdapterLoadError(f"{path} has no {missing[0]!r}, which decides the outputs; expected a PEFT LoRA config "
+                               f"with {', '.join(REQUIRED)} (PEFT writes them all; use_rslora is false for adapters "
+                               "saved before PEFT 0.7)")
+    try:
+        for key, (_, check) in READ.items():
+            if key in raw:
+                check(key, raw[key])
+        if raw["target_modules"] is None:
+            raise ValueError("target_modules=None names no module; expected the adapted modules' names or a regex")
+        for key, value in raw.items():
+            if key in REFUSED_UNLESS and not _is_default(value, REFUSED_UNLESS[key][0]):
+                default, why = REFUSED_UNLESS[key]
+                raise ValueError(f"{key}={value!r} is not supported ({why}); lorakit loads {key}={default!r} only")
+            wrong_type = key in METADATA and (not isinstance(value, METADATA[key]) or
+                                              (METADATA[key] is int and isinstance(value, bool)))
+            if wrong_type:
+                raise TypeError(f"{key}={value!r} has the wrong type; expected {_type_names(METADATA[key])}")
+        check_choice("lorakit_mode", raw.get("lorakit_mode", "module"), {"module", "parametrize"})
+    except (TypeError, ValueError) as err:
+        raise AdapterLoadError(f"{path}: {err}") from None
+    _unknown(path, raw, {*READ, *REFUSED_UNLESS, *METADATA, "peft_type", "init_lora_weights", "lorakit_mode"})
+    kwargs = {ours: raw[key] for key, (ours, _) in READ.items() if raw.get(key) is not None}
+    init = _peft_init(path, raw.get("init_lora_weights", True))
+    return LoRAConfig(**kwargs, init=init, mode=raw.get("lorakit_mode", "module"))
+
+
+def _type_names(types) -> str:
+    types = types if isinstance(types, tuple) else (types,)
+    return " or ".join("null" if t is NoneType else t.__name__ for t in types)
+
+
+# -- lorakit's own files ------------------------------------------------------------------------------
+def lorakit_type(cls: type) -> str:
+    return f"LORAKIT_{cls.__name__.upper()}"
+
+
+KINDS = {lorakit_type(c): c for c in (configs.LoRAConfig, configs.AdapterConfig, configs.PromptConfig,
+                                        configs.CLoRAConfig)}
+OPTIONAL_FIELDS = {"exclude", "modules_to_save", "adapter_dtype", "target_parameter"}  # a default that cannot mislead
+
+
+def _from_lorakit(path: Path, raw: dict, cls: type):
+    fields = [f.name for f in dataclasses.fields(cls)]
+    missing = [f for f in fields if f not in raw and f not in OPTIONAL_FIELDS]
+    if missing:
+        raise AdapterLoadError(f"{path} has no {missing[0]!r}; a {raw['peft_type']} config holds every field of "
+                               f"{cls.__name__}: {', '.join(fields)}")
+    if not isinstance(raw.get("lorakit_reason", ""), str):
+        raise AdapterLoadError(f"{path}: lorakit_reason={raw['lorakit_reason']!r} is not a string")
+    _unknown(path, raw, {*fields, "peft_type", "lorakit_reason"})
+    try:
+        return cls(**{f: raw[f] for f in fields if f in raw})
+    except (TypeError, ValueError) as err:
+        raise AdapterLoadError(f"{path}: {err}") from None
+
+
+def read_config(directory: str | Path) -> FileConfig:
+    """The validated config in ``directory/adapter_config.json``; :class:`AdapterLoadError` otherwise."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise AdapterLoadError(f"{path} does not exist; an adapter folder holds {CONFIG_FILE} and {WEIGHTS_FILE}")
+    try:
+        raw = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise AdapterLoadError(f"{path} is not valid JSON (truncated or corrupted?): {err}") from None
+    except OSError as err:
+        raise AdapterLoadError(f"{path} cannot be read: {err}") from None
+    if not isinstance(raw, dict) or "peft_type" not in raw:
+        raise AdapterLoadError(f"{path} has no 'peft_type'; expected a PEFT adapter config such as "
+                               "{'peft_type': 'LORA', 'r': 8, ...}")
+    kind = raw["peft_type"]
+    if kind == "LORA":
+        return FileConfig(_from_peft(path, raw), True, path)
+    if isinstance(kind, str) and kind in KINDS:
+        return FileConfig(_from_lorakit(path, raw, KINDS[kind]), False, path)
+    raise AdapterLoadError(f"{path}: peft_type={kind!r} is not one lorakit loads; expected one of {['LORA', *KINDS]}")
+
+
+# -- writing ------------------------------------------------------------------------------------------
+def _conv_mismatch(module: nn.Module) -> str | None:
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        dilated = any(d != 1 for d in module.dilation)
+        if module.padding_mode != "zeros" or dilated:
+            return (f"padding_mode={module.padding_mode!r}, dilation={module.dilation}: PEFT's LoRA convolution "
+                    "pads with zeros and has no dilation, lorakit's follows the base convolution")
+    return None
+
+
+def peft_mismatch(model: nn.Module, name: str) -> str | None:
+    """Why PEFT would compute other outputs than lorakit for LoRA adapter ``name`` on ``model``, else None."""
+    aliases = module_paths(model)
+    for path, layer in adapter_layers(model):
+        if name in layer.adapter_names and not isinstance(layer, ModulesToSave):
+            if len(aliases[id(layer)]) > 1:
+                return f"layer {path!r} is shared with {aliases[id(layer)][1]!r}; PEFT would adapt one path only"
+            reason = _conv_mismatch(layer.base_layer)
+            if reason:
+                return f"layer {path!r} has {reason}"
+    for path, module, pname, lora in parametrizations(model):
+        if lora.adapter_name != name:
+            continue
+        peft_layer = isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)) or is_hf_conv1d(module)
+        if pname != "weight" or not peft_layer:
+            return f"{path}.{pname} of a {type(module).__name__} is adapted in parametrize form, which PEFT has no layer for"
+        if parent_reading(model, path) is not None:
+            return f"{path!r} is read directly by its parent {type(parent_reading(model, path)).__name__}, which " \
+                   "would bypass PEFT's wrapper"
+        if len(aliases[id(module)]) > 1:
+            return f"layer {path!r} is shared with {aliases[id(module)][1]!r}; PEFT would adapt one path only"
+        reason = _conv_mismatch(module)
+        if reason:
+            return f"layer {path!r} has {reason}"
+    return None
+
+
+def _exact_targets(model: nn.Module, name: str) -> tuple[object, list[str]]:
+    """The adapted layers as PEFT target_modules (a list, or an exact regex where a list would match more),
+    and the modules_to_save paths."""
+    layers = [p for p, layer in adapter_layers(model) if name in layer.adapter_names and not isinstance(layer, ModulesToSave)]
+    layers += [p for p, _, _, lora in parametrizations(model) if lora.adapter_name == name]
+    saved = [p for p, layer in adapter_layers(model) if isinstance(layer, ModulesToSave) and name in layer.adapter_names]
+    targets = sorted(set(layers))
+    others = [n for n, _ in candidate_modules(model) if n not in targets]
+    if any(o.endswith("." + t) for o in others for t in targets):
+        return "|".join(re.escape(t) for t in targets), saved
+    return targets, saved
+
+
+def config_to_json(model: nn.Module, cfg, name: str, reason: str | None) -> dict:
+    """The ``adapter_config.json`` of adapter ``name``: PEFT's LoRA when ``reason`` is None, else lorakit's own.
+
+    A PiSSA adapter (``init="svd"``) in PEFT's format is the plain rank-2r adapter :func:`pissa_as_plain` builds,
+    at the same scale: alpha doubles (alpha / r) or grows by sqrt(2) (rsLoRA, alpha / sqrt(r)).
+    """
+    if not isinstance(cfg, LoRAConfig):
+        return {"peft_type": lorakit_type(type(cfg)), **dataclasses.asdict(cfg)}
+    targets, saved = _exact_targets(model, name)
+    if reason is not None:
+        exact = dataclasses.replace(cfg, targets=targets, exclude=None, modules_to_save=saved or None)
+        return {"peft_type": lorakit_type(LoRAConfig), **dataclasses.asdict(exact), "lorakit_reason": reason}
+    rank, alpha = cfg.rank, cfg.alpha
+    if cfg.init == "svd":
+        rank, alpha = 2 * rank, alpha * (math.sqrt(2) if cfg.rslora else 2)
+    paths = [p for p, layer in adapter_layers(model) if name in layer.adapter_names and not isinstance(layer, ModulesToSave)]
+    conv1d = any(is_hf_conv1d(model.get_submodule(p).base_layer) for p in paths)
+    conv1d |= any(is_hf_conv1d(m) for _, m, _, lora in parametrizations(model) if lora.adapter_name == name)
+    return {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
+            "r": rank, "lora_alpha": alpha, "lora_dropout": cfg.dropout, "target_modules": targets,
+            "use_rslora": cfg.rslora, "modules_to_save": saved or None, "fan_in_fan_out": conv1d, "bias": "none",
+            "init_lora_weights": True, "use_dora": False,
+            **({"lorakit_mode": cfg.mode} if cfg.mode != "module" else {})}
