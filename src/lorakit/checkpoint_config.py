@@ -145,7 +145,7 @@ def _unknown(path: Path, raw: dict, known) -> None:
                                    "or lorakit?); lorakit refuses it rather than ignore something that may change "
                                    "the outputs")
     if unknown:
-        warnings.warn(f"{path}: ignoring keys lorakit does not know: {unknown} (all empty)", stacklevel=4)
+        warnings.warn(f"{path}: ignoring keys lorakit does not know: {unknown} (all empty)", stacklevel=5)
 
 
 def _from_peft(path: Path, raw: dict) -> LoRAConfig:
