@@ -9,11 +9,11 @@ from torch import nn
 
 import lorakit as lk
 from lorakit.cli import main as cli_main
-from lorakit.experiments import digit_stream
+from lorakit.experiments import digit_stream as experiment
 from lorakit.experiments.digit_stream import METHODS, DigitStreamConfig, is_plain, run
 from lorakit.experiments.stream_data import (Stage, average_accuracy, backward_transfer, digit_stream, rotate,
                                              rotation_stream, seen_average, with_replay)
-from lorakit.experiments.stream_report import matrix_table
+from lorakit.experiments.stream_report import compare_table, matrix_table
 
 
 # -- rotation -------------------------------------------------------------------------------------------
@@ -114,7 +114,7 @@ def test_is_plain_sees_adapters_and_size():
 
 # -- a 2-stage stream on the real MNIST ------------------------------------------------------------------
 def smoke_config(tmp_path, **changes) -> DigitStreamConfig:
-    options = dict(angles=[0.0, 40.0], seeds=[0], steps=6, batch_size=32, pretrain_steps=200, test_size=500,
+    options = dict(angles=[0.0, 40.0], seeds=[0], steps=4, batch_size=32, pretrain_steps=100, test_size=500,
                    stage_train_size=600, threads=1, cache_dir=str(tmp_path / "cache"))
     return DigitStreamConfig(**{**options, **changes})
 
@@ -148,6 +148,9 @@ def test_two_stage_stream_then_resume_without_training(tmp_path, monkeypatch, ca
         assert (out / name).is_file()
     assert (out / "heatmap_full.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| before any stage |" in matrix_table(saved, "lora-preserve")
+    after_first = [line for line in compare_table(saved, "lora-preserve").splitlines() if "after rotated 0°" in line][0]
+    preserve_first, full_first = rows["lora-preserve"]["accuracy_matrix"][0][0], rows["full"]["accuracy_matrix"][0][0]
+    assert f"| {preserve_first:.1f} / {full_first:.1f} |" in after_first
     cells = {p.name: p.read_bytes() for p in (out / "cells").iterdir()}
     assert len(cells) == len(METHODS)
     capsys.readouterr()
@@ -156,7 +159,7 @@ def test_two_stage_stream_then_resume_without_training(tmp_path, monkeypatch, ca
         raise AssertionError("a resumed run trained, evaluated or loaded data")
 
     for name in ("train", "evaluate", "load_data", "pretrained"):
-        monkeypatch.setattr(digit_stream, name, no_work)
+        monkeypatch.setattr(experiment, name, no_work)
     again = run(smoke_config(tmp_path, resume=True), out)
     assert capsys.readouterr().out.count("skipped") == len(METHODS)
     assert {p.name: p.read_bytes() for p in (out / "cells").iterdir()} == cells
@@ -226,7 +229,7 @@ def test_resume_refuses_cells_made_with_other_options(tmp_path, capsys):
     (out / "cells" / "lora-merge-seed0.json").write_text(json.dumps({"protocol": other.protocol(), "row": {}}))
     code = cli_main(["run", "digit-stream", "--resume", "--seeds", "0", "--methods", "lora-merge", "--out", str(out)])
     assert code == 1
-    assert "steps=7 (now 200)" in capsys.readouterr().err
+    assert f"steps=7 (now {DigitStreamConfig().steps})" in capsys.readouterr().err
     assert sorted(p.name for p in out.rglob("*")) == ["cells", "lora-merge-seed0.json"]  # nothing written
 
 

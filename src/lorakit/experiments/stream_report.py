@@ -124,6 +124,30 @@ def matrix_table(results: dict, method: str) -> str:
     return report.markdown_table([f"{method}: accuracy % on →", *s["stages"], "average"], rows)
 
 
+def compare_table(results: dict, method: str, other: str = "full") -> str:
+    """Two methods' mean accuracy matrices in one Markdown table, each cell 'method / other' (for the README)."""
+    a, b = _summary_of(results, method), _summary_of(results, other)
+    rows = [["before any stage", *[f"{v:.1f}" for v in a["accuracy_before_mean"]],
+             f"{statistics.fmean(a['accuracy_before_mean']):.1f}"]]
+    for i, name in enumerate(a["stages"]):
+        ra, rb = a["accuracy_matrix_mean"][i], b["accuracy_matrix_mean"][i]
+        rows.append([f"after {name}", *[f"{x:.1f} / {y:.1f}" for x, y in zip(ra, rb)],
+                     f"{statistics.fmean(ra):.1f} / {statistics.fmean(rb):.1f}"])
+    return report.markdown_table([f"{method} / {other}: accuracy % on →", *a["stages"], "average"], rows)
+
+
+def all_digits_table(results: dict) -> str:
+    """Digits stream: accuracy on the whole test set (all ten digits) before and after each stage, mean over seeds."""
+    rows = [r for r in results["rows"] if "all_digits_accuracy" in r]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    body = []
+    for method in methods:
+        values = np.mean([r["all_digits_accuracy"] for r in rows if r["method"] == method], 0)
+        body.append([method, *[f"{v:.1f}" for v in values]])
+    stages = len(body[0]) - 2
+    return report.markdown_table(["method", "before", *[f"after stage {k}" for k in range(stages)]], body)
+
+
 def summary_table(results: dict) -> str:
     """One line per method: final average accuracy, BWT, parameters trained/stored per stage, time."""
     rows = []
@@ -187,6 +211,12 @@ def render(results: dict, figures: bool = True) -> str:
               "0 s = reused from the cache).", ""]
     if not results["complete"]:
         lines += ["**Incomplete**: the run has not finished every cell yet (continue with --resume).", ""]
+    if any("all_digits_accuracy" in r for r in results["rows"]):
+        lines += ["## All ten digits", "",
+                  "Each stage's test set holds one digit, so a model that answers that digit for every image scores "
+                  "100 % on it (and adapters-per-stage, told the stage, is trivially perfect). What fixing a digit does "
+                  "to the others shows on the whole test set (adapters-per-stage with its newest adapter):", "",
+                  all_digits_table(results), ""]
     if figures:
         lines += ["## Average accuracy against stage", "",
                   "Left: over the stages seen so far (mean of R[i][0..i]); right: over all stages' test sets "
