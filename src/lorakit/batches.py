@@ -69,6 +69,7 @@ class BatchOrder:
             if self.shuffle:  # RandomSampler's trailing (empty) permutation at the end of every epoch
                 torch.randperm(self.num_examples, generator=self.generator)
             self.epoch, self.position, self._order = self.epoch + 1, 0, None
+            self._epoch_state = self.generator.get_state()  # a state saved now must start the next epoch
         return self._slice(global_batch)
 
     def _slice(self, global_batch: list[int]) -> Batch:
