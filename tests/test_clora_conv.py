@@ -158,3 +158,43 @@ def test_a_rank_that_compresses_nothing_is_refused(tmp_path, capsys, monkeypatch
     assert main(argv) == 1
     assert "ranks [16] compress none of" in capsys.readouterr().err
     assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_a_cell_killed_half_way_resumes_to_the_same_compressed_model(tmp_path, monkeypatch):
+    import torch
+
+    import lorakit as lk
+    from lorakit.experiments.compress_cells import Fit, clora_cell
+    from lorakit.models import vgg_small
+    from lorakit.train import TrainConfig
+
+    torch.manual_seed(0)
+    dense = vgg_small(widths=WIDTHS, hidden=HIDDEN)
+    data = (torch.rand(64, 1, 28, 28), torch.randint(0, 10, (64,)))
+    cfg = lk.CLoRAConfig(rank=2, targets=["features.conv1_2", "classifier.fc1"], decay_start=0.1, decay_end=0.9,
+                         noise="scheduled", modules_to_save=["classifier.fc2"])
+
+    def fit(resume: bool) -> Fit:  # 8 steps; the training state is saved every 2
+        return Fit(data, TrainConfig(batch_size=16, epochs=2, seed=3, checkpoint_every=2), resume=resume)
+
+    whole, _ = clora_cell(dense, cfg, 7, fit(False))
+    state = tmp_path / "cell.state"
+    step = lk.DecaySchedule.step
+
+    def killed_at_step_5(schedule):
+        d = step(schedule)
+        if schedule.last_step == 5:
+            raise KeyboardInterrupt("killed")
+        return d
+
+    monkeypatch.setattr(lk.DecaySchedule, "step", killed_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        clora_cell(dense, cfg, 7, fit(True), state)
+    assert state.is_file()
+    monkeypatch.setattr(lk.DecaySchedule, "step", step)
+    resumed, history = clora_cell(dense, cfg, 7, fit(True), state)
+    assert history.steps == 8 and not state.exists()
+    expected = whole.state_dict()
+    assert resumed.state_dict().keys() == expected.keys()
+    for key, tensor in resumed.state_dict().items():
+        assert torch.equal(tensor, expected[key]), key

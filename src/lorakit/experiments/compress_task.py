@@ -9,7 +9,7 @@ rows add ``inference_ratio`` (compressed / dense time of a forward pass, interle
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol
 
@@ -22,8 +22,14 @@ from .compress_cells import (CLORA_VARIANTS, CellsConfig, Fit, Key, add_cell_arg
 
 @dataclass
 class CompressionConfig(CellsConfig):
-    """:class:`CellsConfig` plus what :func:`compression_rows` needs: inference timing, cell states, a dense cache."""
+    """:class:`CellsConfig` plus what :func:`compression_rows` needs: inference timing, cell states, a dense cache;
+    by default the issue's variants (C-LoRA noise+bias and wds, plain SVD, SVD and asvd + fine-tune)."""
 
+    variants: list[str] = field(default_factory=lambda: ["dense", "noise+bias", "wds", "svd", "svd+finetune",
+                                                         "asvd+finetune"])
+    epochs: float = 2.0
+    """Epochs of every compressed cell: C-LoRA and the SVD fine-tunes alike (an equal budget)."""
+    threads: int = 2
     timing_rounds: int = 7
     """Interleaved rounds of the inference timing (on the plain-svd rows); 0 skips it."""
     timing_batch: int = 256
