@@ -42,7 +42,8 @@ def cases(minilm: bool) -> list[tuple]:
     out = [(f"MLP fc1, fc2, rank {r}", mlp, _compressed(mlp, ["fc1", "fc2"], r), lambda b: (torch.randn(b, 784),),
             BATCHES, 200) for r in (16, 32, 64)]
     cnn = vgg_small().eval()
-    out += [(f"VGG-small convs + fc1, rank {r}", cnn, _compressed(cnn, compressible_targets(cnn, conv_targets(cnn), r), r),
+    out += [(f"VGG-small convs + fc1, rank {r}", cnn,
+             _compressed(cnn, compressible_targets(cnn, conv_targets(cnn), r), r),
              lambda b: (torch.randn(b, 1, 28, 28),), BATCHES, 20) for r in (6, 11)]
     if minilm:
         from lorakit.models.hf import load_hf_model

@@ -109,7 +109,8 @@ def main(args: argparse.Namespace) -> int:
 # -- the pieces -----------------------------------------------------------------------------------
 def load_data(cfg: CLoRAConvConfig):
     """(train images, labels), (test images, labels); images float (N, C, H, W) in [0, 1]."""
-    (images, labels), (test_images, test_labels) = (LOADERS[cfg.dataset](cfg.data_dir, split) for split in ("train", "test"))
+    load = LOADERS[cfg.dataset]
+    (images, labels), (test_images, test_labels) = load(cfg.data_dir, "train"), load(cfg.data_dir, "test")
 
     def as_float(x: torch.Tensor) -> torch.Tensor:
         x = to_float(x)

@@ -150,8 +150,8 @@ class TransformerTask:
                                                  "dense_epochs", "batch_size", "dense_lr", "warmup_steps")}
         digest = hashlib.sha1(json.dumps(protocol, sort_keys=True).encode()).hexdigest()[:12]
         name = f"seed{seed}-{digest}"
-        seconds = cached_dense(self.cache / f"{name}.safetensors", model, self._fit(cfg.dense_lr, cfg.dense_epochs, seed),
-                               state_path=self.cache / f"{name}.state")
+        fit = self._fit(cfg.dense_lr, cfg.dense_epochs, seed)
+        seconds = cached_dense(self.cache / f"{name}.safetensors", model, fit, state_path=self.cache / f"{name}.state")
         return model, seconds
 
     def layers(self, rank: int) -> list[str]:
@@ -161,7 +161,8 @@ class TransformerTask:
         return self._fit(self.cfg.lr, self.cfg.epochs, seed)
 
     def calibration(self, seed: int) -> list:
-        pick = torch.randperm(len(self.train), generator=torch.Generator().manual_seed(seed))[: self.cfg.calibration_size]
+        pick = torch.randperm(len(self.train), generator=torch.Generator().manual_seed(seed))
+        pick = pick[: self.cfg.calibration_size]
         examples = [self.train[int(i)] for i in pick]
         return [self.collator(examples[i:i + 32]) for i in range(0, len(examples), 32)]
 

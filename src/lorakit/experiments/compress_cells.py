@@ -52,7 +52,7 @@ class CellsConfig:
     ranks: list[int] = field(default_factory=lambda: [16, 32, 64])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     epochs: float = 30.0
-    """C-LoRA training epochs."""
+    """C-LoRA training epochs (and, where the experiment says so, the SVD fine-tunes')."""
     dense_epochs: float = 30.0
     """Dense (pre-)training epochs."""
     batch_size: int = 30
@@ -97,11 +97,13 @@ def comma_list(kind):
 
 def add_cell_arguments(parser: argparse.ArgumentParser, d: CellsConfig) -> None:
     """The flags of :class:`CellsConfig`'s fields, with ``d``'s values as defaults."""
-    parser.add_argument("--variants", type=comma_list(str), default=d.variants, help="comma-separated: " + ",".join(ALL_VARIANTS))
+    parser.add_argument("--variants", type=comma_list(str), default=d.variants,
+                        help="comma-separated: " + ",".join(ALL_VARIANTS))
     parser.add_argument("--inits", type=comma_list(str), default=d.inits, help="comma-separated: random,svd")
     parser.add_argument("--ranks", type=comma_list(int), default=d.ranks, help="comma-separated ranks")
     parser.add_argument("--seeds", type=comma_list(int), default=d.seeds, help="comma-separated seeds")
-    parser.add_argument("--epochs", type=float, default=d.epochs, help="C-LoRA training epochs")
+    parser.add_argument("--epochs", type=float, default=d.epochs,
+                        help="C-LoRA training epochs (clora-conv, clora-transformer: the SVD fine-tunes' too)")
     parser.add_argument("--dense-epochs", type=float, default=d.dense_epochs)
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
     parser.add_argument("--lr", type=float, default=d.lr)
@@ -207,7 +209,9 @@ class Fit:
 
     def __call__(self, model: nn.Module, params: Optional[list] = None, on_step=None, stateful=None,
                  state_path: Optional[Path] = None) -> TrainHistory:
-        cfg = self.config if state_path is None else replace(self.config, state_path=str(state_path), resume=self.resume)
+        cfg = self.config
+        if state_path is not None:
+            cfg = replace(cfg, state_path=str(state_path), resume=self.resume)
         history = train(model, self.data, cfg, params=params, on_step=on_step, stateful=stateful, **self.options)
         if state_path is not None:
             Path(state_path).unlink(missing_ok=True)  # the cell is done; its row is the record

@@ -72,7 +72,8 @@ def gap_targets(summary: list[dict], limits: Sequence[tuple[float, float]]) -> l
         best = max(fits, key=lambda s: s["accuracy_mean"])
         gap = reference["accuracy_mean"] - best["accuracy_mean"]
         lines.append(f"- best C-LoRA at a ratio of {100 * limit:g} % or less: {best['method']}, rank {best['rank']} "
-                     f"({100 * best['compression_ratio']:.1f} %), {best['accuracy_mean']:.2f} ± {best['accuracy_std']:.2f} % "
+                     f"({100 * best['compression_ratio']:.1f} %), "
+                     f"{best['accuracy_mean']:.2f} ± {best['accuracy_std']:.2f} % "
                      f"against dense {reference['accuracy_mean']:.2f} ± {reference['accuracy_std']:.2f} %: gap "
                      f"{gap:+.2f} pp (target <= {allowed:g} pp): **{'met' if gap <= allowed else 'not met'}**")
     return lines
@@ -116,7 +117,8 @@ def write_table(out: Path, head: dict, rows: list[dict], seconds: float, made_by
     report.write_report(out, render(results))
     if final:
         dense = [s["accuracy_mean"] for s in results["summary"] if s["variant"] == "dense"]
-        plot_accuracy_vs_ratio(out / "accuracy_vs_ratio.png", results["summary"], low=max(0.0, (dense or [100])[0] - 15),
+        low = max(0.0, (dense or [100])[0] - 15)
+        plot_accuracy_vs_ratio(out / "accuracy_vs_ratio.png", results["summary"], low=low,
                                xticks=rank_ticks(results["summary"]), **plot_options)
     return results
 
