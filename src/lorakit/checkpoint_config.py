@@ -96,6 +96,7 @@ REFUSED_UNLESS = {  # PEFT key -> (the only value lorakit loads, what another va
     "monteclora_config": (None, "MonteCLoRA samples the adapters"),
     "megatron_config": (None, "it builds Megatron parallel layers"),
     "ensure_weight_tying": (False, "it ties adapter copies across tied layers"),
+    "velora_config": (None, "VeLoRA saves extra per-layer state (lora_velora_embed) for its backward pass"),
 }
 
 _OPTIONAL_STR = (str, NoneType)
@@ -106,7 +107,6 @@ METADATA = {  # keys that describe the file, not the outputs -> accepted types
     "layers_pattern": (str, list, NoneType),  # used only with layers_to_transform
     "megatron_core": _OPTIONAL_STR, "qalora_group_size": int, "loftq_config": dict,  # used only with their option
     "eva_config": (dict, NoneType), "corda_config": (dict, NoneType), "lora_ga_config": (dict, NoneType),
-    "velora_config": (dict, NoneType),  # VeLoRA changes only the backward pass
     "runtime_config": object,  # PEFT drops it when reading
 }
 
@@ -116,7 +116,7 @@ INIT_FACTORS_ONLY = (True, False, "gaussian", "orthogonal", "eva", "mica")
 INIT_REFUSED = {"olora": "OLoRA", "corda": "CorDA", "loftq": "LoftQ", "lora_ga": "LoRA-GA"}
 
 
-def _peft_init(path: Path, value) -> str:
+def _peft_init(value) -> str:
     """lorakit's ``init`` for PEFT's ``init_lora_weights``; 'pissa' is lorakit's 'svd' (the same residual W)."""
     if any(value is v or (isinstance(value, str) and value == v) for v in INIT_FACTORS_ONLY):
         return "kaiming"
@@ -126,9 +126,9 @@ def _peft_init(path: Path, value) -> str:
                "writes a plain LoRA adapter on the original base")
     if isinstance(value, str) and (value in INIT_REFUSED or value.startswith("pissa_niter_")):
         what = INIT_REFUSED.get(value, "fast (randomised) PiSSA")
-        raise AdapterLoadError(f"{path}: init_lora_weights={value!r} is not supported: {what} changes the base weights "
+        raise ValueError(f"init_lora_weights={value!r} is not supported: {what} changes the base weights "
                                f"at the start in a way the saved factors do not record; {convert}")
-    raise AdapterLoadError(f"{path}: init_lora_weights={value!r} is not supported; expected one of "
+    raise ValueError(f"init_lora_weights={value!r} is not supported; expected one of "
                            f"{list(INIT_FACTORS_ONLY) + ['pissa']}")
 
 
@@ -154,26 +154,25 @@ def _from_peft(path: Path, raw: dict) -> LoRAConfig:
         raise AdapterLoadError(f"{path} has no {missing[0]!r}, which decides the outputs; expected a PEFT LoRA config "
                                f"with {', '.join(REQUIRED)} (PEFT writes them all; use_rslora is false for adapters "
                                "saved before PEFT 0.7)")
-    try:
+    try:  # the settings lorakit refuses first: their names explain more than another key's type
+        for key, (default, why) in REFUSED_UNLESS.items():
+            if key in raw and not _is_default(raw[key], default):
+                raise ValueError(f"{key}={raw[key]!r} is not supported ({why}); lorakit loads {key}={default!r} only")
+        init = _peft_init(raw.get("init_lora_weights", True))
         for key, (_, check) in READ.items():
             if key in raw:
                 check(key, raw[key])
         if raw["target_modules"] is None:
             raise ValueError("target_modules=None names no module; expected the adapted modules' names or a regex")
-        for key, value in raw.items():
-            if key in REFUSED_UNLESS and not _is_default(value, REFUSED_UNLESS[key][0]):
-                default, why = REFUSED_UNLESS[key]
-                raise ValueError(f"{key}={value!r} is not supported ({why}); lorakit loads {key}={default!r} only")
-            wrong_type = key in METADATA and (not isinstance(value, METADATA[key]) or
-                                              (METADATA[key] is int and isinstance(value, bool)))
-            if wrong_type:
-                raise TypeError(f"{key}={value!r} has the wrong type; expected {_type_names(METADATA[key])}")
+        for key, types in METADATA.items():
+            value = raw.get(key)
+            if key in raw and (not isinstance(value, types) or (types is int and isinstance(value, bool))):
+                raise TypeError(f"{key}={value!r} has the wrong type; expected {_type_names(types)}")
         check_choice("lorakit_mode", raw.get("lorakit_mode", "module"), {"module", "parametrize"})
     except (TypeError, ValueError) as err:
         raise AdapterLoadError(f"{path}: {err}") from None
     _unknown(path, raw, {*READ, *REFUSED_UNLESS, *METADATA, "peft_type", "init_lora_weights", "lorakit_mode"})
     kwargs = {ours: raw[key] for key, (ours, _) in READ.items() if raw.get(key) is not None}
-    init = _peft_init(path, raw.get("init_lora_weights", True))
     return LoRAConfig(**kwargs, init=init, mode=raw.get("lorakit_mode", "module"))
 
 
