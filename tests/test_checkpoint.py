@@ -1,18 +1,21 @@
 """Adapter checkpoints: PEFT's file layout and key names, and atomic writes (old file or new, never half)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import lorakit as lk
 from lorakit import _io
-from conftest import FACTORIES, perturb_adapters
+from conftest import FACTORIES, assert_same_state, perturb_adapters, state_snapshot
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -190,3 +193,104 @@ def test_target_list_that_would_overmatch_is_saved_exactly(tmp_path):
     theirs = peft.PeftModel.from_pretrained(seeded_nested(), str(tmp_path))
     assert type(theirs.base_model.model.block.layer) is torch.nn.Linear
     torch.testing.assert_close(theirs(x), model(x))
+
+
+# -- loading into a merged adapter ----------------------------------------------------------------------
+def base_weight(model, mode):
+    return model.layer.base_layer.weight if mode == "module" else model.layer.parametrizations.weight.original
+
+
+@pytest.mark.parametrize("mode", ["module", "parametrize"])
+def test_load_into_a_merged_adapter_unmerges_first_and_merges_the_new_values(mode, tmp_path):
+    """Before: the factors were overwritten while merged, so unmerge subtracted the wrong delta (max |W-W0| 1.12)."""
+    source = adapted(seed=1, mode=mode)
+    lk.save_adapter(source, tmp_path)
+    x = FACTORIES["linear"]().example_input()
+    model = adapted(seed=2, mode=mode)  # the same config, other values
+    w0 = base_weight(model, mode).detach().clone()
+    lk.merge(model)
+    lk.load_adapter(model, tmp_path)
+    assert (model.layer.merged_adapter == "default") if mode == "module" else \
+        model.layer.parametrizations.weight[0].merged
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), source(x), atol=1e-5, rtol=1e-5)
+        lk.unmerge(model)
+        assert (base_weight(model, mode) - w0).abs().max() < 1e-6
+        torch.testing.assert_close(model(x), source(x), atol=1e-5, rtol=1e-5)
+
+
+def test_failed_load_into_a_merged_adapter_changes_nothing(tmp_path):
+    lk.save_adapter(adapted(seed=1), tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    tensors["base_model.model.head.lora_B.weight"][0, 0] = float("inf")
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    model = adapted(seed=2)
+    lk.merge(model)
+    before = state_snapshot(model)
+    with pytest.raises(lk.AdapterLoadError, match="non-finite"):
+        lk.load_adapter(model, tmp_path)
+    assert_same_state(model, before)
+
+
+# -- wrapped models: DDP, FSDP2 (fully_shard), torch.compile; a 1-process gloo group ----------------------
+@contextlib.contextmanager
+def process_group():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{port}")
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def wrap(model, kind):
+    if kind == "ddp":
+        return torch.nn.parallel.DistributedDataParallel(model)
+    if kind == "compile":
+        torch._dynamo.reset()
+        return torch.compile(model, backend="eager")
+    from torch.distributed.fsdp import fully_shard
+    fully_shard(model.layer)
+    fully_shard(model)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["ddp", "fsdp2", "compile"])
+def test_wrapped_model_saves_the_plain_models_file_and_loads_through_the_wrapper(kind, tmp_path):
+    settings = dict(targets=["layer"], modules_to_save=["head"])
+    x = FACTORIES["linear"]().example_input()
+    plain = adapted(seed=1, **settings)
+    with torch.no_grad():
+        expected = plain(x)
+    lk.save_adapter(plain, tmp_path / "plain")
+    with process_group():
+        model = adapted(seed=1, **settings)
+        wrapped = wrap(model, kind)
+        if kind == "fsdp2":
+            from torch.distributed.tensor import DTensor
+            assert isinstance(model.layer.lora_A["default"].weight, DTensor)
+        lk.save_adapter(wrapped, tmp_path / "wrapped")
+        theirs, ours = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("plain", "wrapped"))
+        assert list(ours) == list(theirs) and not any("module." in k or "_orig_mod" in k for k in ours)
+        assert all(ours[k].shape == theirs[k].shape and torch.equal(ours[k], theirs[k]) for k in theirs)
+        assert (tmp_path / "wrapped" / "adapter_config.json").read_text() == \
+            (tmp_path / "plain" / "adapter_config.json").read_text()
+
+        other = adapted(seed=2, **settings)  # the same adapter with other values, loaded into through the wrapper
+        wrapped = wrap(other, kind)
+        assert lk.load_adapter(wrapped, tmp_path / "plain") is wrapped
+        with torch.no_grad():
+            torch.testing.assert_close(wrapped(x), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_with_a_process_group_a_failed_write_raises(tmp_path, monkeypatch):
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(_io, "save_tensors", full_disk)
+    with process_group():
+        with pytest.raises(OSError, match="No space left"):
+            lk.save_adapter(adapted(), tmp_path)
+    assert not (tmp_path / "adapter_config.json").exists()
