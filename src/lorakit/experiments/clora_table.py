@@ -194,7 +194,8 @@ def render(results: dict) -> str:
         rows = [[r, b["method"], f"{b['accuracy_mean']:.2f}", max(SEED_TABLE[r][1].values()) if r in SEED_TABLE else None]
                 for r, b in sorted(best.items())]
         lines += [report.markdown_table(["rank", "best method", "accuracy %", "seed's best %"], rows), ""]
-    lines += merged_runs(results["made_by"])
+    lines += merged_runs(results["made_by"], "## Runs merged into this table", "Seeds and methods ran in separate "
+                         "processes (same protocol), then merged with `--report-only --merge`:")
     return "\n".join(lines)
 
 

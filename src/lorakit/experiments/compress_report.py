@@ -150,13 +150,14 @@ def result_sections(results: dict, limits: Sequence[tuple[float, float]], seed_n
     return lines
 
 
-def merged_runs(made_by: list[dict]) -> list[str]:
-    """The report's section naming the runs whose rows were merged into this table (none: no lines)."""
+def merged_runs(made_by: list[dict], heading: str = "## Earlier runs whose rows this table holds",
+                intro: str = "Processes of this run before a `--resume`, or runs joined with `--merge` (same protocol):"
+                ) -> list[str]:
+    """The report's section naming the runs whose rows this table took over (none: no lines)."""
     if not made_by:
         return []
-    return ["## Runs merged into this table", "",
-            "Seeds and methods ran in separate processes (same protocol), then merged with `--report-only --merge`:",
-            "", *[f"- `{m['command']}` -> {m['rows']} rows, {m['wall_seconds'] / 60:.1f} min" for m in made_by], ""]
+    return [heading, "", intro, "",
+            *[f"- `{m['command']}` -> {m['rows']} rows, {m['wall_seconds'] / 60:.1f} min" for m in made_by], ""]
 
 
 def _by_method(rows: list[dict]) -> dict[str, dict[int, float]]:
