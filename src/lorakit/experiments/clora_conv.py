@@ -167,7 +167,8 @@ class ConvTask:
         return self._fit(self.cfg.epochs, seed)
 
     def calibration(self, seed: int) -> list:
-        return calibration_batches(self.data[0], self.cfg.calibration_size, seed)
+        # batches of 64: asvd unfolds every conv input into (64 * H * W, in * 9) float64 rows to build X^T X
+        return calibration_batches(self.data[0], self.cfg.calibration_size, seed, batch=64)
 
     def accuracy(self, model: nn.Module) -> float:
         return evaluate(model, self.test).accuracy
