@@ -19,14 +19,15 @@ def test_batch_order_equals_a_seeded_dataloader_over_epochs(n, batch, shuffle):
     assert [order.next_batch().indices for _ in expected] == expected
 
 
-def test_batch_order_resumes_mid_epoch():
+@pytest.mark.parametrize("stop", [1, 5, 6, 8, 12])  # 6 batches per epoch: inside epochs and at their ends
+def test_batch_order_resumes_where_it_stopped(stop):
     whole = BatchOrder(23, 4, seed=1)
     expected = [whole.next_batch().indices for _ in range(15)]
     first = BatchOrder(23, 4, seed=1)
-    taken = [first.next_batch().indices for _ in range(8)]  # 6 batches per epoch: stop inside epoch 2
+    taken = [first.next_batch().indices for _ in range(stop)]
     second = BatchOrder(23, 4, seed=1)
     second.load_state_dict(first.state_dict())
-    assert taken + [second.next_batch().indices for _ in range(7)] == expected
+    assert taken + [second.next_batch().indices for _ in range(15 - stop)] == expected
 
 
 @pytest.mark.parametrize("n, batch, world", [(24, 6, 2), (23, 6, 2), (13, 6, 3), (25, 6, 3)])
