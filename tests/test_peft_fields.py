@@ -291,3 +291,27 @@ def test_pissa_reloaded_on_the_original_base_gives_the_trained_outputs(tmp_path)
         torch.testing.assert_close(lk.load_adapter(LINEAR(), tmp_path)(x), trained, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(peft.PeftModel.from_pretrained(LINEAR(), str(tmp_path))(x), trained,
                                    atol=1e-5, rtol=1e-5)
+
+
+def test_a_saved_pissa_adapter_resumes_into_its_own_pissa_start_and_no_other(tmp_path):
+    """Resuming training (inject init='svd' on the same base, then load): the file's second halves are this
+    adapter's start [A0 ; -B0], so A and B load back into the rank-r PiSSA adapter; another start is refused."""
+    cfg = lk.LoRAConfig(rank=2, alpha=4.0, targets=["layer", "head"], init="svd")
+    model = lk.inject(LINEAR(), cfg)
+    perturb_adapters(model, std=0.3)
+    x = model.example_input()
+    with torch.no_grad():
+        trained = model(x)
+    lk.save_adapter(model, tmp_path)
+    resumed = lk.load_adapter(lk.inject(LINEAR(), cfg), tmp_path)
+    assert resumed.layer.lora_A["default"].weight.shape == (2, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(resumed(x), trained, atol=1e-5, rtol=1e-5)
+    other_base = LINEAR()
+    with torch.no_grad():
+        other_base.layer.weight.mul_(1.5)
+    other = lk.inject(other_base, cfg)
+    before = state_snapshot(other)
+    with pytest.raises(lk.AdapterLoadError, match=r"is PiSSA \(rank 2\); .* holds a plain rank-4 adapter whose second half is not this adapter's start"):
+        lk.load_adapter(other, tmp_path)
+    assert_same_state(other, before)

@@ -11,6 +11,8 @@ safetensors, or a PEFT ``.bin`` with ``torch.load(weights_only=True)``; nothing 
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 from pathlib import Path
 
 import torch
@@ -148,6 +150,9 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = "default")
     weights = read_weights(directory)
     configs = getattr(model, "lorakit_configs", {})
     if name in configs:
+        own = _pissa_file_halves(model, name, configs[name], file, weights)
+        if own is not None:  # this PiSSA adapter as save_adapter wrote it: load A, B back into it
+            file, weights = dataclasses.replace(file, config=configs[name]), own
         _check_same_adapter(model, name, configs[name], file)
         check_tensors(weights, {k: t for k, (t, _) in adapter_tensors(model, name).items()}, file)
         _replace_values(model, name, weights)
@@ -155,6 +160,29 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = "default")
         check_tensors(weights, expected_tensors(model, file, name), file)
         _inject_with_values(model, file, name, weights)
     return outer
+
+
+def _pissa_file_halves(model: nn.Module, name: str, existing, file: FileConfig,
+                       weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """When ``file`` is PiSSA adapter ``name`` as :func:`pissa_as_plain` wrote it (rank 2r, the same scale, second
+    halves equal to this adapter's start ``[A0 ; -B0]``), the rank-r tensors (A, B) to load into it; else None."""
+    cfg = file.config
+    if not (isinstance(existing, LoRAConfig) and existing.init == "svd" and isinstance(cfg, LoRAConfig)
+            and cfg.init != "svd" and cfg.rank == 2 * existing.rank and math.isclose(cfg.scale, existing.scale)):
+        return None
+    r, out = existing.rank, dict(weights)
+    for path, layer in adapter_layers(model):
+        start = layer.pissa_initial(name) if name in layer.adapter_names and hasattr(layer, "pissa_initial") else None
+        if start is None:
+            continue
+        key_a, key_b = f"{PREFIX}{path}.lora_A.weight", f"{PREFIX}{path}.lora_B.weight"
+        a, b = weights.get(key_a), weights.get(key_b)
+        a0, b0 = (_gathered(t) for t in start)
+        if a is None or b is None or a.shape != (2 * r, *a0.shape[1:]) or b.shape != (b0.shape[0], 2 * r) or \
+                not torch.allclose(a[r:].to(a0.dtype), a0) or not torch.allclose(b[:, r:].to(b0.dtype), -b0):
+            return None
+        out[key_a], out[key_b] = a[:r], b[:, :r]
+    return out
 
 
 def _check_same_adapter(model: nn.Module, name: str, existing, file: FileConfig) -> None:
@@ -167,6 +195,10 @@ def _check_same_adapter(model: nn.Module, name: str, existing, file: FileConfig)
         if existing.rank == cfg.rank and existing.scale != cfg.scale:
             raise AdapterLoadError(f"{where} has scale {existing.scale:g} but {file.path.parent} needs {cfg.scale:g} "
                                    f"({describe(file)}){hint}")
+        if existing.init == "svd" and cfg.init != "svd" and cfg.rank == 2 * existing.rank:
+            raise AdapterLoadError(f"{where} is PiSSA (rank {existing.rank}); {file.path.parent} holds a plain rank-"
+                                   f"{cfg.rank} adapter whose second half is not this adapter's start [A0 ; -B0] "
+                                   f"(saved from another base?){hint}")
         if (existing.init == "svd") != (cfg.init == "svd"):
             raise AdapterLoadError(f"{where} has init={existing.init!r} but {file.path} has init={cfg.init!r}: a PiSSA "
                                    f"start and a plain one give other outputs from the same factors{hint}")
