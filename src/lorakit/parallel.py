@@ -12,6 +12,7 @@ param_dtype=torch.bfloat16, reduce_dtype=torch.float32)``.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 from torch import nn
@@ -91,3 +92,36 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
     return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
             for k, v in unwrap_model(model).state_dict().items()}
+
+
+# -- used by the training loop ----------------------------------------------------------------------
+def rank_and_world(model: nn.Module) -> tuple[int, int]:
+    """(rank, world size) of the default process group, or (0, 1); several ranks need a wrapped model."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return 0, 1
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    wrapped = isinstance(model, nn.parallel.DistributedDataParallel) or any(
+        type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor" for p in model.parameters())
+    if world > 1 and not wrapped:
+        raise ValueError(f"train() runs in a process group of {world} ranks, but the model is neither wrapped in "
+                         "DistributedDataParallel nor sharded with fully_shard, so its gradients would not be "
+                         "averaged; wrap it first (or train in one process)")
+    return rank, world
+
+
+def gathered(value: Any, world: int) -> list:
+    """``[value of rank 0, value of rank 1, ...]`` on every rank (a list of one in a single process)."""
+    if world == 1:
+        return [value]
+    values = [None] * world
+    torch.distributed.all_gather_object(values, value)
+    return values
+
+
+def global_mean(loss: torch.Tensor, weight: float, world: int) -> float:
+    """The mean loss of the global batch (one host sync per step); NaN on any rank is NaN on every rank."""
+    if world == 1:
+        return loss.item()
+    total = (loss * weight).reshape(1).float()
+    torch.distributed.all_reduce(total)
+    return total.item() / world
