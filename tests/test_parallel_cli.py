@@ -47,3 +47,29 @@ def test_several_processes_with_parallel_none_are_refused(tmp_path, capsys, monk
     assert code == 1
     assert "pass --parallel ddp or --parallel fsdp" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def torchrun(args: list[str], tmp_path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", str(free_port()), "-m", "lorakit", *args],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.integration
+def test_two_process_clora_table_matches_one_process(tmp_path):
+    table = ["run", "clora-table", "--variants", "dense,noise+bias,svd+finetune", "--inits", "svd", "--ranks", "16",
+             "--seeds", "0", "--epochs", "0.02", "--dense-epochs", "0.02", "--batch-size", "30", "--train-size", "1500"]
+    assert cli_main([*table, "--out", str(tmp_path / "one")]) == 0
+    done = torchrun([*table, "--parallel", "ddp", "--out", str(tmp_path / "two")], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = (json.loads((tmp_path / d / "results.json").read_text())["rows"] for d in ("one", "two"))
+    assert [r["variant"] for r in two] == [r["variant"] for r in one]
+    assert [r["accuracy"] for r in two] == pytest.approx([r["accuracy"] for r in one], abs=0.1)
+
+
+def test_compression_tables_refuse_fsdp_naming_ddp(tmp_path, capsys):
+    code = cli_main(["run", "clora-table", "--parallel", "fsdp", "--out", str(tmp_path / "o")])
+    assert code == 1
+    assert "use --parallel ddp" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -36,6 +36,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .. import parallel
 from . import config_from_args, output_dir
 from ..data.vision import load_cifar10, load_fashion_mnist, to_float
 from ..models import vgg_small
@@ -102,7 +103,8 @@ def main(args: argparse.Namespace) -> int:
     cfg = config_from_args(CLoRAConvConfig, args)
     out = output_dir(args.out, "clora-conv")
     run(cfg, out)
-    print(f"wrote {out}/results.json, report.md, accuracy_vs_ratio.png")
+    if parallel.is_main():
+        print(f"wrote {out}/results.json, report.md, accuracy_vs_ratio.png")
     return 0
 
 
@@ -150,7 +152,8 @@ class ConvTask:
     def _fit(self, epochs: float, seed: int) -> Fit:
         cfg = self.cfg
         return Fit(self.data, TrainConfig(lr=cfg.lr, batch_size=cfg.batch_size, epochs=epochs, seed=seed,
-                                          log_every=100, checkpoint_every=cfg.state_every), resume=cfg.resume)
+                                          log_every=100, checkpoint_every=cfg.state_every), resume=cfg.resume,
+                   parallel=cfg.parallel)
 
     def dense(self, seed: int) -> tuple[nn.Module, float]:
         cfg, model = self.cfg, self.build(seed)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 import lorakit as lk
+from .. import parallel
 from . import config_from_args, output_dir
 from .. import report
 from ..data.vision import load_fashion_mnist, to_float
@@ -73,7 +74,8 @@ def main(args: argparse.Namespace) -> int:
     cfg = config_from_args(CLoRATableConfig, args)
     out = output_dir(args.out, "clora-table")
     run(cfg, out)
-    print(f"wrote {out}/results.json, report.md, accuracy_vs_ratio.png")
+    if parallel.is_main():
+        print(f"wrote {out}/results.json, report.md, accuracy_vs_ratio.png")
     return 0
 
 
@@ -87,7 +89,8 @@ def load_data(cfg: CLoRATableConfig):
 
 
 def _fit(cfg: CLoRATableConfig, data, epochs: float, seed: int) -> Fit:
-    return Fit(data, TrainConfig(lr=cfg.lr, batch_size=cfg.batch_size, epochs=epochs, seed=seed, log_every=100))
+    return Fit(data, TrainConfig(lr=cfg.lr, batch_size=cfg.batch_size, epochs=epochs, seed=seed, log_every=100),
+               parallel=cfg.parallel)
 
 
 def dense_model(cfg: CLoRATableConfig, seed: int, data, out: Path) -> tuple[nn.Module, float]:

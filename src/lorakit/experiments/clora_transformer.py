@@ -36,6 +36,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .. import parallel
 from . import config_from_args, output_dir
 from ..data.text import TextCollator
 from ..models.hf import load_hf_model
@@ -108,7 +109,8 @@ def main(args: argparse.Namespace) -> int:
     cfg = config_from_args(CLoRATransformerConfig, args)
     out = output_dir(args.out, "clora-transformer")
     run(cfg, out)
-    print(f"wrote {out}/results.json, report.md, accuracy_vs_ratio.png")
+    if parallel.is_main():
+        print(f"wrote {out}/results.json, report.md, accuracy_vs_ratio.png")
     return 0
 
 
@@ -141,7 +143,7 @@ class TransformerTask:
                                 schedule="linear", warmup_steps=cfg.warmup_steps, log_every=10,
                                 checkpoint_every=cfg.state_every)
         return Fit(self.train, train_cfg, {"collate_fn": self.collator, "num_classes": len(self.label_names)},
-                   resume=cfg.resume)
+                   resume=cfg.resume, parallel=cfg.parallel)
 
     def dense(self, seed: int) -> tuple[nn.Module, float]:
         cfg = self.cfg

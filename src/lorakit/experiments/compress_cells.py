@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 import lorakit as lk
+from .. import parallel
 from .._io import load_tensors, save_tensors
 from ..targets import find_targets
 from ..train import TrainConfig, TrainHistory, train
@@ -74,8 +75,14 @@ class CellsConfig:
     """results.json files of other runs (e.g. seeds run in parallel processes) whose rows join this table."""
     report_only: bool = False
     """Train nothing: rewrite results.json, report.md and the figure from OUT's rows and the merged ones."""
+    parallel: str = "none"
+    """'none', or 'ddp' under torchrun: every training run takes its slice of each batch per process."""
 
     def __post_init__(self) -> None:
+        if self.parallel == "fsdp":
+            raise ValueError("--parallel fsdp is not offered by the compression tables: C-LoRA's decay schedule and "
+                             "lorakit.compress change the model in place, which FSDP2 shards in place; these models "
+                             "fit on one device, so use --parallel ddp")
         unknown = [v for v in self.variants if v not in ALL_VARIANTS]
         if unknown:
             raise ValueError(f"unknown variants {unknown}; choose from {', '.join(ALL_VARIANTS)}")
@@ -116,6 +123,8 @@ def add_cell_arguments(parser: argparse.ArgumentParser, d: CellsConfig) -> None:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--merge", nargs="*", default=[], metavar="RESULTS_JSON")
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--parallel", choices=["none", "ddp", "fsdp"], default="none",
+                        help="under torchrun: 'ddp' (each process trains on its slice of every batch; rank 0 writes)")
 
 
 # -- the table of rows ------------------------------------------------------------------------------
@@ -155,6 +164,8 @@ def run_cells(cfg: CellsConfig, out: Path, protocol: tuple[str, ...], make_row: 
     Wall time adds up over resumed and merged runs.
     """
     torch.set_num_threads(cfg.threads)
+    if not parallel.is_main():  # under torchrun every rank computes every row; rank 0 alone writes them
+        write = _no_write
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     own = out / "results.json"
@@ -181,10 +192,15 @@ def run_cells(cfg: CellsConfig, out: Path, protocol: tuple[str, ...], make_row: 
         row = make_row(key)
         rows.append(row)
         variant, init, rank, seed = key
-        print(f"{variant:>14} {init or '':>6} rank {rank or '':>3} seed {seed}: {row['accuracy']:.2f} % "
-              f"at {100 * row['compression_ratio']:.1f} % ({row['train_seconds']:.0f} s)", flush=True)
+        if parallel.is_main():
+            print(f"{variant:>14} {init or '':>6} rank {rank or '':>3} seed {seed}: {row['accuracy']:.2f} % "
+                  f"at {100 * row['compression_ratio']:.1f} % ({row['train_seconds']:.0f} s)", flush=True)
         write(cfg, rows, time.perf_counter() - start, made_by, False)
     return write(cfg, rows, time.perf_counter() - start, made_by, True)
+
+
+def _no_write(*_args) -> dict:
+    return {}
 
 
 # -- training a cell --------------------------------------------------------------------------------
@@ -200,6 +216,8 @@ class Fit:
     config: TrainConfig
     options: dict = field(default_factory=dict)
     resume: bool = False
+    parallel: str = "none"
+    """'ddp' under torchrun: the model is DDP-wrapped for the training loop (it stays the caller's model)."""
 
     @property
     def steps(self) -> int:
@@ -212,7 +230,8 @@ class Fit:
         cfg = self.config
         if state_path is not None:
             cfg = replace(cfg, state_path=str(state_path), resume=self.resume)
-        history = train(model, self.data, cfg, params=params, on_step=on_step, stateful=stateful, **self.options)
+        history = train(parallel.wrap(model, self.parallel), self.data, cfg, params=params, on_step=on_step,
+                        stateful=stateful, **self.options)
         if state_path is not None:
             Path(state_path).unlink(missing_ok=True)  # the cell is done; its row is the record
         return history
@@ -224,7 +243,9 @@ def cached_dense(path: Path, model: nn.Module, fit: Fit, state_path: Optional[Pa
         model.load_state_dict(load_tensors(path))
         return 0.0
     history = fit(model, state_path=state_path)
-    save_tensors(path, model.state_dict())
+    if parallel.is_main():
+        save_tensors(path, model.state_dict())
+    parallel.barrier()
     return history.seconds
 
 
