@@ -69,7 +69,12 @@ def test_two_process_clora_table_matches_one_process(tmp_path):
 
 
 def test_compression_tables_refuse_fsdp_naming_ddp(tmp_path, capsys):
-    code = cli_main(["run", "clora-table", "--parallel", "fsdp", "--out", str(tmp_path / "o")])
-    assert code == 1
-    assert "use --parallel ddp" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["run", "clora-table", "--parallel", "fsdp", "--out", str(tmp_path / "o")])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'fsdp' (choose from none, ddp)" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+    from lorakit.experiments.compress_cells import CellsConfig
+
+    with pytest.raises(ValueError, match="use --parallel ddp"):
+        CellsConfig(parallel="fsdp")

@@ -123,8 +123,9 @@ def add_cell_arguments(parser: argparse.ArgumentParser, d: CellsConfig) -> None:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--merge", nargs="*", default=[], metavar="RESULTS_JSON")
     parser.add_argument("--report-only", action="store_true")
-    parser.add_argument("--parallel", choices=["none", "ddp", "fsdp"], default="none",
-                        help="under torchrun: 'ddp' (each process trains on its slice of every batch; rank 0 writes)")
+    parser.add_argument("--parallel", choices=["none", "ddp"], default="none",
+                        help="under torchrun: 'ddp' (each process trains on its slice of every batch; rank 0 writes); "
+                             "no 'fsdp': C-LoRA and compress change the model in place, which FSDP2 shards in place")
 
 
 # -- the table of rows ------------------------------------------------------------------------------
