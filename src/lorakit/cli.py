@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(args, "parallel"):  # joins torchrun's process group, or refuses before any work
             parallel.start(args.parallel)
         return int(handler(args) or 0)
-    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, TypeError, KeyError, FileNotFoundError, RuntimeError) as err:
         print(f"lorakit: error: {err}", file=sys.stderr)
         return 1
     finally:
