@@ -7,44 +7,23 @@ missing. No timings and no accuracies are asserted (a random tiny model learns n
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-WORDS = ["cat", "dog", "bird", "fish", "car", "bus", "train", "boat", "red", "blue", "green", "small", "big"]
+from tiny_text import write_tiny_bert, write_tiny_csv  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def tiny_model_folder(tmp_path_factory):
-    import torch
-    from transformers import BertForSequenceClassification, BertTokenizer
-
-    from lorakit.models.hf import tiny_bert_config
-
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    vocab = folder / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    torch.manual_seed(0)
-    config = tiny_bert_config(vocab_size=5 + len(WORDS), max_position_embeddings=64, num_labels=2)
-    BertForSequenceClassification(config).save_pretrained(folder)
-    BertTokenizer(vocab_file=str(vocab)).save_pretrained(folder)
-    return folder
+    return write_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
 @pytest.fixture(scope="module")
 def tiny_text_file(tmp_path_factory):
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("data") / "tiny.csv"
-    lines = ["text,label"]
-    for i in range(64):
-        label = rng.randrange(2)
-        words = rng.sample(WORDS[:4] if label == 0 else WORDS[4:8], 2) + rng.sample(WORDS[8:], 2)
-        lines.append(f"{' '.join(words)},{label}")
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_tiny_csv(tmp_path_factory.mktemp("data") / "tiny.csv", rows=64)  # every 4th is test: 48 + 16
 
 
 def _argv(model, data, out, *extra):
