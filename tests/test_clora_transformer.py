@@ -118,6 +118,8 @@ def test_resume_skips_finished_cells_and_remakes_a_missing_one(smoke_run, monkey
     (["--ranks", "0"], "ranks must be integers >= 1"),
     (["--ranks", "12"], "compress none of"),  # 12 * (16 + 16) >= 16 * 16: no layer gets smaller
     (["--per-class-test", "0"], "per_class_test must be >= 1"),
+    (["--distill", "1.5"], "distill must be in [0, 1]"),
+    (["--distill-temperature", "0"], "distill_temperature must be > 0"),
 ])
 def test_bad_input_is_refused_with_what_would_be_right(tiny_model_folder, tiny_text_file, tmp_path, capsys, extra,
                                                        message):
@@ -136,3 +138,42 @@ def test_resume_with_another_protocol_is_refused(smoke_run, capsys):
     argv[argv.index("--max-length") + 1] = "10"
     assert main(argv + ["--resume"]) == 1
     assert "max_length=12" in capsys.readouterr().err
+
+
+def test_distilled_cells_learn_from_the_dense_model_and_say_so(tiny_model_folder, tiny_text_file, tmp_path,
+                                                                monkeypatch):
+    from lorakit.cli import main
+    from lorakit.experiments import compress_task
+
+    teachers = []
+    real = compress_task.distillation_loss
+    monkeypatch.setattr(compress_task, "distillation_loss",
+                        lambda teacher, *a: teachers.append(teacher) or real(teacher, *a))
+    out = tmp_path / "out"
+    argv = _argv(tiny_model_folder, tiny_text_file, out, "--distill", "0.5")
+    argv[argv.index("--seeds") + 1] = "0"
+    assert main(argv + ["--variants", "dense,wds,svd,svd+finetune", "--inits", "svd"]) == 0
+    assert len(teachers) == 2 and not teachers[0].training  # wds and svd+finetune; the plain svd trains nothing
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["distill"] == 0.5
+    assert "also learns from the dense model" in (out / "report.md").read_text()
+
+
+def test_resume_of_a_table_made_before_distillation_existed(smoke_run, tmp_path, monkeypatch):
+    """A results.json without the newer protocol fields was made with their defaults: it resumes."""
+    import shutil
+
+    from lorakit.cli import main
+    from lorakit.experiments import clora_transformer
+
+    out, argv = smoke_run
+    copy = tmp_path / "old"
+    shutil.copytree(out, copy)
+    old = json.loads((copy / "results.json").read_text())
+    for key in ("distill", "distill_temperature"):
+        del old["config"][key]
+    (copy / "results.json").write_text(json.dumps(old))
+    monkeypatch.setattr(clora_transformer, "TransformerTask", lambda *a, **k: pytest.fail("a cell ran again"))
+    argv = list(argv)
+    argv[argv.index("--out") + 1] = str(copy)
+    assert main(argv + ["--resume"]) == 0

@@ -57,24 +57,41 @@ def torchrun(args: list[str], tmp_path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.integration
-def test_two_process_clora_table_matches_one_process(tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_process_clora_table_matches_one_process(tmp_path, parallel):
+    """FSDP2 trains a sharded twin of each model and gathers it back: C-LoRA's decay and compress see a plain one."""
     table = ["run", "clora-table", "--variants", "dense,noise+bias,svd+finetune", "--inits", "svd", "--ranks", "16",
              "--seeds", "0", "--epochs", "0.02", "--dense-epochs", "0.02", "--batch-size", "30", "--train-size", "1500"]
     assert cli_main([*table, "--out", str(tmp_path / "one")]) == 0
-    done = torchrun([*table, "--parallel", "ddp", "--out", str(tmp_path / "two")], tmp_path)
+    done = torchrun([*table, "--parallel", parallel, "--out", str(tmp_path / "two")], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     one, two = (json.loads((tmp_path / d / "results.json").read_text())["rows"] for d in ("one", "two"))
     assert [r["variant"] for r in two] == [r["variant"] for r in one]
     assert [r["accuracy"] for r in two] == pytest.approx([r["accuracy"] for r in one], abs=0.1)
+    assert [r["compression_ratio"] for r in two] == [r["compression_ratio"] for r in one]
+    assert not [p.name for p in (tmp_path / "two").rglob("*") if ".state" in p.name]  # no training state left
 
 
-def test_compression_tables_refuse_fsdp_naming_ddp(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        cli_main(["run", "clora-table", "--parallel", "fsdp", "--out", str(tmp_path / "o")])
-    assert exit_info.value.code == 2
-    assert "invalid choice: 'fsdp'" in capsys.readouterr().err
-    assert not (tmp_path / "o").exists()
-    from lorakit.experiments.compress_cells import CellsConfig
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_process_peft_compare_matches_one_process(tmp_path, parallel):
+    """Every cell's per-step losses and test accuracy, lorakit's rows and PEFT's, as in one process."""
+    pytest.importorskip("peft")
+    from tiny_text import write_tiny_bert, write_tiny_csv
 
-    with pytest.raises(ValueError, match="use --parallel ddp"):
-        CellsConfig(parallel="fsdp")
+    model, data = write_tiny_bert(tmp_path / "bert", dropout=0.0), write_tiny_csv(tmp_path / "tiny.csv", rows=64)
+    args = ["run", "peft-compare", "--model", str(model), "--dataset", str(data), "--per-class-val", "4",
+            "--seeds", "0", "--epochs", "1", "--batch-size", "8", "--max-length", "12", "--num-tokens", "3",
+            "--rank", "2", "--clora-rank", "2", "--methods", "lora,prompt,clora", "--implementations", "lorakit,peft",
+            "--lr-lora", "1e-2", "--lr-prompt", "1e-2", "--lr-clora", "1e-2", "--threads", "1", "--skip-timing",
+            "--skip-memory"]
+    assert cli_main([*args, "--out", str(tmp_path / "one")]) == 0
+    done = torchrun([*args, "--parallel", parallel, "--out", str(tmp_path / "two")], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("[peft-compare] wrote") == 1  # rank 0 alone writes
+    one, two = (json.loads((tmp_path / d / "results.json").read_text())["rows"] for d in ("one", "two"))
+    assert [(r["method"], r["implementation"]) for r in two] == [(r["method"], r["implementation"]) for r in one]
+    for a, b in zip(one, two):
+        cells = [json.loads((tmp_path / d / r["cell"]).read_text()) for d, r in (("one", a), ("two", b))]
+        assert cells[1]["losses"] == pytest.approx(cells[0]["losses"], abs=1e-5), a["cell"]
+        assert b["accuracy"] == pytest.approx(a["accuracy"], abs=1e-9), a["cell"]
+    assert not [p.name for p in (tmp_path / "two").rglob("*") if ".state" in p.name]

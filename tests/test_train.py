@@ -1,5 +1,6 @@
 """The training loop and evaluation on tiny synthetic problems (unit tests only; never user-facing)."""
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from torch.utils.data import Dataset
 
 from lorakit._io import load_tensors
 from lorakit.train import (
-    EvalResult, TrainConfig, TrainingDivergedError, classification_loss, evaluate, train,
+    EvalResult, TrainConfig, TrainingDivergedError, classification_loss, distillation_loss, evaluate, train,
 )
 
 
@@ -359,3 +360,64 @@ def test_patience_stops_after_that_many_evaluations_without_improvement():
 def test_bad_schedule_settings_are_refused(field, value):
     with pytest.raises(ValueError, match=field):
         TrainConfig(**{field: value})
+
+
+# Distillation ---------------------------------------------------------------------------------------------
+def _by_hand(student, teacher, labels, weight, temperature):
+    """(1 - w) CE + w T^2 KL(p_teacher || p_student), written out with softmaxes and sums."""
+    p_teacher = torch.softmax(teacher / temperature, dim=-1)
+    log_student = torch.log_softmax(student / temperature, dim=-1)
+    kl = (p_teacher * (p_teacher.log() - log_student)).sum(dim=-1).mean()
+    ce = -torch.log_softmax(student, dim=-1)[torch.arange(len(labels)), labels].mean()
+    return (1 - weight) * ce + weight * temperature ** 2 * kl
+
+
+@pytest.mark.parametrize("weight, temperature", [(0.0, 2.0), (0.3, 3.0), (0.5, 1.0), (1.0, 2.0)])
+def test_distillation_loss_matches_the_formula_by_hand(weight, temperature):
+    x, y = blobs(n=24)
+    student, teacher = tiny_model(seed=1), tiny_model(seed=2).eval()
+    loss = distillation_loss(teacher, weight, temperature)(student, (x, y))
+    expected = _by_hand(student(x), teacher(x), y, weight, temperature)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6, abs=1e-7)
+
+
+def test_distillation_from_itself_is_zero_and_dict_batches_match_pairs():
+    x, y = blobs(n=24)
+    model = DictModel().eval()
+    pure = distillation_loss(model, weight=1.0)
+    assert pure(model, {"features": x, "labels": y}).item() == pytest.approx(0.0, abs=1e-7)
+    teacher = DictModel()
+    torch.manual_seed(5)
+    teacher.net = tiny_model(seed=5)
+    teacher.eval()
+    from_dict = distillation_loss(teacher, 0.4, 2.0)(model, {"features": x, "labels": y})
+    expected = _by_hand(model.net(x), teacher.net(x), y, 0.4, 2.0)
+    assert from_dict.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_distillation_alone_teaches_a_student_what_the_teacher_knows():
+    teacher = tiny_model(seed=0)
+    train(teacher, blobs(), cfg(epochs=5))
+    teacher.eval().zero_grad(set_to_none=True)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    student = tiny_model(seed=3)
+    assert evaluate(student, blobs(seed=1), num_classes=3).accuracy < 80
+    train(student, blobs(), cfg(epochs=5), loss_fn=distillation_loss(teacher, weight=1.0))  # labels weigh 0
+    assert evaluate(student, blobs(seed=1), num_classes=3).accuracy > 95
+    assert all(p.grad is None for p in teacher.parameters())  # no gradient reaches the teacher
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items()) and not teacher.training
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"weight": 1.5}, "weight must be in [0, 1]"),
+    ({"weight": -0.1}, "weight must be in [0, 1]"),
+    ({"temperature": 0.0}, "temperature must be > 0"),
+])
+def test_bad_distillation_settings_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        distillation_loss(tiny_model().eval(), **kwargs)
+
+
+def test_a_teacher_in_training_mode_is_refused():
+    with pytest.raises(ValueError, match="teacher.eval"):
+        distillation_loss(tiny_model())

@@ -11,8 +11,10 @@ param_dtype=torch.bfloat16, reduce_dtype=torch.float32)``.
 """
 from __future__ import annotations
 
+import copy
 import os
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -68,6 +70,36 @@ def wrap(model: nn.Module, parallel: str) -> nn.Module:
     return fully_shard(model)
 
 
+@contextmanager
+def training_copy(model: nn.Module, parallel: str) -> Iterator[nn.Module]:
+    """What the training loop should see, for code that goes on using ``model`` as a plain module afterwards
+    (compress it, evaluate it, save it with another library).
+
+    'none': ``model``; 'ddp': ``model`` DDP-wrapped; 'fsdp': a sharded twin (:func:`wrap` on a deep copy), whose
+    trained state is gathered back into ``model`` on every rank when the block ends. Under FSDP2 the twin costs a
+    copy of the model, so this is for models that fit on one device; hooks that act on the trained layers (a decay
+    schedule) and an explicit parameter list must come from the yielded model (:func:`same_parameters`).
+    """
+    if parallel != "fsdp":
+        yield wrap(model, parallel)
+        return
+    twin = wrap(copy.deepcopy(model), "fsdp")
+    yield twin
+    model.load_state_dict(full_state_dict(twin))
+
+
+def same_parameters(params: list, model: nn.Module, other: nn.Module) -> list:
+    """``other``'s parameters at the paths where ``params`` sit in ``model`` (``other`` may be wrapped)."""
+    from .inject import unwrap_model
+
+    path = {id(p): name for name, p in unwrap_model(model).named_parameters()}
+    missing = [p for p in params if id(p) not in path]
+    if missing:
+        raise ValueError(f"{len(missing)} of the parameters to train are not in the model being trained")
+    by_name = dict(unwrap_model(other).named_parameters())
+    return [by_name[path[id(p)]] for p in params]
+
+
 def _transformer_blocks(model: nn.Module) -> list[nn.Module]:
     """The repeated blocks of a transformer: the items of a ``ModuleList`` named ``layer``/``layers``/``h``/``block``."""
     return [block for name, module in model.named_modules() if isinstance(module, nn.ModuleList)
@@ -79,6 +111,29 @@ def _outermost(model: nn.Module, blocks: list[nn.Module]) -> list[nn.Module]:
     chosen = {id(b) for b in blocks}
     inner = {id(m) for b in blocks for m in b.modules() if m is not b and id(m) in chosen}
     return [b for b in {id(b): b for b in blocks}.values() if id(b) not in inner]
+
+
+def on_main(fn: Callable[[], Any]) -> Any:
+    """``fn()`` run by rank 0 alone, its result on every rank: for work done once (a subprocess, a measurement).
+
+    Every rank must call it. An exception on rank 0 is raised there and, as a RuntimeError naming it, on the others.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return fn()
+    box: list = [None]
+    error = None
+    if is_main():
+        try:
+            box[0] = ("ok", fn())
+        except Exception as err:  # noqa: BLE001 - every rank must hear of it, then rank 0 raises it as it was
+            error, box[0] = err, ("error", f"{type(err).__name__}: {err}")
+    torch.distributed.broadcast_object_list(box, src=0)
+    if error is not None:
+        raise error
+    status, value = box[0]
+    if status == "error":
+        raise RuntimeError(f"rank 0 failed: {value}")
+    return value
 
 
 def barrier() -> None:

@@ -62,6 +62,16 @@ def load_state(path: str | Path) -> dict:
         raise ValueError(f"{path} is not a readable lorakit training state (truncated or corrupted?): {err}") from err
 
 
+def discard_state(path: str | Path) -> None:
+    """Remove a finished run's state file and the DCP folders of its sharded states (``<path>.step<N>.dcp``)."""
+    import shutil
+
+    path = Path(path)
+    path.unlink(missing_ok=True)
+    for folder in path.parent.glob(f"{path.name}.step*.dcp"):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def rng_state(device: torch.device) -> dict:
     state = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":

@@ -43,7 +43,7 @@ from ..models import vgg_small
 from ..train import TrainConfig, evaluate
 from .compress_cells import Fit, cached_dense, calibration_batches, comma_list, compressible_targets, run_cells
 from .compress_task import CompressionConfig, add_compression_arguments, compression_rows
-from .compress_report import result_sections, write_table
+from .compress_report import distill_note, result_sections, write_table
 
 DESCRIPTION = "C-LoRA on a VGG-style conv net (Fashion-MNIST or CIFAR-10) against SVD + fine-tune at equal budget."
 
@@ -182,7 +182,8 @@ class ConvTask:
 
 
 PROTOCOL = ("dataset", "train_size", "test_size", "widths", "hidden", "epochs", "dense_epochs", "batch_size", "lr",
-            "alpha", "decay_start", "decay_end", "noise", "calibration_size", "timing_batch")
+            "alpha", "decay_start", "decay_end", "noise", "calibration_size", "timing_batch", "distill",
+            "distill_temperature")
 
 
 def run(cfg: CLoRAConvConfig, out: Path) -> dict:
@@ -208,8 +209,8 @@ def render(results: dict) -> str:
              f"{cfg['batch_size']}, Adam lr {cfg['lr']}, alpha {cfg['alpha']:g}, decay {cfg['decay_start']:.0%} -> "
              f"{cfg['decay_end']:.0%} of the steps, asvd calibrated on {cfg['calibration_size']} images. Accuracy on "
              f"{test} test images, mean ± std over seeds {cfg['seeds']}. Wall time {results['wall_seconds'] / 60:.1f} "
-             f"min with {cfg['threads']} thread(s) (summed over the processes that made the rows).", "",
-             "Ratio = (A + B + C of the compressed layers) / all dense parameters (as clora-table); model = all "
+             f"min with {cfg['threads']} thread(s) (summed over the processes that made the rows).{distill_note(cfg)}",
+             "", "Ratio = (A + B + C of the compressed layers) / all dense parameters (as clora-table); model = all "
              "parameters of the compressed model / dense; file = compressed safetensors size / dense; time ratio = "
              "inference time compressed / dense (plain-svd rows, see below).", ""]
     layers = {r["rank"]: r["compressed_layers"] for r in results["rows"] if r.get("compressed_layers")}

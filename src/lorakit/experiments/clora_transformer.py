@@ -42,7 +42,7 @@ from ..data.text import TextCollator
 from ..models.hf import load_hf_model
 from ..train import TrainConfig, evaluate
 from .compress_cells import Fit, cached_dense, compressible_targets, run_cells
-from .compress_report import result_sections, write_table
+from .compress_report import distill_note, result_sections, write_table
 from .compress_task import CompressionConfig, add_compression_arguments, compression_rows
 from .peft_compare import BERT_TARGETS, HEAD, _Examples, load_data
 
@@ -179,7 +179,7 @@ class TransformerTask:
 
 PROTOCOL = ("model", "dataset", "classes", "per_class_train", "per_class_test", "max_length", "epochs", "dense_epochs",
             "batch_size", "lr", "dense_lr", "warmup_steps", "alpha", "decay_start", "decay_end", "noise",
-            "calibration_size", "timing_batch")
+            "calibration_size", "timing_batch", "distill", "distill_temperature")
 
 
 def run(cfg: CLoRATransformerConfig, out: Path) -> dict:
@@ -210,7 +210,7 @@ def render(results: dict) -> str:
              f"{cfg['decay_start']:.0%} -> {cfg['decay_end']:.0%} of the steps, asvd calibrated on "
              f"{cfg['calibration_size']} training texts. Mean ± std over seeds {cfg['seeds']}. Wall time "
              f"{results['wall_seconds'] / 60:.1f} min with {cfg['threads']} thread(s) (summed over the processes that "
-             "made the rows).", "",
+             f"made the rows).{distill_note(cfg)}", "",
              "Ratio = (A + B + C of the compressed layers) / the dense weights and biases of those layers (as the seed's "
              "BERT rows); model = all parameters, compressed / dense; file = safetensors size, compressed / dense; "
              "time ratio = inference time compressed / dense (plain-svd rows, see below).", ""]

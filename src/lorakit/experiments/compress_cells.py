@@ -22,7 +22,7 @@ import math
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -34,6 +34,7 @@ from .. import parallel
 from .._io import load_tensors, save_tensors
 from ..targets import find_targets
 from ..train import TrainConfig, TrainHistory, train
+from ..train_state import discard_state
 
 CLORA_VARIANTS = {"wds": ("none", False), "bias": ("none", True), "noise": ("scheduled", False),
                   "noise+bias": ("scheduled", True)}  # variant -> (noise mode, bias C)
@@ -76,13 +77,10 @@ class CellsConfig:
     report_only: bool = False
     """Train nothing: rewrite results.json, report.md and the figure from OUT's rows and the merged ones."""
     parallel: str = "none"
-    """'none', or 'ddp' under torchrun: every training run takes its slice of each batch per process."""
+    """'none', or under torchrun 'ddp' or 'fsdp': every training run takes its slice of each batch per process (FSDP2
+    trains a sharded twin of each model and gathers it back, so C-LoRA and compress see a plain model)."""
 
     def __post_init__(self) -> None:
-        if self.parallel == "fsdp":
-            raise ValueError("--parallel fsdp is not offered by the compression tables: C-LoRA's decay schedule and "
-                             "lorakit.compress change the model in place, which FSDP2 shards in place; these models "
-                             "fit on one device, so use --parallel ddp")
         unknown = [v for v in self.variants if v not in ALL_VARIANTS]
         if unknown:
             raise ValueError(f"unknown variants {unknown}; choose from {', '.join(ALL_VARIANTS)}")
@@ -123,9 +121,9 @@ def add_cell_arguments(parser: argparse.ArgumentParser, d: CellsConfig) -> None:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--merge", nargs="*", default=[], metavar="RESULTS_JSON")
     parser.add_argument("--report-only", action="store_true")
-    parser.add_argument("--parallel", choices=["none", "ddp"], default="none",
-                        help="under torchrun: 'ddp' (each process trains on its slice of every batch; rank 0 writes); "
-                             "no 'fsdp': C-LoRA and compress change the model in place, which FSDP2 shards in place")
+    parser.add_argument("--parallel", choices=["none", "ddp", "fsdp"], default="none",
+                        help="under torchrun: each process trains on its slice of every batch (DDP, or FSDP2 on a "
+                             "sharded twin of the model gathered back after training); rank 0 writes")
 
 
 # -- the table of rows ------------------------------------------------------------------------------
@@ -150,7 +148,9 @@ def row_key(row: dict) -> Key:
 
 def check_same_protocol(cfg, other: dict, path, protocol: tuple[str, ...]) -> None:
     """Rows from another run join this table only if they were made the same way."""
-    differ = [f"{k}={other.get(k)!r} (here {getattr(cfg, k)!r})" for k in protocol if other.get(k) != getattr(cfg, k)]
+    defaults = {f.name: f.default for f in fields(cfg) if f.default is not MISSING}  # fields added since: default
+    differ = [f"{k}={other.get(k, defaults.get(k))!r} (here {getattr(cfg, k)!r})" for k in protocol
+              if other.get(k, defaults.get(k)) != getattr(cfg, k)]
     if differ:
         raise ValueError(f"{path} was made with a different protocol: {', '.join(differ)}; pass the same options")
 
@@ -218,7 +218,8 @@ class Fit:
     options: dict = field(default_factory=dict)
     resume: bool = False
     parallel: str = "none"
-    """'ddp' under torchrun: the model is DDP-wrapped for the training loop (it stays the caller's model)."""
+    """'ddp' or 'fsdp' under torchrun: what the training loop sees (:func:`lorakit.parallel.training_copy`); the
+    caller's model stays a plain module."""
 
     @property
     def steps(self) -> int:
@@ -226,15 +227,21 @@ class Fit:
         size = len(self.data[0]) if isinstance(self.data, tuple) else len(self.data)
         return self.config.total_steps(math.ceil(size / self.config.batch_size))
 
-    def __call__(self, model: nn.Module, params: Optional[list] = None, on_step=None, stateful=None,
+    def __call__(self, model: nn.Module, params: Optional[list] = None, hooks=None,
                  state_path: Optional[Path] = None) -> TrainHistory:
+        """Train ``model`` in place (``params``: of ``model``, default what requires grad). ``hooks(trained)`` returns
+        ``train``'s ``on_step``/``stateful`` for the model that trains: ``model``, or under FSDP2 its sharded twin,
+        whose state comes back into ``model`` at the end (:func:`lorakit.parallel.training_copy`)."""
         cfg = self.config
         if state_path is not None:
             cfg = replace(cfg, state_path=str(state_path), resume=self.resume)
-        history = train(parallel.wrap(model, self.parallel), self.data, cfg, params=params, on_step=on_step,
-                        stateful=stateful, **self.options)
-        if state_path is not None:
-            Path(state_path).unlink(missing_ok=True)  # the cell is done; its row is the record
+        with parallel.training_copy(model, self.parallel) as trained:
+            if params is not None:
+                params = parallel.same_parameters(params, model, trained)
+            history = train(trained, self.data, cfg, params=params, **(hooks(trained) if hooks else {}),
+                            **self.options)
+        if state_path is not None and parallel.is_main():
+            discard_state(state_path)  # the cell is done; its row is the record
         return history
 
 
@@ -256,8 +263,12 @@ def clora_cell(dense: nn.Module, clora: lk.CLoRAConfig, init_seed: int, fit: Fit
     model = copy.deepcopy(dense)
     torch.manual_seed(init_seed)  # the random init of A
     lk.inject(model, clora)
-    schedule = lk.DecaySchedule(model, fit.steps)
-    history = fit(model, on_step=lambda step: schedule.step(), stateful={"decay": schedule}, state_path=state_path)
+
+    def decay(trained: nn.Module) -> dict:  # the schedule drives the layers that train (a sharded twin's, under FSDP2)
+        schedule = lk.DecaySchedule(trained, fit.steps)
+        return {"on_step": lambda step: schedule.step(), "stateful": {"decay": schedule}}
+
+    history = fit(model, hooks=decay, state_path=state_path)
     return lk.compress(model), history
 
 

@@ -217,3 +217,13 @@ def plot_accuracy_vs_ratio(path: Path, summary: list[dict], *, title: str, low: 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     report.save_figure(fig, path)
+
+
+def distill_note(cfg: dict) -> str:
+    """The report's sentence on distillation (a leading space), or nothing when the cells learnt from labels alone."""
+    weight = cfg.get("distill", 0.0)
+    if not weight:
+        return ""
+    return (f" Every compressed cell (C-LoRA and SVD + fine-tune alike) also learns from the dense model of its seed: "
+            f"loss = {1 - weight:g} x cross-entropy + {weight:g} x T² x KL(dense || compressed) at T = "
+            f"{cfg['distill_temperature']:g}.")

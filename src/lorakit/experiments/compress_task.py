@@ -4,18 +4,20 @@
 Each row has ``accuracy``, ``compression_ratio`` (A + B + C of the compressed layers over the whole dense model, or
 over those layers' dense parameters when ``Task.ratio_of_targets``), ``model_ratio`` (all parameters, compressed /
 dense), ``file_ratio`` (safetensors bytes), ``train_seconds``, ``steps`` and ``compressed_layers``; the plain-svd
-rows add ``inference_ratio`` (compressed / dense time of a forward pass, interleaved, medians).
+rows add ``inference_ratio`` (compressed / dense time of a forward pass, interleaved, medians). With ``distill``,
+every compressed cell also learns from the dense model's outputs (:func:`lorakit.train.distillation_loss`).
 """
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol
 
 from torch import nn
 
 import lorakit as lk
+from ..train import distillation_loss
 from .compress_cells import (CLORA_VARIANTS, CellsConfig, Fit, Key, add_cell_arguments, clora_cell, file_size,
                              inference_ratio, parameter_count, svd_cell)
 
@@ -38,9 +40,17 @@ class CompressionConfig(CellsConfig):
     """Steps between saved training states of a cell (what --resume continues from)."""
     cache_dir: Optional[str] = None
     """Where the dense models are cached (default: OUT/dense)."""
+    distill: float = 0.0
+    """Weight of the dense model's soft targets in every compressed cell's loss (knowledge distillation, C-LoRA and
+    the SVD fine-tunes alike); 0 trains on the labels alone."""
+    distill_temperature: float = 2.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not 0.0 <= self.distill <= 1.0:
+            raise ValueError(f"distill must be in [0, 1] (0: labels only), got {self.distill}")
+        if self.distill_temperature <= 0:
+            raise ValueError(f"distill_temperature must be > 0, got {self.distill_temperature}")
         for name in ("batch_size", "timing_batch", "state_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -53,6 +63,9 @@ def add_compression_arguments(parser: argparse.ArgumentParser, d: CompressionCon
     parser.add_argument("--timing-batch", type=int, default=d.timing_batch)
     parser.add_argument("--state-every", type=int, default=d.state_every)
     parser.add_argument("--cache-dir", default=None, help="dense model cache (default: OUT/dense)")
+    parser.add_argument("--distill", type=float, default=d.distill,
+                        help="weight of the dense model's soft targets in every compressed cell's loss (0: labels only)")
+    parser.add_argument("--distill-temperature", type=float, default=d.distill_temperature)
 
 
 class Task(Protocol):
@@ -91,6 +104,7 @@ def compression_rows(make_task: Callable[[], Task], cfg: CompressionConfig, out:
         task = made.get("task") or made.setdefault("task", make_task())
         if seed not in made:
             model, seconds = task.dense(seed)
+            model.eval()  # the teacher of distillation; every cell trains a copy, in train mode
             made[seed] = (model, {"accuracy": task.accuracy(model), "seconds": seconds, "file_bytes": file_size(model),
                                   "parameters": sum(p.numel() for p in model.parameters())})
         dense, info = made[seed]
@@ -99,6 +113,9 @@ def compression_rows(make_task: Callable[[], Task], cfg: CompressionConfig, out:
                     "compression_ratio": 1.0, "model_ratio": 1.0, "file_ratio": 1.0, "parameters": info["parameters"],
                     "train_seconds": info["seconds"]}
         layers, fit = task.layers(rank), task.fit(seed)
+        if cfg.distill > 0:
+            fit = replace(fit, options={**fit.options,
+                                        "loss_fn": distillation_loss(dense, cfg.distill, cfg.distill_temperature)})
         state = out / "cells" / f"{variant}-{init or 'none'}-r{rank}-seed{seed}.state"
         if variant in CLORA_VARIANTS:
             noise, bias = CLORA_VARIANTS[variant]

@@ -29,6 +29,7 @@ from ..data.vision import load_mnist, to_float
 from ..models import build_model
 from ..params import increment_summary, parameter_listing
 from ..train import TrainConfig, evaluate, train
+from ..train_state import discard_state
 
 DESCRIPTION = "Fix the worst MNIST digit with LoRA (seeds 000/001), optionally without forgetting the others."
 
@@ -157,7 +158,7 @@ def pretrained(cfg: DigitFinetuneConfig, train_set: TensorDataset) -> tuple[torc
     model.load_state_dict(state)
     if parallel.is_main():
         save_tensors(path, state, metadata={"key": key})
-        state_path.unlink(missing_ok=True)
+        discard_state(state_path)  # and its DCP folders (FSDP2)
     parallel.barrier()
     return model, history.seconds
 
@@ -216,7 +217,7 @@ def run(cfg: DigitFinetuneConfig, out: Path) -> dict:
                                 state_path=str(state_path), resume=cfg.resume, checkpoint_every=50),
                     loss_fn=preserve_loss(digit, cfg.kl_weight) if cfg.preserve else None)
     if parallel.is_main():
-        state_path.unlink(missing_ok=True)
+        discard_state(state_path)  # and its DCP folders (FSDP2)
     if cfg.parallel != "none":  # measure on a plain copy in every process: no sharded or wrapped forward
         state = parallel.full_state_dict(model)
         torch.manual_seed(cfg.seed)

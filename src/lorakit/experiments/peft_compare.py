@@ -13,6 +13,9 @@ and prompt tuning, AdapterHub for the bottleneck adapter), side by side, from on
 4. **Speed and memory** (:mod:`.peft_compare_measure`): interleaved step time over all rows; peak RSS per row in
    a fresh process.
 
+Under ``torchrun ... --parallel ddp|fsdp`` every rank trains every cell on its slice of each batch (the same global
+batch and order as one process); AdapterHub's rows and the measurements run once, on rank 0, which alone writes.
+
 The pieces: :mod:`.peft_compare_models` (data, models, same start), :mod:`.peft_compare_cells` (one cell),
 :mod:`.peft_compare_adapterhub` (AdapterHub's row), :mod:`.peft_compare_stats`, :mod:`.peft_compare_report`.
 """
@@ -28,6 +31,7 @@ from pathlib import Path
 import torch
 
 from . import output_dir
+from .. import parallel
 from . import peft_compare_adapterhub as adapterhub
 from .peft_compare_cells import cell_key, git_commit, run_cell, run_row, static_row  # noqa: F401  (re-exported)
 from .peft_compare_measure import (_memory_probe_main, _rss_bytes, _training_step, measure_memory,  # noqa: F401
@@ -83,6 +87,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state-every", type=int, default=50, help="steps between saved training states (resume)")
     parser.add_argument("--resume", action="store_true", help="reuse finished cells in --out, continue stopped ones")
     parser.add_argument("--note", action="append", default=[], help="a line for the report's notes (repeatable)")
+    parser.add_argument("--parallel", choices=["none", "ddp", "fsdp"], default="none",
+                        help="under torchrun: every row trains with each process on its slice of every batch (DDP, or "
+                             "FSDP2 on a sharded twin gathered back after training); AdapterHub's rows, the timing and "
+                             "the memory phases run on rank 0 alone; rank 0 writes")
     parser.add_argument("--out", default=None, help="output folder (default runs/peft-compare-<time>)")
 
 
@@ -168,7 +176,8 @@ def main(args: argparse.Namespace) -> int:
 
     context = {"cells": cells, "settings": settings, "data": (train_data, val_data, test_data),
                "train_config": train_config, "resume": args.resume, "state_every": args.state_every,
-               "run_config": run_config, "same_start": not args.own_init, "adapterhub": run_adapterhub}
+               "run_config": run_config, "same_start": not args.own_init, "adapterhub": run_adapterhub,
+               "parallel": args.parallel}
 
     # 1. the learning-rate sweep, on validation accuracy only
     sweep, chosen = [], {}
@@ -214,42 +223,8 @@ def main(args: argparse.Namespace) -> int:
     lora_vs_full = (paired_difference(accuracy[("lora", "lorakit")], accuracy[("full", "lorakit")])
                     if ("lora", "lorakit") in accuracy and ("full", "lorakit") in accuracy else None)
 
-    # 4. step time and memory, every row with the same threads and batch
-    texts, labels = zip(*[train_data[i] for i in range(min(args.batch_size, len(train_data)))])
-    measured: dict[tuple, dict] = {row: {} for row in rows}
-    if not args.skip_timing:
-        print("[peft-compare] interleaved step-time phase", flush=True)
-        from ..data.text import encode
-
-        batch = encode(tokenizer, texts, args.max_length)
-        batch["labels"] = torch.tensor(labels)
-        external, server = {}, None
-        if ("adapter", "adapters") in rows:
-            head = adapterhub.save_initial_head(settings, seeds[0], cells / "timing.head.safetensors")
-            common = adapterhub.common_job(settings, tokenizer, args.threads, seeds[0], head)
-            server = adapterhub.StepServer(env, adapterhub.batch_job(common, tokenizer, texts, labels, args.max_length), cells)
-            external[("adapter", "adapters")] = server
-        try:
-            timing = step_time_ratios([r for r in rows if r[1] != "adapters"], settings, batch, args.timing_rounds,
-                                      args.timing_steps, seeds[0], external=external)
-        finally:
-            if server is not None:
-                server.close()
-                head.unlink()
-        for row in rows:
-            measured[row].update(timing[row])
-    if not args.skip_memory:
-        print("[peft-compare] peak-memory phase (one process per row)", flush=True)
-        for row in rows:
-            if row[1] == "adapters":
-                head = adapterhub.save_initial_head(settings, seeds[0], cells / "memory.head.safetensors")
-                common = adapterhub.common_job(settings, tokenizer, args.threads, seeds[0], head)
-                job = adapterhub.batch_job(common, tokenizer, texts, labels, args.max_length, args.memory_steps)
-                measured[row].update(adapterhub.measure_memory(env, job, cells))
-                head.unlink()
-            else:
-                measured[row].update(measure_memory(*row, settings, list(texts), list(labels), args.memory_steps, seeds[0]))
-
+    # 4. step time and memory, every row with the same threads and batch (on rank 0 alone under torchrun)
+    measured = parallel.on_main(lambda: measure(args, rows, settings, tokenizer, train_data, cells, env, seeds[0]))
     # 5. results
     row_fields = ("accuracy", "trainable_parameters", "total_parameters", "added_parameters", "checkpoint_bytes",
                   "train_seconds", "steps", "final_loss", "lr", "best_val_accuracy", "best_step", "per_class_accuracy",
@@ -288,12 +263,53 @@ def main(args: argparse.Namespace) -> int:
         "wall_seconds": time.perf_counter() - started, "git_commit": git_commit(),
         "command": run_metadata()["command"], "metadata": run_metadata() | {"transformers": _version("transformers"), "peft": _version("peft")},
     }
-    out.mkdir(parents=True, exist_ok=True)
-    write_results(out, results)
-    plot(out, summary)
-    write_report(out, report_markdown(results))
-    print(f"[peft-compare] wrote {out}", file=sys.stderr)
+    if parallel.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        write_results(out, results)
+        plot(out, summary)
+        write_report(out, report_markdown(results))
+        print(f"[peft-compare] wrote {out}", file=sys.stderr)
+    parallel.barrier()
     return 0
+
+
+def measure(args, rows, settings, tokenizer, train_data, cells, env, seed) -> dict[tuple, dict]:
+    """Step-time ratios (interleaved) and peak memory (one process per row) of every row, on one batch."""
+    texts, labels = zip(*[train_data[i] for i in range(min(args.batch_size, len(train_data)))])
+    measured: dict[tuple, dict] = {row: {} for row in rows}
+    if not args.skip_timing:
+        print("[peft-compare] interleaved step-time phase", flush=True)
+        from ..data.text import encode
+
+        batch = encode(tokenizer, texts, args.max_length)
+        batch["labels"] = torch.tensor(labels)
+        external, server = {}, None
+        if ("adapter", "adapters") in rows:
+            head = adapterhub.save_initial_head(settings, seed, cells / "timing.head.safetensors")
+            common = adapterhub.common_job(settings, tokenizer, args.threads, seed, head)
+            server = adapterhub.StepServer(env, adapterhub.batch_job(common, tokenizer, texts, labels, args.max_length), cells)
+            external[("adapter", "adapters")] = server
+        try:
+            timing = step_time_ratios([r for r in rows if r[1] != "adapters"], settings, batch, args.timing_rounds,
+                                      args.timing_steps, seed, external=external)
+        finally:
+            if server is not None:
+                server.close()
+                head.unlink()
+        for row in rows:
+            measured[row].update(timing[row])
+    if not args.skip_memory:
+        print("[peft-compare] peak-memory phase (one process per row)", flush=True)
+        for row in rows:
+            if row[1] == "adapters":
+                head = adapterhub.save_initial_head(settings, seed, cells / "memory.head.safetensors")
+                common = adapterhub.common_job(settings, tokenizer, args.threads, seed, head)
+                job = adapterhub.batch_job(common, tokenizer, texts, labels, args.max_length, args.memory_steps)
+                measured[row].update(adapterhub.measure_memory(env, job, cells))
+                head.unlink()
+            else:
+                measured[row].update(measure_memory(*row, settings, list(texts), list(labels), args.memory_steps, seed))
+    return measured
 
 
 def _data_description(args, train_data, val_data, test_data) -> str:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from .. import parallel
+from ..train_state import discard_state
 from .peft_compare_models import _Examples, build, checkpoint_bytes, clora_step_hook
 
 
@@ -46,23 +48,26 @@ def load_cell(path: Path, expected: dict) -> dict | None:
 
 
 def run_row(method, implementation, settings, train_data, test_data, train_cfg, seed, *,
-            validation=None, same_start: bool = False) -> dict:
+            validation=None, same_start: bool = False, parallel_mode: str = "none") -> dict:
     """Train one lorakit or PEFT row with ``lorakit.train`` and score ``test_data`` once, on the kept weights.
 
     With ``validation`` the loop validates every epoch and keeps the best-validation weights (``train_cfg``).
+    ``parallel_mode`` 'ddp' or 'fsdp' (under torchrun): the training loop sees the model wrapped or a sharded twin
+    (:func:`lorakit.parallel.training_copy`); scoring and saving see the plain model.
     The returned row has the accuracy, parameter counts, checkpoint size and the training history.
     """
-    from .. import count_parameters
+    from .. import count_parameters, parallel
     from ..data.text import TextCollator
     from ..train import evaluate, train
 
     model, tokenizer = build(method, implementation, settings, seed, same_start=same_start)
     collator = TextCollator(tokenizer, settings["max_length"])
     steps = train_cfg.total_steps(-(-len(train_data) // train_cfg.batch_size))
-    on_step = clora_step_hook(model, steps) if method == "clora" else None
-    history = train(model, _Examples(train_data), train_cfg, collate_fn=collator, on_step=on_step,
-                    validation=None if validation is None else _Examples(validation),
-                    num_classes=settings["num_labels"])
+    with parallel.training_copy(model, parallel_mode) as trained:
+        on_step = clora_step_hook(trained, steps) if method == "clora" else None
+        history = train(trained, _Examples(train_data), train_cfg, collate_fn=collator, on_step=on_step,
+                        validation=None if validation is None else _Examples(validation),
+                        num_classes=settings["num_labels"])
     result = evaluate(model, _Examples(test_data), settings["num_labels"], batch_size=128, collate_fn=collator)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
@@ -118,29 +123,32 @@ def run_cell(method: str, implementation: str, seed: int, lr: float, *, context:
             return record
     folder.mkdir(parents=True, exist_ok=True)
     train_data, validation, test = context["data"]
-    print(f"[peft-compare] {key}", flush=True)
-    if implementation == "adapters":
-        row = context["adapterhub"](seed, lr, cfg, key)
+    say = print if parallel.is_main() else (lambda *a, **k: None)
+    say(f"[peft-compare] {key}", flush=True)
+    if implementation == "adapters":  # one subprocess, on rank 0 under torchrun
+        row = parallel.on_main(lambda: context["adapterhub"](seed, lr, cfg, key))
     else:
         state = folder / f"{key}.state"
         cfg.state_path, cfg.resume, cfg.checkpoint_every = str(state), context["resume"], context["state_every"]
         same_start = implementation == "lorakit" and method in ("lora", "prompt") and context["same_start"]
         try:
             row = run_row(method, implementation, context["settings"], train_data, test, cfg, seed,
-                          validation=validation, same_start=same_start)
+                          validation=validation, same_start=same_start, parallel_mode=context.get("parallel", "none"))
         except TrainingDivergedError as err:
             if not sweep:
                 raise
             row = {"diverged": str(err), "steps": err.step, "accuracy": None, "best_val_accuracy": None,
                    "best_step": None, "val_accuracies": [], "losses": [], "train_seconds": None}
         row["start"] = "PEFT's initial weights" if same_start else "own initialisation"
-        state.unlink(missing_ok=True)
+        if parallel.is_main():
+            discard_state(state)
     record = {"key": key, **row, "method": method, "implementation": implementation, "seed": seed, "lr": lr,
               **expected, "run_config": context["run_config"], "threads": torch.get_num_threads(),
               "git_commit": git_commit()}
-    write_json(path, record)
-    done[key] = json.loads(path.read_text())  # as a resumed run reads it back, so both give the same results
-    print(f"[peft-compare]   {record.get('diverged') or 'test %.2f %%' % record['accuracy']}, best validation "
+    if parallel.is_main():
+        write_json(path, record)
+    done[key] = json.loads(json.dumps(record))  # as a resumed run reads it back, so both give the same results
+    say(f"[peft-compare]   {record.get('diverged') or 'test %.2f %%' % record['accuracy']}, best validation "
           f"{record['best_val_accuracy']} at step {record['best_step']}", flush=True)
     return done[key]
 
