@@ -65,6 +65,10 @@ def main() -> None:
     body = digit_finetune()
     body += digit_stream()
     body += report_section("clora-table", "C-LoRA compression on Fashion-MNIST")
+    equal = report_section("clora-table-equal", "C-LoRA against SVD + fine-tune at equal epochs, Fashion-MNIST")
+    body += equal[:2] + (["The table above gave the SVD fine-tunes 3 epochs against C-LoRA's 5; here every compressed "
+                          "cell has 5, from a dense model of the same seed trained in the same run.", ""]
+                         if equal else []) + equal[2:]
     conv = report_section("clora-conv", "C-LoRA on a conv net, Fashion-MNIST")
     body += conv[:2] + (["Beside the seed's VGG16 on CIFAR-10: dense 85.36 %, C-LoRA 75-77.5 % at ratios of 6.9-15.3 % "
                          "(a loss of 8-10 pp). Targets, C-LoRA against SVD + fine-tune seed by seed, and inference "
@@ -74,11 +78,11 @@ def main() -> None:
                                 "the attention weights; BERT-Small 89.05 %, 84.8-86.0 % at 2.1-8.4 %. Targets and "
                                 "C-LoRA against SVD + fine-tune seed by seed are in the report.", ""]
                                if transformer else []) + transformer[2:]
-    body += report_section("peft-compare", "methods side by side on MiniLM")[:2] + [
-        "This is the earlier run (one seed, 300 test examples, rows assembled from parallel parts; see its report). "
-        "The one-command protocol of `lorakit run peft-compare` (3 seeds, 1,200 test examples, learning rates from "
-        "a validation sweep, lorakit started from PEFT's initial weights) has not had its reference run yet.", ""
-    ] + report_section("peft-compare", "methods side by side on MiniLM")[2:]
+    distilled = report_section("clora-transformer-distill", "the same, distilled from the dense model")
+    body += distilled[:2] + (["Every compressed cell (C-LoRA and SVD + fine-tune alike) also learns from the dense "
+                              "model's outputs (`--distill 0.5`); the same dense models, steps and learning rate as "
+                              "above.", ""] if distilled else []) + distilled[2:]
+    body += report_section("peft-compare", "methods side by side on MiniLM")
     readme = ROOT / "README.md"
     text = readme.read_text()
     new = re.sub(r"<!-- results -->.*?<!-- /results -->", lambda _: "<!-- results -->\n" + "\n".join(body) + "<!-- /results -->",

@@ -145,15 +145,20 @@ def test_distilled_cells_learn_from_the_dense_model_and_say_so(tiny_model_folder
     from lorakit.cli import main
     from lorakit.experiments import compress_task
 
-    teachers = []
+    used = []  # (which loss, its teacher) at every training step that called it
     real = compress_task.distillation_loss
-    monkeypatch.setattr(compress_task, "distillation_loss",
-                        lambda teacher, *a: teachers.append(teacher) or real(teacher, *a))
+
+    def counting(teacher, *args):
+        loss_fn = real(teacher, *args)
+        return lambda model, batch: used.append((id(loss_fn), teacher)) or loss_fn(model, batch)
+
+    monkeypatch.setattr(compress_task, "distillation_loss", counting)
     out = tmp_path / "out"
     argv = _argv(tiny_model_folder, tiny_text_file, out, "--distill", "0.5")
     argv[argv.index("--seeds") + 1] = "0"
     assert main(argv + ["--variants", "dense,wds,svd,svd+finetune", "--inits", "svd"]) == 0
-    assert len(teachers) == 2 and not teachers[0].training  # wds and svd+finetune; the plain svd trains nothing
+    assert len({key for key, _ in used}) == 2  # wds and svd+finetune; the plain svd trains nothing
+    assert len(used) == 2 * 5 and not any(teacher.training for _, teacher in used)  # 5 steps each, an eval teacher
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["distill"] == 0.5
     assert "also learns from the dense model" in (out / "report.md").read_text()
