@@ -294,3 +294,12 @@ def test_with_a_process_group_a_failed_write_raises(tmp_path, monkeypatch):
         with pytest.raises(OSError, match="No space left"):
             lk.save_adapter(adapted(), tmp_path)
     assert not (tmp_path / "adapter_config.json").exists()
+
+
+@pytest.mark.parametrize("is_main_process, written", [(None, True), (True, True), (False, False)])
+def test_is_main_process_decides_who_writes_as_in_peft(is_main_process, written, tmp_path):
+    """PEFT's ``save_pretrained(is_main_process=...)``: None = rank 0 of the group writes (here the only rank)."""
+    with process_group():
+        lk.save_adapter(adapted(seed=1), tmp_path / "out", is_main_process=is_main_process)
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file() == written
+    assert (tmp_path / "out" / "adapter_config.json").is_file() == written

@@ -32,13 +32,16 @@ __all__ = ["save_adapter", "load_adapter", "read_config", "read_weights", "adapt
 
 
 # -- save -----------------------------------------------------------------------------------------
-def save_adapter(model: nn.Module, directory: str | Path, name: str | None = None) -> Path:
+def save_adapter(model: nn.Module, directory: str | Path, name: str | None = None,
+                 is_main_process: bool | None = None) -> Path:
     """Write adapter ``name`` (default: the active one) to ``directory`` as ``adapter_config.json`` + safetensors.
 
     Keys are clean (no ``module.`` / ``_orig_mod.``) for a DDP-, FSDP2- or ``torch.compile``-wrapped model. When a
     process group is initialised every rank must call this: sharded tensors are gathered, rank 0 writes, and all
-    ranks return together. A PiSSA adapter (``init="svd"``) is written as the plain rank-2r adapter that gives
-    the trained outputs on the *original* base (``s B A - s B0 A0 = s [B | -B0] [A ; A0]``), so PEFT loads it too.
+    ranks return together. ``is_main_process`` (PEFT's name) decides instead whether this process writes, with no
+    wait for the others: True for a folder of its own (a temporary one), False to write nothing. A PiSSA adapter
+    (``init="svd"``) is written as the plain rank-2r adapter that gives the trained outputs on the *original* base
+    (``s B A - s B0 A0 = s [B | -B0] [A ; A0]``), so PEFT loads it too.
 
     Raises:
         KeyError: the model has no adapter ``name`` (or none at all).
@@ -56,7 +59,7 @@ def save_adapter(model: nn.Module, directory: str | Path, name: str | None = Non
     if isinstance(cfg, LoRAConfig) and cfg.init == "svd" and reason is None:
         tensors = pissa_as_plain(model, name, tensors)
     directory = Path(directory)
-    _write_on_rank_zero(directory, tensors, config_to_json(model, cfg, name, reason))
+    _write_on_rank_zero(directory, tensors, config_to_json(model, cfg, name, reason), is_main_process)
     return directory
 
 
@@ -85,9 +88,10 @@ def pissa_as_plain(model: nn.Module, name: str, tensors: dict[str, torch.Tensor]
     return out
 
 
-def _write_on_rank_zero(directory: Path, tensors: dict[str, torch.Tensor], config: dict) -> None:
-    grouped = dist.is_available() and dist.is_initialized()
-    writer = not grouped or dist.get_rank() == 0
+def _write_on_rank_zero(directory: Path, tensors: dict[str, torch.Tensor], config: dict,
+                        is_main_process: bool | None = None) -> None:
+    grouped = is_main_process is None and dist.is_available() and dist.is_initialized()
+    writer = is_main_process if is_main_process is not None else not grouped or dist.get_rank() == 0
     failure: BaseException | None = None
     if writer:
         try:

@@ -186,7 +186,8 @@ def start_from_peft(model, peft_model, method: str) -> None:
             return
         if method != "prompt":
             raise ValueError(f"same start is defined for lora and prompt, not {method!r}")
-        save_adapter(model, folder)  # lorakit's prompt layout, then PEFT's initial prompt put in it
+        # lorakit's prompt layout, in this process's own folder; then PEFT's initial prompt put in it
+        save_adapter(model, folder, is_main_process=True)
         weights = Path(folder) / "adapter_model.safetensors"
         tensors = load_file(weights)
         key = next(k for k in tensors if k.endswith("prompt_embeddings"))
@@ -207,7 +208,7 @@ def checkpoint_bytes(model, method: str, implementation: str) -> int:
         if method == "full":
             save_tensors(Path(folder) / "model.safetensors", dict(model.state_dict()))
         elif implementation == "lorakit":
-            save_adapter(model, folder)
+            save_adapter(model, folder, is_main_process=True)  # this process's own folder
         else:
             model.save_pretrained(folder)
         return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
