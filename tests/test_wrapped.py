@@ -143,3 +143,27 @@ def test_fsdp2_merge_acts_on_the_full_weights(group):
         torch.testing.assert_close(model(X), expected, atol=1e-5, rtol=1e-5)
         lk.set_active(model, "b")
     assert lk.count_parameters(model).trainable == 2 * (9 + 7)
+
+
+def test_fsdp2_wrap_of_a_soft_prompt_model_gives_the_plain_outputs_and_gradients(group):
+    """The prompt is read by the model's forward pre-hook, never called: it must stay in the root's FSDP2 group."""
+    pytest.importorskip("transformers")
+    from transformers import BertForSequenceClassification
+
+    from lorakit import parallel
+    from lorakit.models.hf import tiny_bert_config
+
+    torch.manual_seed(0)
+    config = tiny_bert_config()
+    config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
+    plain = BertForSequenceClassification(config)
+    lk.inject(plain, lk.PromptConfig(num_tokens=3))
+    sharded = parallel.wrap(copy.deepcopy(plain), "fsdp")
+    batch = {"input_ids": torch.randint(5, 64, (4, 7)), "attention_mask": torch.ones(4, 7, dtype=torch.long),
+             "labels": torch.tensor([0, 1, 0, 1])}
+    for model in (plain, sharded):
+        model(**batch).loss.backward()
+    grads = [next(p.grad for n, p in m.named_parameters() if "prompt" in n) for m in (plain, sharded)]
+    torch.testing.assert_close(grads[1].full_tensor(), grads[0], atol=1e-6, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(sharded(**batch).logits, plain(**batch).logits, atol=1e-6, rtol=1e-5)

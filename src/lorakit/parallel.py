@@ -64,7 +64,9 @@ def wrap(model: nn.Module, parallel: str) -> nn.Module:
 
     from .inject import adapter_layers
 
-    blocks = [m for _, m in adapter_layers(model)] + _transformer_blocks(model)
+    # A soft prompt is read by the model's forward pre-hook and never called, so FSDP2 would never gather it as a
+    # unit of its own: it stays in the root's group, which FSDP2 gathers before the model's own pre-hooks run.
+    blocks = [m for _, m in adapter_layers(model) if _computes_in_forward(m)] + _transformer_blocks(model)
     for block in _outermost(model, blocks):
         fully_shard(block)
     return fully_shard(model)
@@ -98,6 +100,13 @@ def same_parameters(params: list, model: nn.Module, other: nn.Module) -> list:
         raise ValueError(f"{len(missing)} of the parameters to train are not in the model being trained")
     by_name = dict(unwrap_model(other).named_parameters())
     return [by_name[path[id(p)]] for p in params]
+
+
+def _computes_in_forward(module: nn.Module) -> bool:
+    """Whether an adapter layer computes in its own forward (a soft prompt does not: a hook reads it)."""
+    from .layers.prompt import SoftPrompt
+
+    return not isinstance(module, SoftPrompt)
 
 
 def _transformer_blocks(model: nn.Module) -> list[nn.Module]:
