@@ -43,6 +43,13 @@ def report_section(experiment: str, title: str) -> list[str]:
     return [f"## Results: {title} (`results/{experiment}/report.md`)", "", table.group(0) if table else text[:2000], ""]
 
 
+def report_block(experiment: str, heading: str) -> list[str]:
+    """The ``## heading`` section of a committed report.md, as a bold paragraph title and its lines."""
+    path = ROOT / "results" / experiment / "report.md"
+    found = re.search(rf"^## {heading}\n(.*?)(?=^## |\Z)", path.read_text(), re.M | re.S) if path.exists() else None
+    return [f"**{heading}** (from the report):", found.group(1).strip(), ""] if found else []
+
+
 def digit_stream() -> list[str]:
     from lorakit.experiments.stream_report import compare_table, summary_table
 
@@ -77,12 +84,12 @@ def main() -> None:
     body += transformer[:2] + (["Beside the seed's BERT on IMDB: BERT-Tiny 83.03 % dense, C-LoRA 80.0-81.9 % at 8.8-33.6 % of "
                                 "the attention weights; BERT-Small 89.05 %, 84.8-86.0 % at 2.1-8.4 %. Targets and "
                                 "C-LoRA against SVD + fine-tune seed by seed are in the report.", ""]
-                               if transformer else []) + transformer[2:]
+                               if transformer else []) + transformer[2:] + report_block("clora-transformer", "Targets")
     distilled = report_section("clora-transformer-distill", "the same, distilled from the dense model")
     body += distilled[:2] + (["Every compressed cell (C-LoRA and SVD + fine-tune alike) also learns from the dense "
                               "model's outputs (`--distill 0.5`); the same dense models, steps and learning rate as "
-                              "above.", ""] if distilled else []) + distilled[2:]
-    body += report_section("peft-compare", "methods side by side on MiniLM")
+                              "above.", ""] if distilled else []) + distilled[2:] + report_block("clora-transformer-distill", "Targets")
+    body += report_section("peft-compare", "methods side by side on MiniLM") + report_block("peft-compare", "Verdicts")
     readme = ROOT / "README.md"
     text = readme.read_text()
     new = re.sub(r"<!-- results -->.*?<!-- /results -->", lambda _: "<!-- results -->\n" + "\n".join(body) + "<!-- /results -->",
