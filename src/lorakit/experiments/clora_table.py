@@ -32,7 +32,7 @@ from ..train import TrainConfig, evaluate
 from .compress_cells import (CLORA_VARIANTS, CellsConfig, Fit, Key, add_cell_arguments,
                              cached_dense, calibration_batches, clora_cell, file_size, parameter_count, run_cells,
                              svd_cell)
-from .compress_report import merged_runs, plot_accuracy_vs_ratio, summarize, summary_table
+from .compress_report import clora_vs_svd, merged_runs, plot_accuracy_vs_ratio, summarize, summary_table
 
 DESCRIPTION = "Reproduce and beat the seed's C-LoRA Fashion-MNIST table (C-LoRA variants, SVD baselines, dense)."
 
@@ -197,6 +197,12 @@ def render(results: dict) -> str:
         rows = [[r, b["method"], f"{b['accuracy_mean']:.2f}", max(SEED_TABLE[r][1].values()) if r in SEED_TABLE else None]
                 for r, b in sorted(best.items())]
         lines += [report.markdown_table(["rank", "best method", "accuracy %", "seed's best %"], rows), ""]
+    budget = ("equal budgets: every compressed cell trains the same epochs" if cfg["finetune_epochs"] == cfg["epochs"]
+              else f"**unequal budgets**: C-LoRA {cfg['epochs']:g} epochs, the SVD fine-tunes {cfg['finetune_epochs']:g}")
+    lines += ["## C-LoRA against SVD + fine-tune", "",
+              f"The best method of each kind per rank by mean accuracy, seed by seed from the same dense model; "
+              f"{budget}, the same learning rate and batch (the choice of the best of several methods favours the "
+              "side with more methods):", "", *(clora_vs_svd(results["rows"]) or ["- no rank has both kinds"]), ""]
     lines += merged_runs(results["made_by"], "## Runs merged into this table", "Seeds and methods ran in separate "
                          "processes (same protocol), then merged with `--report-only --merge`:")
     return "\n".join(lines)
