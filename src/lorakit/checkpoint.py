@@ -59,7 +59,7 @@ def save_adapter(model: nn.Module, directory: str | Path, name: str | None = Non
     if isinstance(cfg, LoRAConfig) and cfg.init == "svd" and reason is None:
         tensors = pissa_as_plain(model, name, tensors)
     directory = Path(directory)
-    _write_on_rank_zero(directory, tensors, config_to_json(model, cfg, name, reason), is_main_process)
+    _write_adapter_files(directory, tensors, config_to_json(model, cfg, name, reason), is_main_process)
     return directory
 
 
@@ -88,7 +88,7 @@ def pissa_as_plain(model: nn.Module, name: str, tensors: dict[str, torch.Tensor]
     return out
 
 
-def _write_on_rank_zero(directory: Path, tensors: dict[str, torch.Tensor], config: dict,
+def _write_adapter_files(directory: Path, tensors: dict[str, torch.Tensor], config: dict,
                         is_main_process: bool | None = None) -> None:
     grouped = is_main_process is None and dist.is_available() and dist.is_initialized()
     writer = is_main_process if is_main_process is not None else not grouped or dist.get_rank() == 0

@@ -151,13 +151,11 @@ def pretrained(cfg: DigitFinetuneConfig, train_set: TensorDataset) -> tuple[torc
         except (ValueError, RuntimeError):
             pass  # stale or damaged cache: train again and overwrite it atomically
     state_path = path.with_suffix(".state.pt")  # the run so far, every 500 steps: --resume continues it
-    history = train(parallel.wrap(model, cfg.parallel), train_set,
-                    replace(train_cfg, state_path=str(state_path), resume=cfg.resume, checkpoint_every=500))
-    state = parallel.full_state_dict(model)
-    model = build_model(cfg.model)  # plain again (FSDP2 shards in place); every rank holds the trained weights
-    model.load_state_dict(state)
+    with parallel.training_copy(model, cfg.parallel) as trained:  # afterwards every rank's plain model is trained
+        history = train(trained, train_set,
+                        replace(train_cfg, state_path=str(state_path), resume=cfg.resume, checkpoint_every=500))
     if parallel.is_main():
-        save_tensors(path, state, metadata={"key": key})
+        save_tensors(path, model.state_dict(), metadata={"key": key})
         discard_state(state_path)  # and its DCP folders (FSDP2)
     parallel.barrier()
     return model, history.seconds
@@ -212,17 +210,13 @@ def run(cfg: DigitFinetuneConfig, out: Path) -> dict:
     steps = cfg.steps or (300 if cfg.preserve else protocol["finetune_steps"])
     batch = protocol["finetune_batch"] * (1 + (cfg.replay if cfg.preserve else 0))
     state_path = out / "finetune_state.pt"
-    history = train(parallel.wrap(model, cfg.parallel), finetune_data(cfg, train_set, digit),
-                    TrainConfig(lr=cfg.lr, batch_size=int(round(batch)), steps=steps, seed=cfg.seed,
-                                state_path=str(state_path), resume=cfg.resume, checkpoint_every=50),
-                    loss_fn=preserve_loss(digit, cfg.kl_weight) if cfg.preserve else None)
+    with parallel.training_copy(model, cfg.parallel) as trained:  # measured plain in every process afterwards
+        history = train(trained, finetune_data(cfg, train_set, digit),
+                        TrainConfig(lr=cfg.lr, batch_size=int(round(batch)), steps=steps, seed=cfg.seed,
+                                    state_path=str(state_path), resume=cfg.resume, checkpoint_every=50),
+                        loss_fn=preserve_loss(digit, cfg.kl_weight) if cfg.preserve else None)
     if parallel.is_main():
         discard_state(state_path)  # and its DCP folders (FSDP2)
-    if cfg.parallel != "none":  # measure on a plain copy in every process: no sharded or wrapped forward
-        state = parallel.full_state_dict(model)
-        torch.manual_seed(cfg.seed)
-        model = lk.inject(build_model(cfg.model), lora)
-        model.load_state_dict(state)
     after = evaluate(model, test_set)
     with lk.disabled(model):
         disabled = evaluate(model, test_set)

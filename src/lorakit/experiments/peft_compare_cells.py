@@ -56,7 +56,7 @@ def run_row(method, implementation, settings, train_data, test_data, train_cfg, 
     (:func:`lorakit.parallel.training_copy`); scoring and saving see the plain model.
     The returned row has the accuracy, parameter counts, checkpoint size and the training history.
     """
-    from .. import count_parameters, parallel
+    from .. import count_parameters
     from ..data.text import TextCollator
     from ..train import evaluate, train
 
