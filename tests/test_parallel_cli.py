@@ -72,7 +72,8 @@ def test_two_process_clora_table_matches_one_process(tmp_path, parallel):
     assert not [p.name for p in (tmp_path / "two").rglob("*") if ".state" in p.name]  # no training state left
 
 
-def test_two_process_peft_compare_matches_one_process(tmp_path, parallel="ddp"):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_process_peft_compare_matches_one_process(tmp_path, parallel):
     """Every cell's per-step losses and test accuracy, lorakit's rows and PEFT's, as in one process."""
     pytest.importorskip("peft")
     from tiny_text import write_tiny_bert, write_tiny_csv
@@ -82,7 +83,7 @@ def test_two_process_peft_compare_matches_one_process(tmp_path, parallel="ddp"):
             "--seeds", "0", "--epochs", "1", "--batch-size", "8", "--max-length", "12", "--num-tokens", "3",
             "--rank", "2", "--clora-rank", "2", "--methods", "lora,prompt,clora", "--implementations", "lorakit,peft",
             "--lr-lora", "1e-2", "--lr-prompt", "1e-2", "--lr-clora", "1e-2", "--threads", "1", "--skip-timing",
-            "--skip-memory"]
+            "--skip-memory", "--state-every", "2"]  # states saved (DCP under fsdp), one right after a validation
     assert cli_main([*args, "--out", str(tmp_path / "one")]) == 0
     done = torchrun([*args, "--parallel", parallel, "--out", str(tmp_path / "two")], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]

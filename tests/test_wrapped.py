@@ -167,3 +167,27 @@ def test_fsdp2_wrap_of_a_soft_prompt_model_gives_the_plain_outputs_and_gradients
     torch.testing.assert_close(grads[1].full_tensor(), grads[0], atol=1e-6, rtol=1e-5)
     with torch.no_grad():
         torch.testing.assert_close(sharded(**batch).logits, plain(**batch).logits, atol=1e-6, rtol=1e-5)
+
+
+def test_fsdp2_resume_state_saved_right_after_validation_resumes_bit_identical(group, tmp_path):
+    """Validation is a forward without a backward: it leaves the root FSDP2 unit unsharded, with trainable
+    parameters in it (PEFT's ``modules_to_save`` head). Saving the state there used to fail inside DCP."""
+    from test_train_resume import Counter, model_and_config, run
+
+    from lorakit import parallel
+
+    def sharded(folder, **overrides):
+        model, cfg = model_and_config(folder, eval_every=5, **overrides)  # a state is saved every 5 steps too
+        return parallel.wrap(model, "fsdp"), cfg
+
+    model, cfg = sharded(tmp_path / "a")
+    reference = run(model, cfg, Counter())
+    expected = {k: v.full_tensor() for k, v in model.state_dict().items() if k != "seen"}
+    stopped, cfg_b = sharded(tmp_path / "b")
+    with pytest.raises(KeyboardInterrupt):
+        run(stopped, cfg_b, Counter(), stop_at=13)
+    resumed, cfg_b = sharded(tmp_path / "b", resume=True)
+    history = run(resumed, cfg_b, Counter())
+    for key, value in expected.items():
+        assert torch.equal(resumed.state_dict()[key].full_tensor(), value), key
+    assert history.losses == reference.losses and history.val_accuracies == reference.val_accuracies

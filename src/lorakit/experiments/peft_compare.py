@@ -87,10 +87,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state-every", type=int, default=50, help="steps between saved training states (resume)")
     parser.add_argument("--resume", action="store_true", help="reuse finished cells in --out, continue stopped ones")
     parser.add_argument("--note", action="append", default=[], help="a line for the report's notes (repeatable)")
-    parser.add_argument("--parallel", choices=["none", "ddp"], default="none",
-                        help="under torchrun: 'ddp', every row trains with each process on its slice of every batch; "
-                             "AdapterHub's rows, the timing and the memory phases run on rank 0 alone; rank 0 writes. "
-                             "No 'fsdp' yet: PEFT's LoRA and lorakit's soft prompt fail under fully_shard here")
+    parser.add_argument("--parallel", choices=["none", "ddp", "fsdp"], default="none",
+                        help="under torchrun: 'ddp' or 'fsdp', every row trains with each process on its slice of "
+                             "every batch (fsdp: a sharded twin, gathered back after training); AdapterHub's rows, "
+                             "the timing and the memory phases run on rank 0 alone; rank 0 writes")
     parser.add_argument("--out", default=None, help="output folder (default runs/peft-compare-<time>)")
 
 
