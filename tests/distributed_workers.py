@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+from torch.utils.data import StackDataset
 
 import lorakit as lk
 from lorakit.train import TrainConfig, train
@@ -115,3 +116,46 @@ def unused_adapter(rank, world_size, port, out):
         train(nn.parallel.DistributedDataParallel(Net()), problem(), mlp_config(steps=3))
     except RuntimeError as err:
         torch.save({"message": str(err)}, f"{out}.rank{rank}.error.pt")
+
+
+def lora_bert() -> nn.Module:
+    """A tiny random BERT classifier (no dropout) with LoRA on query/value and the classifier in modules_to_save."""
+    from transformers import BertForSequenceClassification
+
+    from lorakit.models.hf import tiny_bert_config
+
+    torch.manual_seed(0)
+    config = tiny_bert_config()
+    config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
+    model = BertForSequenceClassification(config)
+    lk.inject(model, lk.LoRAConfig(rank=2, alpha=4, targets=["query", "value"], modules_to_save=["classifier"]))
+    return model
+
+
+def text_problem(n: int = 40) -> StackDataset:
+    """Examples as dicts of input_ids, attention_mask and labels (default_collate stacks them into a batch)."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 64, (n, 9), generator=g)
+    labels = (ids[:, 0] > 34).long()  # learnable from the first token
+    return StackDataset(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)
+
+
+def bert_config(**overrides) -> TrainConfig:
+    return TrainConfig(**{"lr": 0.02, "batch_size": 8, "steps": 10, "optimizer": "adamw", "progress": False,
+                          **overrides})
+
+
+def train_bert_and_save(rank, world_size, port, parallel, out):
+    """Train the LoRA BERT under DDP or FSDP2, then every rank calls save_adapter into a folder of its own
+    (``<out>/rank<r>``): rank 0 alone may write. Rank 0 also saves its losses and frozen-weight check."""
+    from lorakit import parallel as par
+
+    model = lora_bert()
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k and "modules_to_save" not in k}
+    wrapped = par.wrap(model, parallel)
+    history = train(wrapped, text_problem(), bert_config(log_every=1))
+    lk.save_adapter(wrapped, f"{out}/rank{rank}")
+    state = par.full_state_dict(wrapped)
+    unchanged = all(torch.equal(state[k], v) for k, v in frozen.items())
+    if rank == 0:
+        torch.save({"losses": history.losses, "frozen_unchanged": unchanged}, f"{out}/rank0.pt")

@@ -58,3 +58,25 @@ def test_help_lists_every_experiment(capsys):
     out = capsys.readouterr().out
     for name in ("digit-finetune", "svd-demo", "clora-table", "peft-compare"):
         assert name in out
+
+
+def test_the_preserve_loss_of_a_batch_is_the_size_weighted_mean_of_its_slices():
+    """Under torchrun each rank's slice loss is weighted by its share of the batch: the loss must split exactly,
+    even when the slices hold different numbers of replayed images (a KL averaged over them alone would not)."""
+    import torch
+
+    from lorakit import LoRAConfig, inject
+    from lorakit.experiments.digit_finetune import preserve_loss
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4))
+    inject(model, LoRAConfig(rank=2, targets=["0"]))
+    torch.nn.init.normal_(model[0].lora_B.default.weight)  # the adapter changes outputs: KL > 0
+    x, y = torch.randn(10, 6), torch.tensor([3, 3, 3, 1, 3, 0, 2, 3, 1, 0])  # 3 is the target digit
+    loss = preserve_loss(digit=3, kl_weight=0.7)
+    whole = loss(model, (x, y))
+    slices = [(slice(0, 4), 0.4), (slice(4, 10), 0.6)]  # 1 and 5 replayed images
+    torch.testing.assert_close(sum(w * loss(model, (x[s], y[s])) for s, w in slices), whole)
+    with torch.no_grad():
+        plain = torch.nn.functional.cross_entropy(model(x), y)
+    assert whole > plain  # the KL term is there

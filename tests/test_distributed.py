@@ -45,3 +45,40 @@ def test_a_layer_that_never_runs_under_ddp_names_find_unused_parameters(tmp_path
     spawn(unused_adapter, 2, str(out))
     message = torch.load(f"{out}.rank0.error.pt", weights_only=True)["message"]
     assert "find_unused_parameters" in message
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_a_bert_with_modules_to_save_saves_the_single_process_adapter_from_rank_0_alone(parallel, tmp_path):
+    """save_adapter on every rank of a wrapped BERT: rank 0's files equal one process's, key for key and shape for
+    shape, the other rank writes nothing, and loading them into a fresh model gives one process's logits."""
+    pytest.importorskip("transformers")
+    import json
+
+    from safetensors.torch import load_file
+    from torch.utils.data import default_collate
+
+    import lorakit as lk
+    from distributed_workers import bert_config, lora_bert, text_problem, train_bert_and_save
+
+    model = lora_bert()
+    history = train(model, text_problem(), bert_config(log_every=1))
+    lk.save_adapter(model, tmp_path / "one")
+    spawn(train_bert_and_save, 2, parallel, str(tmp_path))
+    got = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    assert got["frozen_unchanged"]
+    assert got["losses"] == pytest.approx(history.losses, abs=1e-5)
+    assert not (tmp_path / "rank1").exists()
+    one, two = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("one", "rank0"))
+    assert {k: v.shape for k, v in two.items()} == {k: v.shape for k, v in one.items()}
+    assert len(one) == 10  # 8 LoRA factors, the classifier's weight and bias
+    for key, value in one.items():
+        torch.testing.assert_close(two[key], value, atol=1e-5, rtol=0, msg=key)
+    configs = [json.loads((tmp_path / d / "adapter_config.json").read_text()) for d in ("one", "rank0")]
+    assert configs[1] == configs[0]
+    fresh = lk.load_adapter(lora_bert(), tmp_path / "rank0")
+    batch = default_collate(list(text_problem()))
+    batch.pop("labels")
+    model.eval()
+    fresh.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**batch).logits, model(**batch).logits, atol=1e-5, rtol=0)

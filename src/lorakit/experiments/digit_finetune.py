@@ -174,7 +174,9 @@ def finetune_data(cfg: DigitFinetuneConfig, train_set: TensorDataset, digit: int
 
 
 def preserve_loss(digit: int, kl_weight: float):
-    """Cross-entropy on every image, plus KL(frozen || adapted) on the images of the other digits."""
+    """The mean over the batch's images of: cross-entropy, plus ``kl_weight`` x KL(frozen || adapted) on the images
+    of the other digits (0 on the target digit's). A mean of per-image terms, so that the slices of a batch
+    under torchrun, each weighted by its size, add up to the whole batch's loss."""
 
     def loss_fn(model: torch.nn.Module, batch) -> torch.Tensor:
         x, y = batch
@@ -184,8 +186,9 @@ def preserve_loss(digit: int, kl_weight: float):
         if replayed.any():
             with torch.no_grad(), lk.disabled(model):
                 frozen = model(x[replayed])
-            loss = loss + kl_weight * F.kl_div(F.log_softmax(logits[replayed], -1), F.log_softmax(frozen, -1),
-                                               log_target=True, reduction="batchmean")
+            kl = F.kl_div(F.log_softmax(logits[replayed], -1), F.log_softmax(frozen, -1), log_target=True,
+                          reduction="sum")
+            loss = loss + kl_weight * kl / len(y)
         return loss
 
     return loss_fn
@@ -280,9 +283,9 @@ def render(results: dict, listing_before: str, listing_after: str, increment: st
                   "instead of the seed's rank 1: rank 1 could not lower the target digit's errors enough while "
                   "holding the rest. Each batch mixes target-digit images with replayed images of the other "
                   f"digits ({c['replay']:g} per target image, drawn once from the training set with seed {c['seed']}). "
-                  "The loss is cross-entropy on all of them plus "
-                  f"{c['kl_weight']:g} × KL(frozen ‖ adapted) on the replayed ones, where 'frozen' is the same "
-                  "network with the adapter disabled. Only the LoRA factors train; the base weights stay "
+                  "The loss is the mean over the batch's images of cross-entropy plus "
+                  f"{c['kl_weight']:g} × KL(frozen ‖ adapted) on the replayed ones (0 on the target digit's), where "
+                  "'frozen' is the same network with the adapter disabled. Only the LoRA factors train; the base weights stay "
                   "bit-identical.\n\n")
     return "\n".join([
         f"# digit-finetune: {results['model']}", "", summary(results), method,
