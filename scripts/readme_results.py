@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def digit_finetune() -> list[str]:
     lines = ["## Results: fix the worst digit (`results/digit-finetune/`)", "",
              "Real MNIST, the seeds' own hyper-parameters (SEEDS.md A); 'seed' columns are the seeds' published "
-             "numbers. Our pre-trained model is a different draw, so its worst digit differs.", ""]
+             "numbers. Our pre-trained model is a different draw, so its worst digit may differ from the seed's.", ""]
     for run in sorted((ROOT / "results" / "digit-finetune").glob("*/results.json")):
         r = json.loads(run.read_text())
         p = r["parameters"]

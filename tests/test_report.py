@@ -14,11 +14,15 @@ from lorakit.train import EvalResult
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def test_run_metadata_has_versions_and_time():
+def test_run_metadata_has_versions_and_time(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
     meta = run_metadata()
     assert meta["torch"] == torch.__version__
     assert meta["lorakit"] and meta["python"] and meta["time"].endswith("+00:00")
+    assert meta["world_size"] == 1
     json.dumps(meta)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it
+    assert run_metadata()["world_size"] == 2
 
 
 def test_results_json_round_trip(tmp_path):

@@ -41,6 +41,7 @@ def run_metadata() -> dict:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "command": " ".join(sys.argv),
+        "world_size": int(os.environ.get("WORLD_SIZE", "1")),  # processes under torchrun
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
