@@ -39,7 +39,8 @@ class BatchOrder:
             raise ValueError("nothing to train on: the data set is empty")
         if batch_size % world_size:
             raise ValueError(f"the global batch size {batch_size} is not divisible by the world size {world_size}; "
-                             f"choose a batch size that is a multiple of {world_size}")
+                             f"choose a batch size that is a multiple of {world_size}, or a number of processes "
+                             f"that divides {batch_size}")
         self.num_examples, self.batch_size, self.shuffle = num_examples, batch_size, shuffle
         self.rank, self.world_size = rank, world_size
         self.generator = torch.Generator().manual_seed(seed)
