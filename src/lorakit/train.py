@@ -300,7 +300,8 @@ def train(
     was never stopped. In a process group of several ranks the model must be wrapped (DDP or FSDP2): each
     rank takes its slice of every global batch (:mod:`lorakit.batches`; the slices add up to the whole batch's
     loss when ``loss_fn`` is a mean over the batch's examples, not over a data-dependent subset of them), the
-    logged loss is the global mean, a NaN on any rank stops every rank at the same step, and only rank 0 writes files and shows progress.
+    logged loss is the global mean, a NaN on any rank stops every rank at the same step, and only rank 0 writes
+    files and shows progress.
     """
     loss_fn = loss_fn or classification_loss
     params = list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
