@@ -73,7 +73,7 @@ def test_the_preserve_loss_of_a_batch_is_the_size_weighted_mean_of_its_slices():
     inject(model, LoRAConfig(rank=2, targets=["0"]))
     torch.nn.init.normal_(model[0].lora_B.default.weight)  # the adapter changes outputs: KL > 0
     x, y = torch.randn(10, 6), torch.tensor([3, 3, 3, 1, 3, 0, 2, 3, 1, 0])  # 3 is the target digit
-    loss = preserve_loss(digit=3, kl_weight=0.7)
+    loss = preserve_loss(kl_weight=0.7, digit=3)
     whole = loss(model, (x, y))
     slices = [(slice(0, 4), 0.4), (slice(4, 10), 0.6)]  # 1 and 5 replayed images
     torch.testing.assert_close(sum(w * loss(model, (x[s], y[s])) for s, w in slices), whole)

@@ -173,16 +173,19 @@ def finetune_data(cfg: DigitFinetuneConfig, train_set: TensorDataset, digit: int
     return TensorDataset(images[keep], labels[keep])
 
 
-def preserve_loss(digit: int, kl_weight: float):
-    """The mean over the batch's images of: cross-entropy, plus ``kl_weight`` x KL(frozen || adapted) on the images
-    of the other digits (0 on the target digit's). A mean of per-image terms, so that the slices of a batch
-    under torchrun, each weighted by its size, add up to the whole batch's loss."""
+def preserve_loss(kl_weight: float, digit: int | None = None):
+    """The mean over the batch's images of: cross-entropy, plus ``kl_weight`` x KL(frozen || adapted) on the replayed
+    images (0 on the others), where 'frozen' is the model with its adapter disabled. A mean of per-image terms, so
+    that the slices of a batch under torchrun, each weighted by its size, add up to the whole batch's loss.
+
+    Batches are ``(images, labels, replayed)``; with ``digit``, ``(images, labels)`` and the replayed images are
+    those of the other digits.
+    """
 
     def loss_fn(model: torch.nn.Module, batch) -> torch.Tensor:
-        x, y = batch
+        x, y, replayed = batch if digit is None else (*batch, batch[1] != digit)
         logits = model(x)
         loss = F.cross_entropy(logits, y)
-        replayed = y != digit
         if replayed.any():
             with torch.no_grad(), lk.disabled(model):
                 frozen = model(x[replayed])
@@ -217,7 +220,7 @@ def run(cfg: DigitFinetuneConfig, out: Path) -> dict:
         history = train(trained, finetune_data(cfg, train_set, digit),
                         TrainConfig(lr=cfg.lr, batch_size=int(round(batch)), steps=steps, seed=cfg.seed,
                                     state_path=str(state_path), resume=cfg.resume, checkpoint_every=50),
-                        loss_fn=preserve_loss(digit, cfg.kl_weight) if cfg.preserve else None)
+                        loss_fn=preserve_loss(cfg.kl_weight, digit) if cfg.preserve else None)
     if parallel.is_main():
         discard_state(state_path)  # and its DCP folders (FSDP2)
     after = evaluate(model, test_set)

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -34,7 +33,7 @@ import lorakit as lk
 from . import config_from_args, output_dir
 from .._io import write_json
 from ..train import TrainConfig, evaluate, train
-from .digit_finetune import PROTOCOLS, DigitFinetuneConfig, load_data, pretrained
+from .digit_finetune import PROTOCOLS, DigitFinetuneConfig, load_data, preserve_loss, pretrained
 from .stream_data import (STREAMS, Stage, average_accuracy, backward_transfer, digit_stream, rotation_stream,
                           seen_average, with_replay)
 from .stream_report import matrix_table, write_outputs  # noqa: F401  (matrix_table: re-exported for the README)
@@ -198,26 +197,6 @@ def seed_setting(cfg: DigitStreamConfig, seed: int, data) -> SeedSetting:
 
 
 # -- the methods ----------------------------------------------------------------------------------------
-def replay_kl_loss(kl_weight: float):
-    """Cross-entropy on every image, plus KL(start-of-stage || adapted) on the replayed ones.
-
-    The start-of-stage model is the same network with the (fresh) LoRA disabled: earlier stages are merged in W.
-    """
-
-    def loss_fn(model: nn.Module, batch) -> torch.Tensor:
-        x, y, replayed = batch
-        logits = model(x)
-        loss = F.cross_entropy(logits, y)
-        if replayed.any():
-            with torch.no_grad(), lk.disabled(model):
-                start = model(x[replayed])
-            loss = loss + kl_weight * F.kl_div(F.log_softmax(logits[replayed], -1), F.log_softmax(start, -1),
-                                               log_target=True, reduction="batchmean")
-        return loss
-
-    return loss_fn
-
-
 def is_plain(model: nn.Module, parameters: int) -> bool:
     """No lorakit module, parametrization or adapter bookkeeping left, and ``parameters`` parameters."""
     lorakit_modules = [n for n, m in model.named_modules() if type(m).__module__.startswith("lorakit.")]
@@ -260,7 +239,7 @@ def run_cell(cfg: DigitStreamConfig, method: str, seed: int, setting: SeedSettin
         if method == "lora-preserve":
             earlier = [setting.pretrain_set] + [s.train for s in setting.stages[:i]]
             data = with_replay(stage, earlier, cfg.replay, stage_seed)
-            loss_fn, batch = replay_kl_loss(cfg.kl_weight), int(round(cfg.batch_size * (1 + cfg.replay)))
+            loss_fn, batch = preserve_loss(cfg.kl_weight), int(round(cfg.batch_size * (1 + cfg.replay)))
         lr = cfg.full_lr if method == "full" else cfg.lr
         history = train(model, data, TrainConfig(lr=lr, batch_size=batch, steps=cfg.steps, seed=stage_seed,
                                                  progress=False), loss_fn=loss_fn)

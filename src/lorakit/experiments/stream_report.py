@@ -198,7 +198,7 @@ def render(results: dict, figures: bool = True) -> str:
         f"{cfg['rank']}, alpha {cfg['alpha']:g}, lr {cfg['lr']:g} on the model's Linear weights; full fine-tuning lr "
         f"{cfg['full_lr']:g}. lora-preserve adds {cfg['replay']:g} replayed image(s) per new image, drawn equally from "
         f"the pre-training set and each earlier stage's training set, with {cfg['kl_weight']:g} × KL(start-of-stage "
-        "model ‖ adapted) on them.", "",
+        "model ‖ adapted) on them, averaged over all the batch's images (digit-finetune's --preserve loss).", "",
         "R[i][j] = accuracy on stage j's test set after training on stage i. Final average accuracy = mean of the "
         "last row. Backward transfer (BWT) = mean over j < T of R[T][j] − R[j][j], in percentage points (negative = "
         "forgetting). 'Trained / stage': parameters with gradients in a stage; 'stored / stage': what each update "
