@@ -159,3 +159,28 @@ def train_bert_and_save(rank, world_size, port, parallel, out):
     unchanged = all(torch.equal(state[k], v) for k, v in frozen.items())
     if rank == 0:
         torch.save({"losses": history.losses, "frozen_unchanged": unchanged}, f"{out}/rank0.pt")
+
+
+def keep_best_under_fsdp(rank, world_size, port, out):
+    """Train with validation on the opposite labels, so the best weights are the first evaluation's; then compare
+    the sharded model's forward with the plain model that holds its gathered state (the best weights)."""
+    from torch.distributed.fsdp import fully_shard
+
+    from lorakit.parallel import full_state_dict
+
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+
+    x, y = problem()
+    wrapped = fully_shard(net())  # one unit, the root: a validation forward leaves it unsharded
+    history = train(wrapped, (x, y), mlp_config(eval_every=3), validation=(x, (y + 1) % 4), num_classes=4)
+    with torch.no_grad():
+        sharded_logits = wrapped(x)
+    plain = net()
+    plain.load_state_dict(full_state_dict(wrapped))
+    with torch.no_grad():
+        plain_logits = plain(x)
+    if rank == 0:
+        torch.save({"best_step": history.best_step, "steps": history.steps,
+                    "difference": (sharded_logits - plain_logits).abs().max().item()}, out)

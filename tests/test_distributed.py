@@ -82,3 +82,15 @@ def test_a_bert_with_modules_to_save_saves_the_single_process_adapter_from_rank_
     fresh.eval()
     with torch.no_grad():
         torch.testing.assert_close(fresh(**batch).logits, model(**batch).logits, atol=1e-5, rtol=0)
+
+
+def test_fsdp2_keep_best_leaves_the_sharded_model_computing_with_the_best_weights(tmp_path):
+    """The last validation leaves the root unit's gathered weights in place; restoring the best weights into the
+    shards must not leave the next forward on that stale copy (it did, by the last step's weights)."""
+    from distributed_workers import keep_best_under_fsdp
+
+    out = tmp_path / "rank0.pt"
+    spawn(keep_best_under_fsdp, 2, str(out))
+    got = torch.load(out, weights_only=True)
+    assert got["best_step"] < got["steps"]  # the best weights are not the last ones
+    assert got["difference"] <= 1e-6

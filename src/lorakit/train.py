@@ -27,8 +27,8 @@ from ._io import save_tensors
 from .batches import BatchOrder
 from .optim import LRMultiplier, make_optimizer as _make_optimizer, make_scheduler  # noqa: F401 (re-exported)
 from .parallel import gathered, global_mean, rank_and_world
-from .train_state import (check_fingerprint, fingerprint, is_sharded, load_sharded, load_state, rng_state, save_sharded,
-                          save_state, set_rng_state, trained_tensors)
+from .train_state import (check_fingerprint, fingerprint, is_sharded, load_sharded, load_state, reshard, rng_state,
+                          save_sharded, save_state, set_rng_state, trained_tensors)
 
 Batch = Any  # (inputs, labels) or a dict of tensors
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
@@ -411,6 +411,8 @@ def train(
                     if world > 1:
                         torch.distributed.barrier()
         if best is not None:
+            if sharded:
+                reshard(model)  # so that the next forward gathers the restored weights
             with torch.no_grad():
                 for name, tensor in tensors.items():
                     tensor.copy_(best[name])

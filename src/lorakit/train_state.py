@@ -90,9 +90,10 @@ def is_sharded(tensors: dict[str, torch.Tensor]) -> bool:
     return any(type(t).__name__ == "DTensor" for t in tensors.values())
 
 
-def _reshard(model: torch.nn.Module) -> None:
+def reshard(model: torch.nn.Module) -> None:
     """Register every FSDP2 unit's sharded parameters again. A forward without a backward (validation) leaves
-    the root unit unsharded, and DCP then finds the optimizer's parameters nowhere in the model."""
+    the root unit unsharded: DCP then finds the optimizer's parameters nowhere in the model, and the next forward
+    would use that gathered copy even after the sharded parameters changed (best weights restored)."""
     from torch.distributed.fsdp import FSDPModule
 
     for module in model.modules():
@@ -106,7 +107,7 @@ def save_sharded(folder: str, model: torch.nn.Module, optimizer, tensors: dict[s
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    _reshard(model)
+    reshard(model)
     state = {"model": dict(tensors), "optimizer": get_optimizer_state_dict(model, optimizer)}
     if best is not None:
         state["best"] = best
@@ -119,7 +120,7 @@ def load_sharded(folder: str, model: torch.nn.Module, optimizer, tensors: dict[s
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-    _reshard(model)
+    reshard(model)
     state = {"model": dict(tensors), "optimizer": get_optimizer_state_dict(model, optimizer)}
     if has_best:
         state["best"] = {n: t.detach().clone() for n, t in tensors.items()}
