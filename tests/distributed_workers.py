@@ -184,3 +184,53 @@ def keep_best_under_fsdp(rank, world_size, port, out):
     if rank == 0:
         torch.save({"best_step": history.best_step, "steps": history.steps,
                     "difference": (sharded_logits - plain_logits).abs().max().item()}, out)
+
+
+def merge_and_load_after_a_forward(rank, world_size, port, out):
+    """One FSDP2 unit, the root: after a forward without backward its gathered weights stay registered, until a
+    backward reshards it. A merge, an unmerge and a load_adapter in between must reach the shards, not only the
+    gathered copy that the reshard throws away. Rank 0 saves the largest differences."""
+    from torch.distributed.fsdp import fully_shard
+
+    def plain():
+        model = lora_mlp()
+        with torch.no_grad():
+            for p in (p for n, p in model.named_parameters() if "lora_B" in n):
+                p.normal_()  # a LoRA that changes the outputs
+        return model
+
+    def backward(model):  # FSDP2 reshards every unit after it
+        with torch.enable_grad():
+            model(x).sum().backward()
+        model.zero_grad()
+
+    x, _ = problem(6)
+    reference = plain()
+    lk.save_adapter(reference, f"{out}.adapter", is_main_process=rank == 0)
+    dist.barrier()
+    with torch.no_grad():
+        expected = reference(x)
+        with lk.disabled(reference):
+            base = reference(x)
+        sharded = fully_shard(plain())
+        differences = {}
+        sharded(x)
+        lk.merge(sharded)
+        backward(sharded)
+        differences["merge"] = (sharded(x) - expected).abs().max().item()
+        with lk.disabled(sharded):
+            differences["disabled"] = (sharded(x) - base).abs().max().item()
+        backward(sharded)
+        differences["merged again"] = (sharded(x) - expected).abs().max().item()
+        lk.unmerge(sharded)
+        backward(sharded)
+        with lk.disabled(sharded):
+            differences["unmerged, disabled"] = (sharded(x) - base).abs().max().item()
+        for p in (p for n, p in sharded.named_parameters() if "lora_" in n):
+            p.zero_()
+        sharded(x)
+        lk.load_adapter(sharded, f"{out}.adapter")
+        backward(sharded)
+        differences["load"] = (sharded(x) - expected).abs().max().item()
+    if rank == 0:
+        torch.save(differences, out)

@@ -94,3 +94,16 @@ def test_fsdp2_keep_best_leaves_the_sharded_model_computing_with_the_best_weight
     got = torch.load(out, weights_only=True)
     assert got["best_step"] < got["steps"]  # the best weights are not the last ones
     assert got["difference"] <= 1e-6
+
+
+def test_fsdp2_merge_unmerge_and_load_after_a_forward_reach_the_next_forward(tmp_path):
+    """With the root as the only FSDP2 unit, a forward leaves its gathered weights registered: a write must reshard
+    first, or it lands in that gathered copy and is lost at the next reshard (after a backward)."""
+    from distributed_workers import merge_and_load_after_a_forward
+
+    out = tmp_path / "differences.pt"
+    spawn(merge_and_load_after_a_forward, 2, str(out))
+    differences = torch.load(out, weights_only=True)
+    assert list(differences) == ["merge", "disabled", "merged again", "unmerged, disabled", "load"]
+    for what, difference in differences.items():
+        assert difference <= 1e-5, what

@@ -25,7 +25,7 @@ from .checkpoint_config import (BIN_FILE, CONFIG_FILE, WEIGHTS_FILE, AdapterLoad
 from .checkpoint_tensors import PREFIX, DTensor, adapter_tensors, check_tensors, describe, expected_tensors
 from .config import LoRAConfig
 from .inject import (_merge_parametrization, _unmerge_parametrization, adapter_layers, delete_adapter, inject,
-                     parametrizations, set_active, unwrap_model)
+                     parametrizations, reshard, set_active, unwrap_model)
 
 __all__ = ["save_adapter", "load_adapter", "read_config", "read_weights", "adapter_tensors", "AdapterLoadError",
            "PREFIX", "CONFIG_FILE", "WEIGHTS_FILE", "BIN_FILE"]
@@ -231,6 +231,7 @@ def _merged_parts(model: nn.Module, name: str) -> list[tuple]:
 
 def _replace_values(model: nn.Module, name: str, weights: dict[str, torch.Tensor]) -> None:
     """New values for an existing adapter: unmerge where merged, write, merge again; on error, the old values."""
+    reshard(model)
     entries = adapter_tensors(model, name)
     old = {key: tensor.detach().clone() for key, (tensor, _) in entries.items()}
     merged = _merged_parts(model, name)

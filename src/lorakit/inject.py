@@ -57,6 +57,22 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
+def reshard(model: nn.Module) -> None:
+    """Put every FSDP2 unit of ``model`` back in its sharded state (nothing to do without FSDP2).
+
+    A forward without a backward leaves the root unit's gathered parameters registered, and the next forward uses
+    them as they are. A write into the shards (merge, a loaded adapter, restored weights) must come after this, or
+    that forward would not see it.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch built without distributed
+        return
+    for module in unwrap_model(model).modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 # -- the methods ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Method:
@@ -246,6 +262,7 @@ def set_active(model: nn.Module, name: str) -> None:
     """Make adapter ``name`` the one used in the forward and the only trainable adapter (base untouched)."""
     model = unwrap_model(model)
     _require(model, name)
+    reshard(model)  # switching may unmerge
     for _, layer in adapter_layers(model):
         layer.set_active(name if name in layer.adapter_names else None)
     for _, module, pname, lora in parametrizations(model):
@@ -275,6 +292,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter ``name``; layers left with no adapter become their plain base modules again."""
     model = unwrap_model(model)
     _require(model, name)
+    reshard(model)  # removing may unmerge
     _remove_from_layers(model, name)
     configs = dict(model.lorakit_configs)
     del configs[name]
@@ -340,6 +358,7 @@ def merge(model: nn.Module) -> nn.Module:
     """Fold the active adapter into the base weights (idempotent). Adapters that cannot merge say so."""
     inner = unwrap_model(model)
     _check_mergeable(inner)
+    reshard(inner)
     for _, layer in adapter_layers(inner):
         if getattr(layer, "active_adapter", None) is not None:
             layer.merge()
@@ -368,7 +387,11 @@ def _unmerge_parametrization(module: nn.Module, pname: str, lora: LoRAParametriz
 def unmerge(model: nn.Module) -> nn.Module:
     """Take merged adapter weights back out of the base weights (idempotent)."""
     inner = unwrap_model(model)
-    for _, layer in adapter_layers(inner):
+    layers = [layer for _, layer in adapter_layers(inner)]
+    if any(getattr(layer, "merged_adapter", None) is not None for layer in layers) or \
+            any(lora.merged for *_, lora in parametrizations(inner)):
+        reshard(inner)  # only then: disabled() calls this inside training steps, between forward and backward
+    for layer in layers:
         layer.unmerge()
     for _, module, pname, lora in parametrizations(inner):
         _unmerge_parametrization(module, pname, lora)
@@ -396,6 +419,8 @@ def disabled(model: nn.Module):
             layer.disabled = False
         for (*_, lora), was in zip(loras, enabled):
             lora.enabled = was
+        if merged or merged_p:
+            reshard(inner)
         for layer in merged:
             layer.merge()
         for module, pname, lora in merged_p:
@@ -410,6 +435,7 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     inner = unwrap_model(model)
     if merge:
         _check_mergeable(inner)
+    reshard(inner)
     for path, layer in reversed(adapter_layers(inner)):
         if isinstance(layer, ModulesToSave):
             keep = layer.modules_to_save[layer.active_adapter] if merge and layer.active_adapter else layer.original_module

@@ -25,9 +25,10 @@ from tqdm import tqdm
 
 from ._io import save_tensors
 from .batches import BatchOrder
+from .inject import reshard
 from .optim import LRMultiplier, make_optimizer as _make_optimizer, make_scheduler  # noqa: F401 (re-exported)
 from .parallel import gathered, global_mean, rank_and_world
-from .train_state import (check_fingerprint, fingerprint, is_sharded, load_sharded, load_state, reshard, rng_state,
+from .train_state import (check_fingerprint, fingerprint, is_sharded, load_sharded, load_state, rng_state,
                           save_sharded, save_state, set_rng_state, trained_tensors)
 
 Batch = Any  # (inputs, labels) or a dict of tensors

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ._io import atomic_write
+from .inject import reshard
 
 # Config fields that do not change the computation; a resumed run may differ in these.
 _FREE_FIELDS = {"progress", "resume", "state_path", "checkpoint", "checkpoint_every", "log_every"}
@@ -88,17 +89,6 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 # -- sharded models (FSDP2): torch.distributed.checkpoint, every rank writes its shards ----------------
 def is_sharded(tensors: dict[str, torch.Tensor]) -> bool:
     return any(type(t).__name__ == "DTensor" for t in tensors.values())
-
-
-def reshard(model: torch.nn.Module) -> None:
-    """Register every FSDP2 unit's sharded parameters again. A forward without a backward (validation) leaves
-    the root unit unsharded: DCP then finds the optimizer's parameters nowhere in the model, and the next forward
-    would use that gathered copy even after the sharded parameters changed (best weights restored)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()
 
 
 def save_sharded(folder: str, model: torch.nn.Module, optimizer, tensors: dict[str, torch.Tensor],
