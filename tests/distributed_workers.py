@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import StackDataset
 
 import lorakit as lk
+from lorakit.parallel import stop
 from lorakit.train import TrainConfig, train
 
 
@@ -31,7 +32,7 @@ def _entry(rank, fn, world_size, port, args):
     try:
         fn(rank, world_size, port, *args)
     finally:
-        dist.destroy_process_group()
+        stop()
 
 
 def lora_mlp() -> nn.Module:

@@ -12,6 +12,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
 from distributed_workers import lora_mlp, mlp_config, problem  # noqa: E402
+from lorakit.parallel import stop  # noqa: E402
 from lorakit.train import train  # noqa: E402
 
 
@@ -46,8 +47,7 @@ def main(out: str, hang_at: int | None) -> None:
     state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in model.state_dict().items()}
     if rank == 0:
         torch.save({"state": state, "losses": history.losses, "steps_run": steps_run}, out + ".final.pt")
-    if world > 1:
-        torch.distributed.destroy_process_group()
+    stop()
 
 
 if __name__ == "__main__":

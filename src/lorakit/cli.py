@@ -9,8 +9,6 @@ import argparse
 import importlib
 import sys
 
-import torch
-
 from . import parallel
 
 EXPERIMENTS = {
@@ -70,8 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lorakit: error: {err}", file=sys.stderr)
         return 1
     finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        parallel.stop()
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ param_dtype=torch.bfloat16, reduce_dtype=torch.float32)``.
 from __future__ import annotations
 
 import copy
+import gc
 import os
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
@@ -45,6 +46,15 @@ def start(parallel: str) -> tuple[int, int]:
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def stop() -> None:
+    """Leave the process group, if any. Sharded modules hold reference cycles that only the garbage collector frees;
+    collecting them first frees their communication buffers while the group is still alive, not at interpreter
+    exit, where gloo can abort the process."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        gc.collect()
+        torch.distributed.destroy_process_group()
 
 
 def is_main() -> bool:
