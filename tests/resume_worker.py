@@ -1,7 +1,7 @@
 """A training run that a test kills with SIGKILL and resumes: ``python resume_worker.py OUT [HANG_AT_STEP]``.
 
-Under torchrun (RANK/WORLD_SIZE set) it joins a gloo group and trains under DDP. At step HANG_AT_STEP it writes
-OUT.hanging and sleeps, so the test can kill it between two state saves. At the end rank 0 writes OUT.final.pt.
+Under torchrun (RANK/WORLD_SIZE set) it joins a gloo group and trains under DDP. At step HANG_AT_STEP every rank
+writes its pid to OUT.hanging.<rank> and sleeps, so the test can kill it between two state saves. At the end rank 0 writes OUT.final.pt.
 """
 import os
 import sys
@@ -38,8 +38,9 @@ def main(out: str, hang_at: int | None) -> None:
     def on_step(step):
         steps_run.append(step)
         if step == hang_at:
-            if rank == 0:
-                open(out + ".hanging", "w").close()
+            with open(f"{out}.hanging.{rank}.tmp", "w") as f:
+                f.write(str(os.getpid()))
+            os.replace(f"{out}.hanging.{rank}.tmp", f"{out}.hanging.{rank}")  # whole, or not there yet
             time.sleep(600)
 
     cfg = mlp_config(steps=30, checkpoint_every=4, state_path=out + ".state.pt", resume=True, log_every=1)

@@ -31,12 +31,17 @@ def run(world: int, out: Path, hang_at: int | None = None, parallel: str = "ddp"
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
-def kill_when_hanging(process: subprocess.Popen, out: Path) -> None:
+def kill_when_hanging(process: subprocess.Popen, out: Path, world: int) -> None:
+    """SIGKILL every training process once all have reached the hanging step, and the launcher with them
+    (torchrun starts its workers in sessions of their own, so killing its group alone would leave them running)."""
+    marks = [Path(f"{out}.hanging.{rank}") for rank in range(world)]
     deadline = time.monotonic() + 120
-    while not Path(f"{out}.hanging").exists():
+    while not all(mark.exists() for mark in marks):
         assert process.poll() is None, process.stdout.read().decode()
         assert time.monotonic() < deadline, "the worker never reached its hanging step"
         time.sleep(0.05)
+    for mark in marks:
+        os.kill(int(mark.read_text()), signal.SIGKILL)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
 
@@ -51,7 +56,7 @@ def finished(process: subprocess.Popen, out: Path) -> dict:
 def test_sigkill_then_resume_gives_the_uninterrupted_result(tmp_path, world, parallel, tolerance):
     uninterrupted = run(world, tmp_path / "whole", parallel=parallel)
     killed_out = tmp_path / "killed"
-    kill_when_hanging(run(world, killed_out, hang_at=14, parallel=parallel), killed_out)  # state saved at 12
+    kill_when_hanging(run(world, killed_out, hang_at=14, parallel=parallel), killed_out, world)  # state saved at 12
     assert not Path(f"{killed_out}.final.pt").exists()
     resumed = finished(run(world, killed_out, parallel=parallel), killed_out)
     expected = finished(uninterrupted, tmp_path / "whole")
