@@ -1,7 +1,8 @@
 """A training run that a test kills with SIGKILL and resumes: ``python resume_worker.py OUT [HANG_AT_STEP]``.
 
-Under torchrun (RANK/WORLD_SIZE set) it joins a gloo group and trains under DDP. At step HANG_AT_STEP every rank
-writes its pid to OUT.hanging.<rank> and sleeps, so the test can kill it between two state saves. At the end rank 0 writes OUT.final.pt.
+Under torchrun (RANK/WORLD_SIZE set) it joins a gloo group and trains under DDP or FSDP2 (PARALLEL=fsdp). At step
+HANG_AT_STEP every rank writes its pid to OUT.hanging.<rank> and sleeps, so the test can kill it between two state
+saves. At the end rank 0 writes OUT.final.pt.
 """
 import os
 import sys

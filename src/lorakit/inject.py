@@ -387,15 +387,19 @@ def _unmerge_parametrization(module: nn.Module, pname: str, lora: LoRAParametriz
 def unmerge(model: nn.Module) -> nn.Module:
     """Take merged adapter weights back out of the base weights (idempotent)."""
     inner = unwrap_model(model)
-    layers = [layer for _, layer in adapter_layers(inner)]
-    if any(getattr(layer, "merged_adapter", None) is not None for layer in layers) or \
-            any(lora.merged for *_, lora in parametrizations(inner)):
+    if any(_merged(inner)):
         reshard(inner)  # only then: disabled() calls this inside training steps, between forward and backward
-    for layer in layers:
+    for _, layer in adapter_layers(inner):
         layer.unmerge()
     for _, module, pname, lora in parametrizations(inner):
         _unmerge_parametrization(module, pname, lora)
     return model
+
+
+def _merged(inner: nn.Module) -> tuple[list, list]:
+    """The adapter layers, and the (module, name, parametrization) triples, that hold a merged adapter."""
+    layers = [layer for _, layer in adapter_layers(inner) if getattr(layer, "merged_adapter", None) is not None]
+    return layers, [(m, pn, lora) for _, m, pn, lora in parametrizations(inner) if lora.merged]
 
 
 @contextlib.contextmanager
@@ -404,8 +408,7 @@ def disabled(model: nn.Module):
     inner = unwrap_model(model)
     layers = [layer for _, layer in adapter_layers(inner)]
     loras = parametrizations(inner)
-    merged = [layer for layer in layers if getattr(layer, "merged_adapter", None) is not None]
-    merged_p = [(m, pn, lora) for _, m, pn, lora in loras if lora.merged]
+    merged, merged_p = _merged(inner)
     enabled = [lora.enabled for *_, lora in loras]
     unmerge(inner)
     for layer in layers:

@@ -288,8 +288,8 @@ def render(results: dict, listing_before: str, listing_after: str, increment: st
                   f"digits ({c['replay']:g} per target image, drawn once from the training set with seed {c['seed']}). "
                   "The loss is the mean over the batch's images of cross-entropy plus "
                   f"{c['kl_weight']:g} × KL(frozen ‖ adapted) on the replayed ones (0 on the target digit's), where "
-                  "'frozen' is the same network with the adapter disabled. Only the LoRA factors train; the base weights stay "
-                  "bit-identical.\n\n")
+                  "'frozen' is the same network with the adapter disabled. Only the LoRA factors train; the base "
+                  "weights stay bit-identical.\n\n")
     return "\n".join([
         f"# digit-finetune: {results['model']}", "", summary(results), method,
         f"Fine-tuning: {results['finetune']['steps']} steps of {results['finetune']['batch_size']}; "

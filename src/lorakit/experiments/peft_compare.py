@@ -13,7 +13,7 @@ and prompt tuning, AdapterHub for the bottleneck adapter), side by side, from on
 4. **Speed and memory** (:mod:`.peft_compare_measure`): interleaved step time over all rows; peak RSS per row in
    a fresh process.
 
-Under ``torchrun ... --parallel ddp`` every rank trains every cell on its slice of each batch (the same global
+Under ``torchrun ... --parallel ddp|fsdp`` every rank trains every cell on its slice of each batch (the same global
 batch and order as one process); AdapterHub's rows and the measurements run once, on rank 0, which alone writes.
 
 The pieces: :mod:`.peft_compare_models` (data, models, same start), :mod:`.peft_compare_cells` (one cell),
