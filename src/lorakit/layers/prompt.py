@@ -11,6 +11,11 @@ The prompts live in one :class:`SoftPrompt` module attached to the model as ``mo
 follows the same adapter protocol as the wrapper layers (named adapters, ``set_active``, ``disabled``,
 ``adapter_parameters``), so counting, saving, loading and deleting work as for LoRA. Only direct forward
 calls are prompted (``generate`` of an encoder-decoder calls the encoder on its own and is not covered).
+
+Under a decoder's ``generate()`` the first call (its cache empty) gets the prompt; later calls find the prompt's
+n positions in the KV cache, so they get no prompt, and their positions (``position_ids``, ``cache_position``)
+move n places right and their attention mask gains n leading ones. With the cache, without it, and a
+full-sequence loop then give the same tokens, and a left-padded batch gives each row's tokens alone.
 The checkpoint layout is lorakit's own (``peft_type: LORAKIT_PROMPTCONFIG``); PEFT's prompt-tuning files
 are not read or written.
 """
@@ -108,8 +113,13 @@ class SoftPrompt(nn.Module):
                 raise TypeError(f"{type(model).__name__}.forward takes {len(names)} positional arguments, got {len(args)}")
             kwargs = {**dict(zip(names, args)), **kwargs}
             args = ()
-        if kwargs.get("past_key_values") is not None:
-            return (args, kwargs)  # a cached decoding step: the prompt is already in the cache
+        n = self.prompts[self.active_adapter].shape[0]
+        if cached_length(kwargs) > 0:  # a decoding step: the prompt's n positions are already in the cache
+            _shift_positions(kwargs, n, prefix=False)
+            mask = kwargs.get("attention_mask")
+            if mask is not None:  # the caller's mask covers its own tokens only, the cache also holds the prompt
+                kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], n), mask], dim=1)
+            return (args, kwargs)
         embeds = kwargs.pop("inputs_embeds", None)
         input_ids = kwargs.pop("input_ids", None)
         if embeds is None:
@@ -118,7 +128,6 @@ class SoftPrompt(nn.Module):
             embeds = model.get_input_embeddings()(input_ids)  # (B, T, d)
         batch, length = embeds.shape[:2]
         prompt = self.prompts[self.active_adapter]
-        n = prompt.shape[0]
         kwargs["inputs_embeds"] = torch.cat([prompt.to(embeds.dtype).expand(batch, -1, -1), embeds], dim=1)
         for key, fill in _SEQUENCE_ARGUMENTS.items():
             value = kwargs.get(key)
@@ -126,10 +135,7 @@ class SoftPrompt(nn.Module):
                 value = torch.ones(batch, length, dtype=torch.long, device=embeds.device)
             if value is not None:
                 kwargs[key] = torch.cat([value.new_full((batch, n), fill), value], dim=1)
-        positions = kwargs.get("position_ids")
-        if positions is not None:
-            prefix = torch.arange(n, device=positions.device).expand(positions.shape[0], -1)
-            kwargs["position_ids"] = torch.cat([prefix, positions + n], dim=1)
+        _shift_positions(kwargs, n, prefix=True)
         labels = kwargs.get("labels")
         encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
         if labels is not None and not encoder_decoder and labels.dim() >= 2 and labels.shape[1] == length:
@@ -139,6 +145,37 @@ class SoftPrompt(nn.Module):
     def extra_repr(self) -> str:
         shapes = {name: tuple(p.shape) for name, p in self.prompts.items()}
         return f"prompts={shapes}, active={self.active_adapter}"
+
+
+def cached_length(kwargs: dict) -> int:
+    """How many positions the KV cache of this call already holds (0: the first step, or no cache).
+
+    transformers passes the cache as ``past_key_values`` (older versions, a tuple of per-layer (k, v)) or as
+    ``cache`` (5.x); an empty cache object comes with the first step of ``generate()``, so a cached step is one
+    whose cache is non-empty, not one that has a cache argument.
+    """
+    for key in ("cache", "past_key_values"):
+        cache = kwargs.get(key)
+        if cache is None:
+            continue
+        if hasattr(cache, "get_seq_length"):
+            return int(cache.get_seq_length())
+        if isinstance(cache, (tuple, list)) and cache and cache[0] is not None:
+            return int(cache[0][0].shape[-2])  # legacy tuple: (batch, heads, length, head_dim) keys
+    return 0
+
+
+def _shift_positions(kwargs: dict, n: int, prefix: bool) -> None:
+    """Text positions move n places right; with ``prefix`` the prompt takes positions 0..n-1 before them."""
+    for key in ("position_ids", "cache_position"):
+        positions = kwargs.get(key)
+        if positions is None:
+            continue
+        shifted = positions + n
+        if prefix:
+            start = torch.arange(n, device=positions.device, dtype=positions.dtype)
+            shifted = torch.cat([start.expand(*positions.shape[:-1], n), shifted], dim=-1)
+        kwargs[key] = shifted
 
 
 def inject_prompt(model: nn.Module, cfg: PromptConfig, name: str) -> None:
