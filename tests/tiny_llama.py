@@ -30,3 +30,31 @@ def tiny_llama(seed: int = 0, **overrides):
 def token_batch(batch: int = 3, length: int = 7, seed: int = 1) -> torch.Tensor:
     """Token ids in 3..VOCAB-1 (no pad, bos or eos)."""
     return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<s> {{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
+                 "{% if add_generation_prompt %}<s> assistant : {% endif %}")
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over VOCAB ids: <pad> <s> </s>, then role and punctuation words, then w<i>; it has a
+    chat template, so it stands in for an instruct model's."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>", "<unk>", "user", "assistant", "system", ":", ".", ","]
+    words += [f"w{i}" for i in range(VOCAB - len(words))]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", chat_template=CHAT_TEMPLATE)
+
+
+def write_tiny_llama(folder, seed: int = 0, **overrides):
+    """``tiny_llama(seed)`` and ``tiny_tokenizer()`` saved as a Hugging Face folder (safetensors); returns it."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    tiny_llama(seed, **overrides).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder

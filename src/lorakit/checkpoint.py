@@ -21,9 +21,9 @@ from torch import nn
 
 from . import _io
 from .checkpoint_config import (BIN_FILE, CONFIG_FILE, WEIGHTS_FILE, AdapterLoadError, FileConfig, config_to_json,
-                                peft_mismatch, read_config)
-from .checkpoint_tensors import PREFIX, DTensor, adapter_tensors, check_tensors, describe, expected_tensors
-from .config import LoRAConfig
+                                peft_mismatch, prompt_mismatch, read_config)
+from .checkpoint_tensors import LEGACY_PROMPT_KEY, PREFIX, PROMPT_KEY, DTensor, adapter_tensors, check_tensors, describe, expected_tensors
+from .config import LoRAConfig, PromptConfig
 from .inject import (_merge_parametrization, _unmerge_parametrization, adapter_layers, delete_adapter, inject,
                      parametrizations, reshard, set_active, unwrap_model)
 
@@ -55,7 +55,8 @@ def save_adapter(model: nn.Module, directory: str | Path, name: str | None = Non
         raise KeyError(f"no adapter named {name!r} to save; the model has: {list(configs) or 'none'}")
     cfg = configs[name]
     tensors = {key: _gathered(tensor) for key, (tensor, _) in adapter_tensors(model, name).items()}
-    reason = peft_mismatch(model, name) if isinstance(cfg, LoRAConfig) else None
+    reason = peft_mismatch(model, name) if isinstance(cfg, LoRAConfig) else \
+        prompt_mismatch(model, cfg) if isinstance(cfg, PromptConfig) else None
     if isinstance(cfg, LoRAConfig) and cfg.init == "svd" and reason is None:
         tensors = pissa_as_plain(model, name, tensors)
     directory = Path(directory)
@@ -152,6 +153,8 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = "default")
         raise ValueError(f"adapter name must be a non-empty string without dots, got {name!r}")
     file = read_config(directory)
     weights = read_weights(directory)
+    if LEGACY_PROMPT_KEY in weights and PROMPT_KEY not in weights:
+        weights[PROMPT_KEY] = weights.pop(LEGACY_PROMPT_KEY)
     configs = getattr(model, "lorakit_configs", {})
     if name in configs:
         own = _pissa_file_halves(model, name, configs[name], file, weights)
@@ -255,7 +258,12 @@ def _inject_with_values(model: nn.Module, file: FileConfig, name: str, weights: 
     before = {"grad": {id(p): p.requires_grad for p in model.parameters()},
               "active": getattr(model, "lorakit_active", None), "has": "lorakit_configs" in model.__dict__}
     try:
-        inject(model, file.config, name=name)
+        cfg = file.config
+        if isinstance(cfg, PromptConfig) and cfg.init == "text":  # the file's values replace it: no tokenizer
+            inject(model, dataclasses.replace(cfg, init="random", init_text=None, tokenizer=None), name=name)
+            model.lorakit_configs[name] = cfg
+        else:
+            inject(model, cfg, name=name)
         entries = adapter_tensors(model, name)
         if set(entries) != set(weights):  # the twin said otherwise: a lorakit bug, not the file's fault
             raise RuntimeError(f"internal error: the adapter built differs from its plan "

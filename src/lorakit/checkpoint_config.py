@@ -181,6 +181,76 @@ def _type_names(types) -> str:
     return " or ".join("null" if t is NoneType else t.__name__ for t in types)
 
 
+# -- PEFT's prompt tuning -------------------------------------------------------------------------
+PROMPT_INITS = {"RANDOM": "random", "SAMPLE_VOCAB": "vocab", "TEXT": "text"}  # PEFT's prompt_tuning_init -> ours
+PROMPT_METADATA = {  # keys that describe the model or the file, not the prompt's outputs -> accepted types
+    **{k: METADATA[k] for k in ("task_type", "peft_version", "base_model_name_or_path", "revision",
+                                "inference_mode", "auto_mapping")},
+    "token_dim": (int, NoneType),  # checked against the model through the tensor's shape
+    "num_attention_heads": (int, NoneType), "num_layers": (int, NoneType), "tokenizer_kwargs": (dict, NoneType),
+}
+
+
+def _prompt_from_peft(path: Path, raw: dict) -> configs.PromptConfig:
+    """PEFT's ``PROMPT_TUNING`` config as a :class:`PromptConfig` (the file's ``prompt_embeddings`` replace the init)."""
+    try:
+        check_int("num_virtual_tokens", raw.get("num_virtual_tokens"), 1)
+        check_choice("prompt_tuning_init", raw.get("prompt_tuning_init", "RANDOM"), set(PROMPT_INITS))
+        if raw.get("num_transformer_submodules", 1) not in (1, None):
+            raise ValueError(f"num_transformer_submodules={raw['num_transformer_submodules']!r} is not supported: "
+                             "PEFT prompts an encoder-decoder's encoder and decoder, lorakit the encoder only; "
+                             "expected 1 (a decoder or an encoder)")
+        if raw.get("modules_to_save") not in (None, []):
+            raise ValueError(f"modules_to_save={raw['modules_to_save']!r} is not supported in a PEFT prompt file; "
+                             "expected null")
+        for key, types in PROMPT_METADATA.items():
+            if key in raw and not isinstance(raw[key], types):
+                raise TypeError(f"{key}={raw[key]!r} has the wrong type; expected {_type_names(types)}")
+        text = raw.get("prompt_tuning_init", "RANDOM") == "TEXT"
+        cfg = configs.PromptConfig(num_tokens=raw["num_virtual_tokens"],
+                                   init=PROMPT_INITS[raw.get("prompt_tuning_init", "RANDOM")],
+                                   init_text=raw.get("prompt_tuning_init_text") if text else None,
+                                   tokenizer=raw.get("tokenizer_name_or_path") if text else None)
+    except (TypeError, ValueError) as err:
+        raise AdapterLoadError(f"{path}: {err}") from None
+    _unknown(path, raw, {*PROMPT_METADATA, "peft_type", "num_virtual_tokens", "prompt_tuning_init",
+                         "num_transformer_submodules", "modules_to_save", "prompt_tuning_init_text",
+                         "tokenizer_name_or_path"})
+    return cfg
+
+
+TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS", "ForConditionalGeneration":
+              "SEQ_2_SEQ_LM", "ForTokenClassification": "TOKEN_CLS", "ForQuestionAnswering": "QUESTION_ANS"}
+
+
+def peft_task_type(model: nn.Module) -> str | None:
+    """PEFT's ``task_type`` of a Hugging Face model, from its class name (``LlamaForCausalLM`` -> CAUSAL_LM)."""
+    cls = type(model).__name__
+    return next((task for suffix, task in TASK_TYPES.items() if cls.endswith(suffix)), None)
+
+
+def prompt_to_json(model: nn.Module, cfg: configs.PromptConfig) -> dict:
+    """PEFT's ``PROMPT_TUNING`` config for ``cfg`` on ``model`` (a decoder or an encoder)."""
+    hf_config = getattr(model, "config", None)
+    return {"peft_type": "PROMPT_TUNING", "task_type": peft_task_type(model),
+            "base_model_name_or_path": getattr(hf_config, "_name_or_path", None) or None, "inference_mode": True,
+            "num_virtual_tokens": cfg.num_tokens, "token_dim": model.lorakit_prompt.embedding_dim,
+            "num_transformer_submodules": 1, "num_attention_heads": getattr(hf_config, "num_attention_heads", None),
+            "num_layers": getattr(hf_config, "num_hidden_layers", None),
+            "prompt_tuning_init": {v: k for k, v in PROMPT_INITS.items()}[cfg.init],
+            "prompt_tuning_init_text": cfg.init_text, "tokenizer_name_or_path": cfg.tokenizer,
+            "modules_to_save": None}
+
+
+def prompt_mismatch(model: nn.Module, cfg: configs.PromptConfig) -> str | None:
+    """Why PEFT's prompt tuning would compute other outputs than this lorakit prompt, else None."""
+    if cfg.modules_to_save:
+        return "modules_to_save: PEFT's prompt-tuning files hold the prompt alone"
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return "an encoder-decoder: PEFT prompts its encoder and decoder, lorakit the encoder only"
+    return None
+
+
 # -- lorakit's own files ------------------------------------------------------------------------------
 def lorakit_type(cls: type) -> str:
     return f"LORAKIT_{cls.__name__.upper()}"
@@ -188,7 +258,7 @@ def lorakit_type(cls: type) -> str:
 
 KINDS = {lorakit_type(c): c for c in (configs.LoRAConfig, configs.AdapterConfig, configs.PromptConfig,
                                         configs.CLoRAConfig)}
-OPTIONAL_FIELDS = {"exclude", "modules_to_save", "adapter_dtype", "target_parameter"}  # a default that cannot mislead
+OPTIONAL_FIELDS = {"exclude", "modules_to_save", "adapter_dtype", "target_parameter", "init_text", "tokenizer"}  # a default that cannot mislead
 
 
 def _from_lorakit(path: Path, raw: dict, cls: type):
@@ -223,9 +293,12 @@ def read_config(directory: str | Path) -> FileConfig:
     kind = raw["peft_type"]
     if kind == "LORA":
         return FileConfig(_from_peft(path, raw), True, path)
+    if kind == "PROMPT_TUNING":
+        return FileConfig(_prompt_from_peft(path, raw), False, path)
     if isinstance(kind, str) and kind in KINDS:
         return FileConfig(_from_lorakit(path, raw, KINDS[kind]), False, path)
-    raise AdapterLoadError(f"{path}: peft_type={kind!r} is not one lorakit loads; expected one of {['LORA', *KINDS]}")
+    raise AdapterLoadError(f"{path}: peft_type={kind!r} is not one lorakit loads; expected one of "
+                           f"{['LORA', 'PROMPT_TUNING', *KINDS]}")
 
 
 # -- writing ------------------------------------------------------------------------------------------
@@ -284,8 +357,11 @@ def config_to_json(model: nn.Module, cfg, name: str, reason: str | None) -> dict
     A PiSSA adapter (``init="svd"``) in PEFT's format is the plain rank-2r adapter :func:`pissa_as_plain` builds,
     at the same scale: alpha doubles (alpha / r) or grows by sqrt(2) (rsLoRA, alpha / sqrt(r)).
     """
+    if isinstance(cfg, configs.PromptConfig) and reason is None:
+        return prompt_to_json(model, cfg)
     if not isinstance(cfg, LoRAConfig):
-        return {"peft_type": lorakit_type(type(cfg)), **dataclasses.asdict(cfg)}
+        own = {"peft_type": lorakit_type(type(cfg)), **dataclasses.asdict(cfg)}
+        return {**own, "lorakit_reason": reason} if reason is not None else own
     targets, saved = _exact_targets(model, name)
     if reason is not None:
         exact = dataclasses.replace(cfg, targets=targets, exclude=None, modules_to_save=saved or None)

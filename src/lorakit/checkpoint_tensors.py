@@ -18,6 +18,7 @@ from torch import nn
 
 from .checkpoint_config import AdapterLoadError, FileConfig, peft_mismatch
 from .inject import adapter_layers, inject, is_hf_conv1d, parametrizations
+from .layers.prompt import ATTRIBUTE as PROMPT_ATTRIBUTE, SoftPrompt
 
 try:  # FSDP2's sharded tensors
     from torch.distributed.tensor import DTensor, distribute_tensor
@@ -25,6 +26,8 @@ except ImportError:  # a torch built without distributed support
     DTensor, distribute_tensor = (), None
 
 PREFIX = "base_model.model."
+PROMPT_KEY = "prompt_embeddings"
+LEGACY_PROMPT_KEY = f"{PREFIX}{PROMPT_ATTRIBUTE}.{PROMPT_KEY}"  # where earlier lorakit versions put it: read, never written
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 Entry = tuple[torch.Tensor, Callable[[torch.Tensor], None]]  # (tensor in PEFT's shape, how to write it back)
 
@@ -35,8 +38,9 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, Entry]:
     entries: dict[str, Entry] = {}
     for path, layer in adapter_layers(model):
         if name in layer.adapter_names:
+            prefix = "" if isinstance(layer, SoftPrompt) else f"{PREFIX}{path}."  # PEFT: a top-level prompt_embeddings
             for suffix, tensor in layer.peft_state(name).items():
-                entries[f"{PREFIX}{path}.{suffix}"] = (tensor, _writer(tensor))
+                entries[f"{prefix}{suffix}"] = (tensor, _writer(tensor))
     for path, module, pname, lora in parametrizations(model):
         if lora.adapter_name == name:
             entries.update(_parametrized_entries(path, module, pname, lora))
@@ -75,6 +79,8 @@ def _parametrized_entries(path: str, module: nn.Module, pname: str, lora) -> dic
 
 def layer_of(key: str) -> str:
     """The module path a PEFT key belongs to."""
+    if key == PROMPT_KEY:
+        return "the soft prompt (num_tokens, embedding size)"
     path = key.removeprefix(PREFIX)
     for suffix in (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B"):
         if path.endswith(suffix):

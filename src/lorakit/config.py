@@ -151,13 +151,26 @@ class PromptConfig:
 
     num_tokens: int = 10
     init: str = "random"
-    """'random' (N(0, 0.02)-like, scaled to the embedding norm) or 'vocab' (copies of random vocabulary rows)."""
+    """'random' (Gaussian at the vocabulary's scale), 'vocab' (copies of random vocabulary rows) or 'text' (the
+    embeddings of ``init_text``'s tokens, repeated or cut to ``num_tokens``: PEFT's TEXT init)."""
     modules_to_save: Optional[list[str]] = None
+    init_text: Optional[str] = None
+    """With ``init="text"``: the text whose token embeddings start the prompt, e.g. "Name the word's category"."""
+    tokenizer: Optional[str] = None
+    """With ``init="text"``: the tokenizer's Hugging Face id or local folder (PEFT's ``tokenizer_name_or_path``)."""
 
     def __post_init__(self) -> None:
         check_int("num_tokens", self.num_tokens, 1)
-        check_choice("init", self.init, {"random", "vocab"})
+        check_choice("init", self.init, {"random", "vocab", "text"})
         check_names("modules_to_save", self.modules_to_save)
+        for name in ("init_text", "tokenizer"):
+            value = getattr(self, name)
+            if self.init == "text" and (not isinstance(value, str) or not value):
+                raise ValueError(f"{name}={value!r} with init='text'; expected a non-empty string "
+                                 "(init_text: the text, tokenizer: a tokenizer id or folder)")
+            if self.init != "text" and value is not None:
+                raise ValueError(f"{name}={value!r} is used only with init='text', but init={self.init!r}; "
+                                 "set init='text' or leave it None")
 
 
 @dataclass

@@ -16,8 +16,9 @@ Under a decoder's ``generate()`` the first call (its cache empty) gets the promp
 n positions in the KV cache, so they get no prompt, and their positions (``position_ids``, ``cache_position``)
 move n places right and their attention mask gains n leading ones. With the cache, without it, and a
 full-sequence loop then give the same tokens, and a left-padded batch gives each row's tokens alone.
-The checkpoint layout is lorakit's own (``peft_type: LORAKIT_PROMPTCONFIG``); PEFT's prompt-tuning files
-are not read or written.
+Checkpoints are PEFT's prompt-tuning files (``peft_type: PROMPT_TUNING``, one ``prompt_embeddings`` tensor),
+read and written; lorakit's own layout (``LORAKIT_PROMPTCONFIG``) remains for what PEFT would compute otherwise
+(``modules_to_save``, encoder-decoder models).
 """
 from __future__ import annotations
 
@@ -53,11 +54,15 @@ class SoftPrompt(nn.Module):
     def add_adapter(self, name: str, cfg: PromptConfig, embedding: nn.Embedding) -> None:
         weight = embedding.weight.detach()
         prompt = torch.empty(cfg.num_tokens, self.embedding_dim, device=weight.device, dtype=weight.dtype)
-        if cfg.init == "vocab":  # copies of randomly drawn vocabulary rows (PEFT's SAMPLE_VOCAB)
+        if weight.is_meta:  # a meta twin (checking a file against the model): shapes only, no values
+            pass
+        elif cfg.init == "vocab":  # copies of randomly drawn vocabulary rows (PEFT's SAMPLE_VOCAB)
             rows = torch.randint(0, weight.shape[0], (cfg.num_tokens,), device=weight.device)
             prompt.copy_(weight[rows])
+        elif cfg.init == "text":  # the text's token embeddings, repeated or cut to num_tokens (PEFT's TEXT)
+            prompt.copy_(weight[text_token_ids(cfg).to(weight.device)])
         else:  # Gaussian at the vocabulary's scale, so the prompt looks like embedded text to layer 0
-            prompt.normal_(0.0, 1.0 if weight.is_meta else float(weight.float().std()))
+            prompt.normal_(0.0, float(weight.float().std()))
         self.prompts[name] = nn.Parameter(prompt)
         self.active_adapter = name
 
@@ -145,6 +150,21 @@ class SoftPrompt(nn.Module):
     def extra_repr(self) -> str:
         shapes = {name: tuple(p.shape) for name, p in self.prompts.items()}
         return f"prompts={shapes}, active={self.active_adapter}"
+
+
+def text_token_ids(cfg: PromptConfig) -> torch.Tensor:
+    """``cfg.init_text`` tokenized by ``cfg.tokenizer`` (transformers' AutoTokenizer, special tokens included, as
+    PEFT does), repeated or cut to ``cfg.num_tokens`` ids."""
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise ImportError("PromptConfig(init='text') tokenizes init_text with transformers: "
+                          "pip install transformers") from None
+    ids = AutoTokenizer.from_pretrained(cfg.tokenizer)(cfg.init_text)["input_ids"]
+    if not ids:
+        raise ValueError(f"init_text={cfg.init_text!r} gives no tokens; expected a text with at least one token")
+    repeats = -(-cfg.num_tokens // len(ids))
+    return torch.tensor((ids * repeats)[: cfg.num_tokens], dtype=torch.long)
 
 
 def cached_length(kwargs: dict) -> int:
