@@ -229,11 +229,17 @@ def peft_task_type(model: nn.Module) -> str | None:
     return next((task for suffix, task in TASK_TYPES.items() if cls.endswith(suffix)), None)
 
 
+def model_metadata(model: nn.Module) -> dict:
+    """``task_type`` and ``base_model_name_or_path`` where the model tells them (PEFT's Auto classes need both)."""
+    hf_config = getattr(model, "config", None)
+    return {"task_type": peft_task_type(model),
+            "base_model_name_or_path": getattr(hf_config, "_name_or_path", None) or None}
+
+
 def prompt_to_json(model: nn.Module, cfg: configs.PromptConfig) -> dict:
     """PEFT's ``PROMPT_TUNING`` config for ``cfg`` on ``model`` (a decoder or an encoder)."""
     hf_config = getattr(model, "config", None)
-    return {"peft_type": "PROMPT_TUNING", "task_type": peft_task_type(model),
-            "base_model_name_or_path": getattr(hf_config, "_name_or_path", None) or None, "inference_mode": True,
+    return {"peft_type": "PROMPT_TUNING", **model_metadata(model), "inference_mode": True,
             "num_virtual_tokens": cfg.num_tokens, "token_dim": model.lorakit_prompt.embedding_dim,
             "num_transformer_submodules": 1, "num_attention_heads": getattr(hf_config, "num_attention_heads", None),
             "num_layers": getattr(hf_config, "num_hidden_layers", None),
@@ -372,7 +378,7 @@ def config_to_json(model: nn.Module, cfg, name: str, reason: str | None) -> dict
     paths = [p for p, layer in adapter_layers(model) if name in layer.adapter_names and not isinstance(layer, ModulesToSave)]
     conv1d = any(is_hf_conv1d(model.get_submodule(p).base_layer) for p in paths)
     conv1d |= any(is_hf_conv1d(m) for _, m, _, lora in parametrizations(model) if lora.adapter_name == name)
-    return {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
+    return {"peft_type": "LORA", **model_metadata(model), "inference_mode": True,
             "r": rank, "lora_alpha": alpha, "lora_dropout": cfg.dropout, "target_modules": targets,
             "use_rslora": cfg.rslora, "modules_to_save": saved or None, "fan_in_fan_out": conv1d, "bias": "none",
             "init_lora_weights": True, "use_dora": False,
