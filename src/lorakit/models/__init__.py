@@ -1,4 +1,4 @@
-"""Models: the seed MLPs, a small CNN, and local Hugging Face models."""
+"""Models: the seed MLPs, a small CNN, and local Hugging Face models (an encoder, causal language models)."""
 from __future__ import annotations
 
 from typing import Callable
@@ -6,6 +6,7 @@ from typing import Callable
 from torch import nn
 
 from .cnn import vgg_small
+from .llm import load_causal_lm
 from .mlp import fmnist_mlp, part_three, richboynet
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -25,4 +26,4 @@ def build_model(name: str, **kwargs) -> nn.Module:
     return builder(**kwargs)
 
 
-__all__ = ["MODELS", "build_model", "fmnist_mlp", "part_three", "richboynet", "vgg_small"]
+__all__ = ["MODELS", "build_model", "load_causal_lm", "fmnist_mlp", "part_three", "richboynet", "vgg_small"]
