@@ -27,6 +27,7 @@ from torch.nn.utils import parametrize
 from .config import AdapterConfig, CLoRAConfig, LoRAConfig, PromptConfig
 from .layers.adapter import adapter_wrapper_for, check_adapter_targets
 from .layers.clora import CLoRALayer, clora_wrapper_for
+from .layers.base import linear_features, quantisation, warn_requantising
 from .layers.lora import is_hf_conv1d, lora_wrapper_for
 from .layers.modules_to_save import ModulesToSave
 from .layers.parametrize import LoRAParametrization
@@ -97,7 +98,23 @@ def _tied_refusal(model: nn.Module, sites: list[Site], what: str) -> None:
         refuse_tied(what, site.path, tied_partners(owners, getattr(module, site.param or "weight"), module))
 
 
+def _refuse_quantised(model: nn.Module, sites: list[Site], what: str) -> None:
+    """Methods that change or read W itself (parametrize form, PiSSA, C-LoRA) cannot work on a quantised weight."""
+    for site in sites:
+        module = base_of(model.get_submodule(site.path))
+        kind = quantisation(module) if site.param in (None, "weight") else None
+        if kind is not None:
+            raise ValueError(f"{what} needs a plain weight, but {site.path!r} is quantised ({kind}); use LoRA with "
+                             "mode='module' and init='kaiming' or 'gaussian' on quantised layers")
+
+
 def _check_lora(model: nn.Module, sites: list[Site], cfg: LoRAConfig) -> None:
+    if cfg.mode == "parametrize":
+        _refuse_quantised(model, sites, "LoRA mode='parametrize'")
+    for site in (s for s in sites if s.param is None):
+        module = base_of(model.get_submodule(site.path))
+        if isinstance(module, nn.Linear):
+            linear_features(module)  # a quantised layer without logical features is refused by name
     read = [s for s in sites if s.param is not None and cfg.mode == "module"]
     if read and cfg.dropout > 0:
         raise ValueError(f"LoRA dropout needs the layer's own forward, but {read[0].path!r}'s parent reads its "
@@ -105,6 +122,7 @@ def _check_lora(model: nn.Module, sites: list[Site], cfg: LoRAConfig) -> None:
                          f"dropout=0 or leave {read[0].path!r} out of targets")
     if cfg.init != "svd":
         return
+    _refuse_quantised(model, sites, "init='svd' (PiSSA, which leaves the residual in W)")
     if read:
         raise ValueError(f"init='svd' needs a wrapped layer, but {read[0].path!r}'s parent reads its "
                          f"{read[0].param} directly (parametrize form); use init='kaiming' or exclude it")
@@ -125,6 +143,7 @@ def _check_adapters(model: nn.Module, sites: list[Site], cfg: AdapterConfig) -> 
 
 def _check_clora(model: nn.Module, sites: list[Site], cfg: CLoRAConfig) -> None:
     """rank < min(out, in) everywhere, one C-LoRA adapter per layer (W decays once)."""
+    _refuse_quantised(model, sites, "C-LoRA (which decays W)")
     for site in sites:
         module = model.get_submodule(site.path)
         if isinstance(module, CLoRALayer) and module.adapter_names:
@@ -359,6 +378,9 @@ def merge(model: nn.Module) -> nn.Module:
     inner = unwrap_model(model)
     _check_mergeable(inner)
     reshard(inner)
+    to_merge = [layer for _, layer in adapter_layers(inner) if hasattr(layer, "delta_weight")
+                and layer.active_adapter is not None and layer.merged_adapter is None]
+    warn_requantising(_quantised_kinds(to_merge))
     for _, layer in adapter_layers(inner):
         if getattr(layer, "active_adapter", None) is not None:
             layer.merge()
@@ -389,11 +411,17 @@ def unmerge(model: nn.Module) -> nn.Module:
     inner = unwrap_model(model)
     if any(_merged(inner)):
         reshard(inner)  # only then: disabled() calls this inside training steps, between forward and backward
+        warn_requantising(_quantised_kinds(_merged(inner)[0]))
     for _, layer in adapter_layers(inner):
         layer.unmerge()
     for _, module, pname, lora in parametrizations(inner):
         _unmerge_parametrization(module, pname, lora)
     return model
+
+
+def _quantised_kinds(layers) -> set[str]:
+    """How the base layers of ``layers`` are quantised (a merge or unmerge writes into these weights)."""
+    return {kind for layer in layers if (kind := quantisation(getattr(layer, "base_layer", layer))) is not None}
 
 
 def _merged(inner: nn.Module) -> tuple[list, list]:

@@ -9,6 +9,7 @@ from torch import nn
 
 from .config import LoRAConfig
 from .inject import adapter_layers, find_targets, is_adapter_layer, parametrizations, unwrap_model
+from .layers.base import linear_features, logical_numel
 from .layers.lora import is_hf_conv1d, lora_wrapper_for
 
 
@@ -36,10 +37,10 @@ def count_parameters(model: nn.Module) -> ParamCount:
     params = {id(p): p for p in model.parameters()}
     added = {id(p): p for _, layer in adapter_layers(model) for p in layer.adapter_parameters()}
     added |= {id(p): p for *_, lora in parametrizations(model) for p in lora.adapter_parameters()}
-    return ParamCount(
-        total=sum(p.numel() for p in params.values()),
-        trainable=sum(p.numel() for p in params.values() if p.requires_grad),
-        adapter=sum(p.numel() for p in added.values()),
+    return ParamCount(  # logical numbers: a 4-bit weight counts as its unpacked size, as PEFT counts it
+        total=sum(logical_numel(p) for p in params.values()),
+        trainable=sum(logical_numel(p) for p in params.values() if p.requires_grad),
+        adapter=sum(logical_numel(p) for p in added.values()),
     )
 
 
@@ -50,9 +51,7 @@ def lora_layer_parameters(module: nn.Module, rank: int) -> int:
         return rank * (module.num_embeddings + module.embedding_dim)
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
         return rank * (module.in_channels * math.prod(module.kernel_size) + module.out_channels)
-    weight = module.weight
-    out_features, in_features = (weight.shape[1], weight.shape[0]) if is_hf_conv1d(module) else weight.shape
-    return rank * (in_features + out_features)
+    return rank * sum(linear_features(module, is_hf_conv1d(module)))
 
 
 def _is_matrix(value) -> bool:

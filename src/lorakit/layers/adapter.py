@@ -138,11 +138,6 @@ class AdapterWrapper(nn.Module):
         """This adapter's tensors under checkpoint key suffixes (``adapter_down.weight`` ...)."""
         return dict(self._items(name))
 
-    def load_peft_state(self, name: str, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for key, tensor in self._items(name):
-                tensor.copy_(state[key])
-
     # -- forward ------------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
         out = self.base_layer(*args, **kwargs)

@@ -173,11 +173,6 @@ class CLoRALayer(nn.Module):
             state["lora_C"] = self.lora_C[name]
         return state
 
-    def load_peft_state(self, name: str, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for key, tensor in self.peft_state(name).items():
-                tensor.copy_(state[key])
-
     # -- the decay d, on the device and mirrored on the host ----------------------------------------
     def set_decay(self, d: float) -> None:
         """Set d in the ``decay`` buffer and its host mirror together (what ``DecaySchedule`` calls)."""

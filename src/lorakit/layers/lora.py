@@ -13,6 +13,9 @@ PiSSA (``init="svd"``) moves the top-r part of W into ``s B0 A0`` and leaves W t
 ``A0, B0`` (non-persistent buffers) so the original base comes back exactly (``disabled``, ``unload(merge=False)``,
 ``delete_adapter``) and checkpoints can be converted to a plain adapter on the original base.
 
+Quantised bases (bitsandbytes 4-bit/8-bit, QLoRA): the factors take the layer's logical shape, never the packed
+weight's, and merging dequantises, adds and requantises (``layers/base.py`` knows each kind of base layer).
+
 Shapes: Linear/Conv1D A (r, in), B (out, r); ConvNd A (r, in, *k), B (out, r, 1, ...);
 Embedding A (r, num_embeddings), B (embedding_dim, r) as PEFT's ``lora_embedding_A/B``.
 """
@@ -26,6 +29,7 @@ from torch import nn
 
 from ..config import LoRAConfig
 from ._fused import FusedLoRALinear, fused_path_applies
+from .base import add_to_weight, check_mergeable, dense_weight, linear_features
 from .precision import factory_kwargs, merge_dtype
 
 _FusedLoRALinear = FusedLoRALinear  # the name the tests and benchmarks know
@@ -94,17 +98,21 @@ class LoRAWrapper(nn.Module):
 
         The delta is computed in float32 (or wider) and W is updated by one in-place add, which rounds once to
         W's dtype; ``unmerge`` subtracts the same delta, so the round trip is within one rounding of W's dtype.
+        A bitsandbytes base is dequantised, added to and quantised again, with a warning (see ``layers/base.py``).
         """
         if self.merged_adapter is None and self.active_adapter is not None:
-            with torch.no_grad():
-                self.base_layer.weight.add_(self.delta_weight(self.active_adapter))
+            add_to_weight(self.base_layer, self.delta_weight(self.active_adapter))
             self.merged_adapter = self.active_adapter
 
     def unmerge(self) -> None:
         if self.merged_adapter is not None:
-            with torch.no_grad():
-                self.base_layer.weight.sub_(self.delta_weight(self.merged_adapter))
+            add_to_weight(self.base_layer, -self.delta_weight(self.merged_adapter))
             self.merged_adapter = None
+
+    def check_mergeable(self) -> None:
+        """Refuse a merge into a quantised weight lorakit cannot write back (see ``layers/base.py``)."""
+        if self.active_adapter is not None and self.merged_adapter is None:
+            check_mergeable(self.base_layer)
 
     def _uses_adapter(self) -> bool:
         return self.active_adapter is not None and not self.disabled and self.merged_adapter is None
@@ -123,26 +131,10 @@ class LoRAWrapper(nn.Module):
     def _restore_pissa_start(self, name: str) -> None:
         """Give W back the part a PiSSA adapter took out at its start (nothing for other inits)."""
 
-    def restore_base(self) -> None:
-        """Before the wrapper is taken off: W gets back every PiSSA start except the merged adapter's.
-
-        ``unload(merge=False)`` then hands back the original base weight, ``unload(merge=True)`` the weight
-        this layer computed with (the merged adapter already replaced its own start with its trained delta).
-        """
-        for name in self.adapter_names:
-            if name != self.merged_adapter:
-                self._restore_pissa_start(name)
-
     # -- PEFT's tensors ---------------------------------------------------------------------------
     def peft_state(self, name: str) -> dict[str, torch.Tensor]:
         """This adapter's tensors under PEFT's key suffixes (``lora_A.weight`` ...)."""
         return {key: tensor for key, tensor in self._peft_items(name)}
-
-    def load_peft_state(self, name: str, state: dict[str, torch.Tensor]) -> None:
-        """Copy PEFT-named tensors into adapter ``name``; the caller checked shapes with ``peft_state``."""
-        with torch.no_grad():
-            for key, tensor in self._peft_items(name):
-                tensor.copy_(state[key])
 
     def extra_repr(self) -> str:
         return f"adapters={self.adapter_names}, active={self.active_adapter}, merged={self.merged_adapter}"
@@ -168,15 +160,14 @@ class LoRALinear(LoRAWrapper):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.fan_in_fan_out = is_hf_conv1d(base_layer)
-        out_features, in_features = self._weight().shape
-        self.in_features, self.out_features = in_features, out_features
+        self.in_features, self.out_features = linear_features(base_layer, self.fan_in_fan_out)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.pissa_start = nn.ModuleDict()
 
     def _weight(self) -> torch.Tensor:
-        """The base weight as (out, in), a view for Conv1D."""
-        w = self.base_layer.weight
+        """The base weight as (out, in), a view for Conv1D, dequantised for a bitsandbytes base."""
+        w = dense_weight(self.base_layer)
         return w.t() if self.fan_in_fan_out else w
 
     def _factor_stores(self):
@@ -239,7 +230,7 @@ class LoRALinear(LoRAWrapper):
         else:
             name, base = self.active_adapter, self.base_layer
             a, b, s = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
-            weight, bias = base.weight, base.bias
+            weight, bias = base.weight, getattr(base, "bias", None)
             if fused_path_applies(base, x, weight, bias, a, b, self._dropout_active(name)):
                 out = FusedLoRALinear.apply(x, weight.t() if self.fan_in_fan_out else weight, bias, a, b, s)
             else:

@@ -47,9 +47,6 @@ class ModulesToSave(nn.Module):
     def peft_state(self, name: str) -> dict[str, torch.Tensor]:
         return dict(self.modules_to_save[name].state_dict())
 
-    def load_peft_state(self, name: str, state: dict[str, torch.Tensor]) -> None:
-        self.modules_to_save[name].load_state_dict(state)
-
     def forward(self, *args, **kwargs):
         if self.disabled or self.active_adapter is None:
             return self.original_module(*args, **kwargs)

@@ -91,10 +91,6 @@ class SoftPrompt(nn.Module):
     def peft_state(self, name: str) -> dict[str, torch.Tensor]:
         return {"prompt_embeddings": self.prompts[name]}
 
-    def load_peft_state(self, name: str, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            self.prompts[name].copy_(state["prompt_embeddings"])
-
     # -- attaching to a model -----------------------------------------------------------------------
     def attach(self, model: nn.Module) -> None:
         self._signature = inspect.signature(model.forward)

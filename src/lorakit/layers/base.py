@@ -1,0 +1,137 @@
+"""What lorakit must know of a layer it adapts: its logical shape, its weight as a dense matrix, and how a changed
+weight goes back in. This is the one place that knows each kind of base layer.
+
+- **Plain layers** (``nn.Linear``, Hugging Face ``Conv1D``, convolutions, embeddings, also sharded or hooked): the
+  weight is an ordinary float tensor; it is its own dense form, and a merge adds into it in place.
+- **bitsandbytes 4-bit** (``Linear4bit``, nf4 or fp4: QLoRA) stores a packed ``Params4bit`` of shape
+  ``(n, 1)``; **bitsandbytes 8-bit** (``Linear8bitLt``) an ``Int8Params`` with per-row scales. Their dense form is
+  the dequantised weight; a merge dequantises, adds and quantises again (as PEFT does), which rounds: the outputs
+  after a merge differ from the unmerged ones by the quantisation error, and lorakit warns.
+- **Other quantisers** (torchao, hqq, quanto, ...) work when the layer says its logical ``in_features`` and
+  ``out_features`` (the forward always calls the layer itself); merging into them is refused by name, and a layer
+  with a quantised weight and no logical features is refused when adapted.
+
+Only the bitsandbytes kinds are tested (as PEFT tests them, on the CPU backend).
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+_PLAIN_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _weight_kind(weight: torch.Tensor) -> str:
+    """'bnb-4bit', 'bnb-8bit', 'plain' or 'quantised' (some other packed or low-precision storage)."""
+    name = type(weight).__name__
+    if name == "Params4bit":
+        return "bnb-4bit"
+    if name == "Int8Params":
+        return "bnb-8bit"
+    plain_type = type(weight) in (torch.Tensor, nn.Parameter) or type(weight).__name__ == "DTensor"
+    return "plain" if plain_type and weight.dtype in _PLAIN_FLOATS else "quantised"
+
+
+def quantisation(module: nn.Module) -> str | None:
+    """A readable name of how ``module``'s weight is quantised (``"bitsandbytes 4-bit (nf4)"``), None when it is not."""
+    weight = getattr(module, "weight", None)
+    kind = _weight_kind(weight) if isinstance(weight, torch.Tensor) else "plain"
+    if kind == "plain":
+        return None
+    if kind == "bnb-4bit":
+        return f"bitsandbytes 4-bit ({weight.quant_type})"
+    if kind == "bnb-8bit":
+        return "bitsandbytes 8-bit"
+    return f"{type(module).__name__} with a {type(weight).__name__} weight of dtype {weight.dtype}"
+
+
+def linear_features(module: nn.Module, transposed: bool = False) -> tuple[int, int]:
+    """``(in_features, out_features)`` of a Linear-like layer: its logical shape, never a packed weight's.
+
+    ``transposed`` is for Hugging Face's ``Conv1D``, whose weight is stored (in, out).
+
+    Raises:
+        ValueError: a quantised layer that does not say its logical ``in_features`` / ``out_features``.
+    """
+    weight = module.weight
+    if quantisation(module) is None:
+        rows, cols = weight.shape
+        return (rows, cols) if transposed else (cols, rows)
+    features = getattr(module, "in_features", None), getattr(module, "out_features", None)
+    if not all(isinstance(f, int) for f in features):
+        raise ValueError(f"{type(module).__name__} is quantised ({quantisation(module)}) and has no logical "
+                         "in_features/out_features, so the adapter's shape is unknown; supported quantised layers: "
+                         "bitsandbytes Linear4bit and Linear8bitLt, or any layer exposing in_features and out_features")
+    return features
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """The weight as a dense float tensor shaped as a plain layer stores it (dequantised for bitsandbytes)."""
+    weight, kind = module.weight, _weight_kind(module.weight)
+    if kind == "plain":
+        return weight
+    import bitsandbytes.functional as bnb_f
+
+    if kind == "bnb-4bit":
+        return bnb_f.dequantize_4bit(weight.data, weight.quant_state)
+    if kind == "bnb-8bit":  # the row scales move from the weight to the layer's state at its first forward
+        scales = weight.SCB if weight.SCB is not None else module.state.SCB
+        return bnb_f.int8_vectorwise_dequant(weight.data, scales)
+    raise ValueError(cannot_merge(module))
+
+
+def cannot_merge(module: nn.Module) -> str:
+    return (f"cannot merge into {type(module).__name__}: its weight is quantised ({quantisation(module)}) and lorakit "
+            "can write back only into plain and bitsandbytes 4/8-bit weights; keep the adapter unmerged or "
+            "unload(merge=False)")
+
+
+def check_mergeable(module: nn.Module) -> None:
+    """Refuse (ValueError) a merge into a weight lorakit cannot write back."""
+    if _weight_kind(module.weight) == "quantised":
+        raise ValueError(cannot_merge(module))
+
+
+def add_to_weight(module: nn.Module, delta: torch.Tensor) -> None:
+    """``W += delta`` (``delta`` shaped like :func:`dense_weight`): in place, or dequantised, added and requantised.
+
+    Callers warn about the rounding of a requantised weight (:func:`warn_requantising`), once per merge.
+    """
+    weight, kind = module.weight, _weight_kind(module.weight)
+    with torch.no_grad():
+        if kind == "plain":
+            weight.add_(delta.to(weight.dtype))
+            return
+        check_mergeable(module)
+        new = dense_weight(module).float() + delta.float()
+        module.weight = _requantised(weight, kind, new, module)
+    if hasattr(module, "state") and hasattr(module.state, "reset_grads"):  # Linear8bitLt caches its int8 weight
+        module.state.reset_grads()
+
+
+def warn_requantising(kinds: set[str]) -> None:
+    """The warning for a merge or unmerge that writes into quantised weights (``kinds`` from :func:`quantisation`)."""
+    if kinds:
+        warnings.warn(f"merging into {', '.join(sorted(kinds))} layers quantises their weights again: the outputs "
+                      "change by rounding (unload(merge=False) keeps the base exact)", UserWarning, stacklevel=3)
+
+
+def _requantised(weight: torch.Tensor, kind: str, dense: torch.Tensor, module: nn.Module) -> nn.Parameter:
+    import bitsandbytes as bnb
+
+    if kind == "bnb-4bit":
+        new = bnb.nn.Params4bit(dense.to("cpu"), requires_grad=False, quant_type=weight.quant_type,
+                                blocksize=weight.blocksize, compress_statistics=weight.compress_statistics,
+                                quant_storage=weight.quant_storage, module=module)
+    else:
+        new = bnb.nn.Int8Params(dense.to("cpu"), requires_grad=False, has_fp16_weights=False)
+    return new.to(weight.device)  # moving to a device is what quantises
+
+
+def logical_numel(param: torch.Tensor) -> int:
+    """How many numbers ``param`` stands for; a 4-bit tensor packs two per byte of storage (PEFT counts it so)."""
+    if type(param).__name__ == "Params4bit":
+        return param.numel() * 2 * param.element_size()
+    return param.numel()

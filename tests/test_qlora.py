@@ -1,0 +1,178 @@
+"""LoRA on quantised bases (QLoRA): bitsandbytes Linear4bit (nf4, fp4; fp32 or bf16 compute) and Linear8bitLt on
+the CPU backend, checked against PEFT on the same tiny Llama; other quantisers by the logical-features rule."""
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("transformers")
+bnb = pytest.importorskip("bitsandbytes")
+peft = pytest.importorskip("peft")
+
+import lorakit as lk  # noqa: E402
+from tiny_llama import token_batch, write_tiny_llama  # noqa: E402
+
+SIZE = dict(hidden_size=64, intermediate_size=128, initializer_range=0.2)  # bitsandbytes blocks are 64 wide
+QUANT = {
+    "nf4-fp32": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32),
+    "fp4-fp32": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype=torch.float32),
+    "nf4-bf16": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16),
+    "int8": dict(load_in_8bit=True),
+}
+CFG = dict(r=8, lora_alpha=16, target_modules="all-linear")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return write_tiny_llama(tmp_path_factory.mktemp("qlora") / "llama", seed=4, **SIZE)
+
+
+def load(folder, quant=None):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(**QUANT[quant]) if quant else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # bitsandbytes' notes on CPU casts
+        return AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, device_map="cpu").eval()
+
+
+def peft_adapter(folder, quant, out):
+    """A PEFT QLoRA adapter with non-zero B (as after training), saved to ``out``; returns the PEFT model."""
+    torch.manual_seed(7)
+    model = peft.get_peft_model(load(folder, quant), peft.LoraConfig(**CFG, init_lora_weights=False)).eval()
+    model.save_pretrained(out)
+    return model
+
+
+def factors(model):
+    return [p for n, p in model.named_parameters() if "lora_" in n]
+
+
+def logits(model, ids=None):
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return model(token_batch(seed=2) if ids is None else ids).logits.float()
+
+
+@pytest.mark.parametrize("quant", list(QUANT))
+def test_factors_have_the_logical_shapes_in_float32_and_the_counts_are_peft_s(folder, quant):
+    model = lk.inject(load(folder, quant), lk.LoRAConfig(rank=8, alpha=16, targets="all-linear"))
+    k_proj = model.model.layers[0].self_attn.k_proj  # 64 -> 32 (two key/value heads of 16)
+    assert k_proj.lora_A["default"].weight.shape == (8, 64) and k_proj.lora_B["default"].weight.shape == (32, 8)
+    assert {p.dtype for p in factors(model)} == {torch.float32}
+    count = lk.count_parameters(model)
+    reference = peft.get_peft_model(load(folder, quant), peft.LoraConfig(**CFG))
+    assert (count.trainable, count.total) == reference.get_nb_trainable_parameters()
+
+
+@pytest.mark.parametrize("quant", list(QUANT))
+def test_forward_and_backward_train_only_the_factors(folder, quant):
+    model = lk.inject(load(folder, quant), lk.LoRAConfig(rank=8, alpha=16, targets="all-linear")).train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = model(token_batch(seed=2), labels=token_batch(seed=2))
+    out.loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads and all("lora_" in n for n in grads)
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    assert any(g.abs().sum() > 0 for n, g in grads.items() if "lora_B" in n)
+
+
+@pytest.mark.parametrize("quant", ["nf4-fp32", "nf4-bf16", "int8"])
+def test_a_peft_qlora_adapter_loads_with_peft_s_outputs_on_the_quantised_and_the_float_base(folder, tmp_path, quant):
+    reference = peft_adapter(folder, quant, tmp_path / "peft")
+    model = lk.load_adapter(load(folder, quant), tmp_path / "peft").eval()
+    torch.testing.assert_close(logits(model), logits(reference), atol=1e-5, rtol=0)
+
+    float_reference = peft.PeftModel.from_pretrained(load(folder), tmp_path / "peft").eval()
+    float_model = lk.load_adapter(load(folder), tmp_path / "peft").eval()
+    torch.testing.assert_close(logits(float_model), logits(float_reference), atol=1e-5, rtol=0)
+
+
+def test_a_lorakit_adapter_on_a_4bit_base_loads_in_peft_with_the_same_outputs(folder, tmp_path):
+    model = lk.inject(load(folder, "nf4-fp32"), lk.LoRAConfig(rank=8, alpha=16, targets="all-linear"))
+    with torch.no_grad():
+        for p in factors(model):
+            p.normal_(0, 0.1)
+    lk.save_adapter(model, tmp_path / "lk")
+    reference = peft.PeftModel.from_pretrained(load(folder, "nf4-fp32"), tmp_path / "lk").eval()
+    torch.testing.assert_close(logits(reference), logits(model.eval()), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("quant", ["nf4-fp32", "int8"])
+def test_merge_requantises_with_a_warning_as_peft_does(folder, tmp_path, quant):
+    reference = peft_adapter(folder, quant, tmp_path / "peft")
+    model = lk.load_adapter(load(folder, quant), tmp_path / "peft").eval()
+    unmerged = logits(model)
+    with pytest.warns(UserWarning, match="quantises their weights again"):
+        lk.merge(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference.merge_adapter()
+    merged = logits(model)
+    torch.testing.assert_close(merged, logits(reference), atol=1e-4, rtol=0)  # PEFT's merge rounds the same way
+    assert not torch.equal(merged, unmerged)  # the rounding the warning names
+    plain = lk.unload(model, merge=True)
+    assert type(plain.model.layers[0].self_attn.q_proj).__name__ in ("Linear4bit", "Linear8bitLt")
+
+
+@pytest.mark.parametrize("cfg, words", [
+    (lk.LoRAConfig(rank=4, targets=["q_proj"], mode="parametrize"), "mode='parametrize'"),
+    (lk.LoRAConfig(rank=4, targets=["q_proj"], init="svd"), "init='svd'"),
+    (lk.CLoRAConfig(rank=4, targets=["q_proj"]), "C-LoRA"),
+])
+def test_methods_that_change_the_weight_itself_are_refused_on_a_4bit_base(folder, cfg, words):
+    model = load(folder, "nf4-fp32")
+    before = logits(model)
+    with pytest.raises(ValueError, match=f"{words}.*quantised \\(bitsandbytes 4-bit \\(nf4\\)\\)"):
+        lk.inject(model, cfg)
+    assert not any(type(m).__module__.startswith("lorakit") for m in model.modules())
+    torch.testing.assert_close(logits(model), before, atol=0, rtol=0)
+
+
+class PackedLinear(nn.Module):
+    """Another quantiser's layer: an int8 weight with a row scale and its own forward."""
+
+    def __init__(self, linear: nn.Linear, logical: bool = True) -> None:
+        super().__init__()
+        scale = linear.weight.abs().amax(1, keepdim=True) / 127
+        self.weight = nn.Parameter((linear.weight / scale).round().to(torch.int8), requires_grad=False)
+        self.register_buffer("scale", scale)
+        if logical:
+            self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x):
+        return x @ (self.weight.float() * self.scale).t()
+
+
+class PackedNet(nn.Module):
+    def __init__(self, logical: bool = True) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = PackedLinear(nn.Linear(6, 5), logical)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def test_another_quantiser_with_logical_features_trains_and_refuses_to_merge_by_name():
+    from lorakit.layers.lora import LoRALinear
+
+    model = PackedNet()
+    wrapper = LoRALinear(model.proj)
+    wrapper.add_adapter("default", lk.LoRAConfig(rank=2, alpha=2))
+    with torch.no_grad():
+        wrapper.lora_B["default"].weight.fill_(0.5)
+    x = torch.randn(3, 6)
+    low = x @ wrapper.lora_A["default"].weight.t() @ wrapper.lora_B["default"].weight.t()
+    torch.testing.assert_close(wrapper(x), model.proj(x) + low)
+    with pytest.raises(ValueError, match="cannot merge into PackedLinear.*int8"):
+        wrapper.check_mergeable()
+
+
+def test_a_quantised_layer_without_logical_features_is_refused_by_name():
+    from lorakit.layers.lora import LoRALinear
+
+    with pytest.raises(ValueError, match="PackedLinear is quantised.*no logical in_features/out_features"):
+        LoRALinear(PackedNet(logical=False).proj)
