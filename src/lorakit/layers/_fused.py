@@ -72,6 +72,8 @@ def _autocast_enabled(device_type: str) -> bool:
         return torch.is_autocast_enabled(device_type)
     except TypeError:  # torch < 2.4: no device argument
         return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
+    except RuntimeError:  # a device autocast does not know (meta, for shape inference) has no autocast
+        return False
 
 
 def fused_path_applies(base: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

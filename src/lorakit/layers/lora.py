@@ -44,6 +44,9 @@ def is_hf_conv1d(module: nn.Module) -> bool:
 class LoRAWrapper(nn.Module):
     """What every LoRA wrapper shares: named adapters, the active one, merge/unmerge, PEFT tensors."""
 
+    mixed: dict | None = None
+    """Per-row factors while :func:`lorakit.mixed_batch` is on (see :meth:`set_mixed`), else None."""
+
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -136,6 +139,42 @@ class LoRAWrapper(nn.Module):
         """This adapter's tensors under PEFT's key suffixes (``lora_A.weight`` ...)."""
         return {key: tensor for key, tensor in self._peft_items(name)}
 
+    # -- mixed batches (lorakit.mixed_batch) -------------------------------------------------------
+    def set_mixed(self, names: list[str | None] | None) -> None:
+        """Row i uses adapter ``names[i]`` (None, or an adapter this layer lacks: no low-rank term); None: off.
+
+        Stacks the factors once: ``a`` (k+1, r_max, in), ``b`` (k+1, out, r_max) with the scale folded in, slot k
+        (and ranks below r_max) zero; ``rows`` (batch,) is each row's slot. Linear and Embedding layers only.
+        """
+        if names is None:
+            self.mixed = None
+            return
+        used = [n for n in dict.fromkeys(names) if n in self.scaling]
+        rows = torch.tensor([used.index(n) if n in used else len(used) for n in names])
+        if not used:
+            self.mixed = {"rows": rows, "a": None, "b": None}
+            return
+        pairs = [tuple(t.detach() for _, t in self._peft_items(n)) for n in used]  # (A (r, in), B (out, r))
+        rank, (a0, b0) = max(a.shape[0] for a, _ in pairs), pairs[0]
+        a_stack = a0.new_zeros(len(used) + 1, rank, a0.shape[1])
+        b_stack = a0.new_zeros(len(used) + 1, b0.shape[0], rank)
+        for slot, (name, (a, b)) in enumerate(zip(used, pairs)):
+            a_stack[slot, : a.shape[0]] = a
+            b_stack[slot, :, : a.shape[0]] = b * self.scaling[name]
+        self.mixed = {"rows": rows.to(a0.device), "a": a_stack, "b": b_stack}
+
+    def _mixed_rows(self, batch: int) -> torch.Tensor:
+        rows = self.mixed["rows"]
+        if batch != rows.numel():
+            raise ValueError(f"mixed_batch was given {rows.numel()} adapter names, but this batch has {batch} rows; "
+                             "give one name per row (for beam search, each name num_beams times)")
+        return rows
+
+    def _mixed_up(self, h: torch.Tensor, rows: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``out`` plus each row's ``s B h``; ``h`` is (batch, tokens, r_max), already projected by the row's A."""
+        low = torch.bmm(h, self.mixed["b"][rows].transpose(1, 2))  # (batch, tokens, out)
+        return out + low.reshape(out.shape).to(out.dtype)
+
     def extra_repr(self) -> str:
         return f"adapters={self.adapter_names}, active={self.active_adapter}, merged={self.merged_adapter}"
 
@@ -225,6 +264,8 @@ class LoRALinear(LoRAWrapper):
         yield "lora_B.weight", self.lora_B[name].weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mixed is not None and not self.disabled:
+            return self._mixed_forward(x)
         if not self._uses_adapter():
             out = self.base_layer(x)
         else:
@@ -240,6 +281,13 @@ class LoRALinear(LoRAWrapper):
         if len(self.pissa_start):
             out = self._add_pissa_starts(x, out)
         return out
+
+    def _mixed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, rows, a = self.base_layer(x), self._mixed_rows(x.shape[0]), self.mixed["a"]
+        if a is None:
+            return out
+        h = torch.bmm(x.to(a.dtype).reshape(x.shape[0], -1, x.shape[-1]), a[rows].transpose(1, 2))  # (batch, N, r)
+        return self._mixed_up(h, rows, out)
 
     def _add_pissa_starts(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """W holds only the residual of every PiSSA adapter: add back ``s B0 A0 x`` of each one not in use."""
@@ -337,12 +385,29 @@ class LoRAEmbedding(LoRAWrapper):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
+        if self.mixed is not None and not self.disabled:
+            return self._mixed_forward(x, out)
         if not self._uses_adapter():
             return out
         name, base = self.active_adapter, self.base_layer
         rows = F.embedding(x, self.lora_embedding_A[name].t(), base.padding_idx, base.max_norm,
                            base.norm_type, base.scale_grad_by_freq, base.sparse)  # (..., r)
         return out + ((rows @ self.lora_embedding_B[name].t()) * self.scaling[name]).to(out.dtype)
+
+    def set_mixed(self, names: list[str | None] | None) -> None:
+        super().set_mixed(names)
+        if self.mixed is not None and self.mixed["a"] is not None:  # one lookup table: row j * num + t = A_j[:, t]
+            slots, rank, num = self.mixed["a"].shape
+            self.mixed["table"] = self.mixed["a"].transpose(1, 2).reshape(slots * num, rank)
+
+    def _mixed_forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        rows = self._mixed_rows(x.shape[0])
+        if self.mixed["a"] is None:
+            return out
+        num = self.mixed["a"].shape[2]
+        ids = x + rows.view(-1, *[1] * (x.dim() - 1)) * num
+        h = F.embedding(ids, self.mixed["table"]).reshape(x.shape[0], -1, self.mixed["table"].shape[1])
+        return self._mixed_up(h, rows, out)
 
 
 def lora_wrapper_for(module: nn.Module) -> type[LoRAWrapper] | None:

@@ -131,9 +131,7 @@ class SoftPrompt(nn.Module):
         prompt = self.prompts[self.active_adapter]
         kwargs["inputs_embeds"] = torch.cat([prompt.to(embeds.dtype).expand(batch, -1, -1), embeds], dim=1)
         for key, fill in _SEQUENCE_ARGUMENTS.items():
-            value = kwargs.get(key)
-            if key == "attention_mask" and value is None:
-                value = torch.ones(batch, length, dtype=torch.long, device=embeds.device)
+            value = kwargs.get(key)  # no attention_mask stays none: every position, the prompt's too, is attended
             if value is not None:
                 kwargs[key] = torch.cat([value.new_full((batch, n), fill), value], dim=1)
         _shift_positions(kwargs, n, prefix=True)
@@ -198,6 +196,7 @@ def inject_prompt(model: nn.Module, cfg: PromptConfig, name: str) -> None:
     """``inject`` hook for :class:`PromptConfig`: checks the model takes ``inputs_embeds``, then adds a prompt."""
     get_embeddings = getattr(model, "get_input_embeddings", None)
     embedding = get_embeddings() if callable(get_embeddings) else None
+    embedding = getattr(embedding, "base_layer", embedding)  # a LoRA-wrapped embedding: its table gives d and inits
     try:
         takes_embeds = "inputs_embeds" in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
