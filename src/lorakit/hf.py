@@ -17,6 +17,7 @@ over all devices, which changes the gradient scale for sequence tasks with paddi
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -33,8 +34,42 @@ def _lorakit_model(model) -> torch.nn.Module | None:
     return model if getattr(model, "lorakit_configs", None) else None
 
 
-class Trainer(transformers.Trainer):
-    """``transformers.Trainer`` whose checkpoints are PEFT-layout adapter folders for a lorakit model."""
+@contextlib.contextmanager
+def _counted_as_adapted(model):
+    """While a trainer is built: a lorakit model whose base is quantised counts as one with adapters attached.
+
+    ``transformers.trainer_utils.validate_quantization_for_training`` refuses "fine-tuning on purely quantized
+    models": ``is_quantized`` set (bitsandbytes, a GGUF load that keeps its blocks, ...) and neither a PEFT model nor
+    ``_hf_peft_config_loaded`` (transformers' own PEFT integration). lorakit's adapters are attached too, so that
+    flag is set on this model for the constructor's duration only. A quantisation that transformers cannot train
+    through (``hf_quantizer.is_trainable`` False) is still refused, as it is for a PEFT model.
+    """
+    inner = _lorakit_model(model)
+    if inner is None or not getattr(inner, "is_quantized", False) or getattr(inner, "_hf_peft_config_loaded", False):
+        yield
+        return
+    quantizer = getattr(inner, "hf_quantizer", None)
+    if quantizer is not None and not quantizer.is_trainable:
+        method = quantizer.quantization_config.quant_method
+        raise ValueError(f"the base model is quantised with {method}, which transformers cannot train through; "
+                         "load it dequantised or with a trainable quantisation (bitsandbytes 4/8-bit)")
+    inner._hf_peft_config_loaded = True
+    try:
+        yield
+    finally:
+        del inner._hf_peft_config_loaded  # the class attribute (False) shows again
+
+
+class AdapterCheckpoints:
+    """What lorakit's trainers add to a ``transformers.Trainer`` subclass (put it first in the bases).
+
+    For a lorakit model: quantised bases pass the Trainer's "purely quantized" check, checkpoints are PEFT-layout
+    adapter folders, and resuming or ``load_best_model_at_end`` read them back. Other models are untouched.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        with _counted_as_adapted(kwargs.get("model", args[0] if args else None)):
+            super().__init__(*args, **kwargs)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         model = _lorakit_model(self.model)
@@ -60,3 +95,7 @@ class Trainer(transformers.Trainer):
         if target is None or best is None or not (Path(best) / CONFIG_FILE).is_file():
             return super()._load_best_model()
         load_adapter(target, best, name=target.lorakit_active)
+
+
+class Trainer(AdapterCheckpoints, transformers.Trainer):
+    """``transformers.Trainer`` whose checkpoints are PEFT-layout adapter folders for a lorakit model."""
