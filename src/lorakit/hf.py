@@ -1,19 +1,29 @@
-"""Hugging Face integration: :class:`Trainer`, a drop-in ``transformers.Trainer`` for lorakit models.
+"""Hugging Face integration: trainers for lorakit models.
+
+- :class:`Trainer`: a drop-in ``transformers.Trainer``;
+- ``SFTTrainer``: a drop-in ``trl.SFTTrainer`` (TRL is imported on first use, so this module works without it);
+- :class:`AdapterCheckpoints`: the mixin both are made of, for another ``transformers.Trainer`` subclass.
 
 ``transformers.Trainer`` already trains a lorakit model as it is (its adapters are ordinary parameters); what it
-gets wrong are the files. Its checkpoints would hold the whole model under lorakit's module names, and it could
-not resume from an adapter-only folder. This subclass changes only that:
+gets wrong are the files, and a quantised base. The mixin changes only that:
 
 - every checkpoint (``checkpoint-N/``) and ``save_model()`` folder is a PEFT-layout adapter folder
   (``adapter_config.json`` + ``adapter_model.safetensors``, see :func:`lorakit.save_adapter`), next to the
   Trainer's usual optimizer, scheduler, RNG and trainer-state files;
 - ``train(resume_from_checkpoint=...)`` and ``load_best_model_at_end`` read those folders back with
-  :func:`lorakit.load_adapter` into the model's active adapter.
+  :func:`lorakit.load_adapter` into the model's active adapter;
+- a base that transformers marks quantised (bitsandbytes 8-bit, say) trains, as a PEFT model's does, where
+  ``transformers.Trainer`` refuses "fine-tuning on purely quantized models" (see :func:`_counted_as_adapted`).
 
-A model without lorakit adapters is saved and loaded exactly as ``transformers.Trainer`` does. Under
+A model without lorakit adapters is saved and loaded exactly as the parent trainer does. Under
 ``torchrun`` with several processes, training equals one process on the global batch only with
 ``TrainingArguments(average_tokens_across_devices=False)``: otherwise the loss is normalised by the token count
 over all devices, which changes the gradient scale for sequence tasks with padding.
+
+With ``SFTTrainer``, chat data whose loss covers the completions only are prompt/completion rows
+(``{"prompt": [messages], "completion": [messages]}``, ``completion_only_loss``), which work with any chat template;
+TRL's ``assistant_only_loss`` needs a template with ``{% generation %}`` markers. On a bitsandbytes base TRL casts
+the trainable (adapter) parameters to bfloat16, as it does for PEFT.
 """
 from __future__ import annotations
 
@@ -52,7 +62,7 @@ def _counted_as_adapted(model):
     if quantizer is not None and not quantizer.is_trainable:
         method = quantizer.quantization_config.quant_method
         raise ValueError(f"the base model is quantised with {method}, which transformers cannot train through; "
-                         "load it dequantised or with a trainable quantisation (bitsandbytes 4/8-bit)")
+                         "load it dequantised or with a quantisation transformers trains through (bitsandbytes)")
     inner._hf_peft_config_loaded = True
     try:
         yield
@@ -99,3 +109,16 @@ class AdapterCheckpoints:
 
 class Trainer(AdapterCheckpoints, transformers.Trainer):
     """``transformers.Trainer`` whose checkpoints are PEFT-layout adapter folders for a lorakit model."""
+
+
+def __getattr__(name: str):
+    """``SFTTrainer`` is imported on first use, so ``import lorakit.hf`` needs no TRL."""
+    if name != "SFTTrainer":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    try:
+        from ._hf_trl import SFTTrainer
+    except ModuleNotFoundError as err:
+        if err.name != "trl":
+            raise
+        raise ImportError("lorakit.hf.SFTTrainer needs TRL, which is not installed: pip install trl") from err
+    return SFTTrainer
