@@ -98,6 +98,13 @@ def test_without_adapters_it_is_the_model_own_method_again(removal, tmp_path):
     assert {"config.json", "model.safetensors"} <= {p.name for p in tmp_path.iterdir()}
 
 
+def test_compressing_the_last_adapter_gives_the_model_own_method_back():
+    model = lk.inject(tiny_llama(), lk.CLoRAConfig(rank=4, alpha=8, targets=["q_proj"]))
+    assert "save_pretrained" in vars(model)
+    lk.compress(model, force=True)
+    assert "save_pretrained" not in vars(model)
+
+
 def test_a_copy_saves_its_own_adapter_and_a_plain_module_gets_none(tmp_path):
     model = lora(tiny_llama())
     twin = copy.deepcopy(model)
