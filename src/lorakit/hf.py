@@ -4,6 +4,10 @@
 - ``SFTTrainer``: a drop-in ``trl.SFTTrainer`` (TRL is imported on first use, so this module works without it);
 - :class:`AdapterCheckpoints`: the mixin both are made of, for another ``transformers.Trainer`` subclass.
 
+Outside a trainer, ``model.save_pretrained(dir)`` on a Hugging Face model with lorakit adapters writes the adapters
+(PEFT layout, as ``PeftModel.save_pretrained``), never a whole model that ``from_pretrained`` would misload: the
+core's :class:`lorakit.pretrained.AdapterSavePretrained`, which ``inject`` installs (no glue needed here).
+
 ``transformers.Trainer`` already trains a lorakit model as it is (its adapters are ordinary parameters); what it
 gets wrong are the files, and a quantised base. The mixin changes only that:
 
