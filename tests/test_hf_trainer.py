@@ -1,5 +1,6 @@
 """lorakit.hf.Trainer: checkpoints are PEFT-layout adapter folders, and resuming from one ends where an
-uninterrupted run ends. Accelerate's prepare() takes a lorakit model as it is."""
+uninterrupted run ends; a quantised (bitsandbytes 8-bit) base trains. Accelerate's prepare() takes a lorakit model
+as it is."""
 import json
 
 import pytest
@@ -9,6 +10,7 @@ pytest.importorskip("transformers")
 
 import lorakit as lk  # noqa: E402
 from lorakit.models.hf import tiny_bert_config  # noqa: E402
+from tiny_llama import tiny_llama, token_batch, write_tiny_llama  # noqa: E402
 
 
 def lora_bert():
@@ -93,3 +95,47 @@ def test_accelerate_prepare_trains_and_saves_a_lorakit_model(tmp_path):
     lk.load_adapter(fresh, tmp_path / "adapter", name="default")
     for key, value in adapter_state(model).items():
         assert torch.equal(adapter_state(fresh)[key], value), key
+
+
+def eight_bit_llama(folder):
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=BitsAndBytesConfig(load_in_8bit=True),
+                                                 device_map="cpu")
+    return lk.inject(model, lk.LoRAConfig(rank=4, alpha=8, targets="all-linear"))
+
+
+def test_a_bitsandbytes_8bit_base_trains_where_transformers_trainer_refuses_it(tmp_path):
+    import transformers
+    from transformers import TrainingArguments
+
+    from lorakit.hf import Trainer
+
+    model = eight_bit_llama(write_tiny_llama(tmp_path / "tiny"))
+    assert model.is_quantized and type(model.model.layers[0].mlp.up_proj.base_layer).__name__ == "Linear8bitLt"
+    ids = token_batch(batch=8, length=6)
+    rows = [{"input_ids": row, "labels": row} for row in ids]
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=4,
+                             learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
+    with pytest.raises(ValueError, match="purely quantized"):
+        transformers.Trainer(model=model, args=args, train_dataset=rows)
+    before = adapter_state(model)
+    Trainer(model=model, args=args, train_dataset=rows).train()
+    assert all(not torch.equal(v, before[k]) for k, v in adapter_state(model).items() if "lora_B" in k)
+    assert not model._hf_peft_config_loaded  # the flag was set for the constructor only
+
+
+def test_a_quantisation_transformers_cannot_train_through_is_still_refused(tmp_path):
+    from types import SimpleNamespace
+
+    from transformers import TrainingArguments
+
+    from lorakit.hf import Trainer
+
+    model = lk.inject(tiny_llama(), lk.LoRAConfig(rank=4, targets="all-linear"))
+    model.is_quantized = True  # as transformers marks a GGUF load that keeps its blocks packed
+    model.hf_quantizer = SimpleNamespace(is_trainable=False, quantization_config=SimpleNamespace(quant_method="gguf"))
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=1, report_to=[], use_cpu=True)
+    with pytest.raises(ValueError, match="quantised with gguf"):
+        Trainer(model=model, args=args, train_dataset=[{"input_ids": token_batch()[0]}])

@@ -81,3 +81,22 @@ def test_formulas_match_counts_on_tiny_bert(bottleneck, rank, tokens):
 def test_formula_refuses_what_inject_refuses():
     with pytest.raises(ValueError, match="hidden size"):
         added_parameters(t5_small(), lk.AdapterConfig(bottleneck=8, targets=r".*\.DenseReluDense\.wi"))
+
+
+@pytest.mark.parametrize("rank", [2, 8])
+def test_lorakit_params_causal_lm_defaults_to_all_linear_and_matches_peft(rank, tmp_path, capsys):
+    import re
+
+    peft = pytest.importorskip("peft")
+    from lorakit.cli import main
+    from tiny_llama import tiny_llama, write_tiny_llama
+
+    folder = write_tiny_llama(tmp_path / "tiny")
+    assert main(["params", "--model", str(folder), "--task", "causal-lm", "--rank", str(rank)]) == 0
+    out = capsys.readouterr().out
+    base = int(re.search(r"model: LlamaForCausalLM, ([\d,]+) parameters", out).group(1).replace(",", ""))
+    counted = int(re.search(r"counted after inject: ([\d,]+) \(matches", out).group(1).replace(",", ""))
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear",
+                                                                task_type="CAUSAL_LM"))
+    trainable, total = theirs.get_nb_trainable_parameters()
+    assert (counted, base + counted) == (trainable, total)

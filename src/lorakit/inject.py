@@ -4,8 +4,9 @@ Every lorakit layer follows one small protocol (duck-typed, like torchtune's ``a
 ``base_layer`` or ``original_module``, ``add_adapter(name, cfg)``, ``delete_adapter(name)``,
 ``set_active(name)``, ``adapter_names``, ``adapter_parameters()``, ``merge()``, ``unmerge()``, ``disabled``.
 The model remembers its adapters' configs in ``model.lorakit_configs`` ({name: config}) and the active one in
-``model.lorakit_active``. What a config targets is decided in ``targets.py``; how each config class is
-injected is the one table :data:`METHODS` below.
+``model.lorakit_active``; while it has any, a model whose class has ``save_pretrained`` (a Hugging Face model) gets
+an instance ``save_pretrained`` that writes the adapters instead (``pretrained.py``). What a config targets is
+decided in ``targets.py``; how each config class is injected is the one table :data:`METHODS` below.
 
 ``requires_grad``: the first ``inject`` on a model freezes every parameter the model has then (as PEFT).
 After that lorakit only switches its own parameters: the active adapter's train, the other adapters' do
@@ -32,6 +33,7 @@ from .layers.lora import is_hf_conv1d, lora_wrapper_for
 from .layers.modules_to_save import ModulesToSave
 from .layers.parametrize import LoRAParametrization
 from .layers.prompt import inject_prompt
+from .pretrained import sync_save_pretrained
 from .sharing import refuse_tied, replace_everywhere, set_module, tied_partners, user_path, weight_owners
 from .targets import (SUPPORTED, Site, base_of, candidate_modules, find_targets, is_adapter_layer, lora_sites,
                       matches, wrapper_sites)
@@ -220,6 +222,8 @@ def inject(model: nn.Module, cfg, name: str = "default") -> nn.Module:
         for p, flag in before.items():
             p.requires_grad_(flag)
         raise
+    finally:
+        sync_save_pretrained(model)
     return outer
 
 
@@ -318,6 +322,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     model.lorakit_configs = configs
     if not configs:  # the last one: a plain model again
         del model.lorakit_configs, model.lorakit_active
+        sync_save_pretrained(model)
         return
     if getattr(model, "lorakit_active", None) == name:
         model.lorakit_active = None
@@ -488,4 +493,5 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
             parametrize.remove_parametrizations(module, pname, leave_parametrized=False)
     for attr in ("lorakit_configs", "lorakit_active"):
         inner.__dict__.pop(attr, None)
+    sync_save_pretrained(inner)
     return model

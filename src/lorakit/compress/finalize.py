@@ -11,6 +11,7 @@ from ..config import CLoRAConfig
 from ..inject import set_active, unwrap_model
 from ..layers.clora import CLoRALayer
 from ..layers.modules_to_save import ModulesToSave
+from ..pretrained import sync_save_pretrained
 from ..sharing import replace_everywhere
 
 _TOLERANCE = 1e-6
@@ -51,6 +52,7 @@ def compress(model: nn.Module, force: bool = False) -> nn.Module:
     if configs:
         model.lorakit_configs = configs
         set_active(model, active if active in configs else next(iter(configs)))
+    sync_save_pretrained(model)
     return outer
 
 

