@@ -97,23 +97,28 @@ def test_accelerate_prepare_trains_and_saves_a_lorakit_model(tmp_path):
         assert torch.equal(adapter_state(fresh)[key], value), key
 
 
-def eight_bit_llama(folder):
+QUANTISED = {"8bit": (dict(load_in_8bit=True), "Linear8bitLt"),
+             "4bit": (dict(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32), "Linear4bit")}
+
+
+def quantised_llama(folder, kind):
     pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=BitsAndBytesConfig(load_in_8bit=True),
+    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=BitsAndBytesConfig(**QUANTISED[kind][0]),
                                                  device_map="cpu")
     return lk.inject(model, lk.LoRAConfig(rank=4, alpha=8, targets="all-linear"))
 
 
-def test_a_bitsandbytes_8bit_base_trains_where_transformers_trainer_refuses_it(tmp_path):
+@pytest.mark.parametrize("kind", list(QUANTISED))
+def test_a_bitsandbytes_base_trains_where_transformers_trainer_refuses_it(tmp_path, kind):
     import transformers
     from transformers import TrainingArguments
 
     from lorakit.hf import Trainer
 
-    model = eight_bit_llama(write_tiny_llama(tmp_path / "tiny"))
-    assert model.is_quantized and type(model.model.layers[0].mlp.up_proj.base_layer).__name__ == "Linear8bitLt"
+    model = quantised_llama(write_tiny_llama(tmp_path / "tiny", hidden_size=64, intermediate_size=128), kind)
+    assert model.is_quantized and type(model.model.layers[0].mlp.up_proj.base_layer).__name__ == QUANTISED[kind][1]
     ids = token_batch(batch=8, length=6)
     rows = [{"input_ids": row, "labels": row} for row in ids]
     args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=4,

@@ -176,3 +176,24 @@ def test_a_quantised_layer_without_logical_features_is_refused_by_name():
 
     with pytest.raises(ValueError, match="PackedLinear is quantised.*no logical in_features/out_features"):
         LoRALinear(PackedNet(logical=False).proj)
+
+
+@pytest.mark.integration
+def test_smollm2_in_4bit_gets_peft_s_counts_and_peft_s_outputs():
+    """The real SmolLM2-135M-Instruct quantised to nf4: a QLoRA adapter as PEFT makes it, on 30 Llama layers."""
+    from lorakit.models import load_causal_lm
+
+    model, tokenizer = load_causal_lm("smollm2", quantize="4bit")
+    reference = peft.get_peft_model(load_causal_lm("smollm2", quantize="4bit")[0],
+                                    peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0,
+                                                    init_lora_weights=False)).eval()
+    lk.inject(model, lk.LoRAConfig(rank=16, alpha=32, targets="all-linear"))
+    count = lk.count_parameters(model)
+    assert (count.trainable, count.total) == reference.get_nb_trainable_parameters()
+    ours = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, p in reference.named_parameters():
+            if "lora_" in name:  # PEFT's random factors, copied into lorakit's layer of the same name
+                ours[name.removeprefix("base_model.model.")].copy_(p)
+    ids = tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
+    torch.testing.assert_close(logits(model.eval(), ids), logits(reference, ids), atol=1e-4, rtol=0)
