@@ -197,3 +197,31 @@ def test_validation_is_carved_stratified_from_training():
     assert not set(train.texts) & set(val.texts) and val.texts == ["t0", "t1", "t2", "t3", "t4", "t5"]
     with pytest.raises(ValueError, match="per-class-val"):
         split_validation(data, 10)
+
+
+def test_a_clora_row_killed_half_way_resumes_with_its_decay(tiny_model_folder, tiny_text_file, tmp_path,
+                                                           killed_at_decay_step):
+    # The decay schedule is part of the training state: a resumed row continues its decay where it stopped (without
+    # it the decay would start again from d = 1 and the losses after the kill would differ from those of a row that
+    # was never stopped).
+    from lorakit.data.text import load_text_file
+    from lorakit.experiments.peft_compare_cells import run_row
+    from lorakit.train import TrainConfig
+
+    data = load_text_file(tiny_text_file)
+    settings = {"model": str(tiny_model_folder), "num_labels": 2, "max_length": 12, "clora_rank": 2}
+    state = tmp_path / "clora.state"
+
+    def row(resume: bool) -> dict:  # 16 steps; the training state is saved every 4
+        cfg = TrainConfig(lr=1e-2, batch_size=8, epochs=2, log_every=1, checkpoint_every=4, progress=False,
+                          state_path=str(state) if resume else None, resume=resume)
+        return run_row("clora", "lorakit", settings, data, data, cfg, seed=0)
+
+    whole = row(False)
+    with killed_at_decay_step(6):
+        row(True)
+    assert state.is_file()
+    resumed = row(True)
+    assert resumed["steps"] == whole["steps"] == 16
+    assert resumed["losses"] == whole["losses"]
+    assert resumed["accuracy"] == whole["accuracy"]

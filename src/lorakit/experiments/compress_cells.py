@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import math
 import statistics
@@ -35,6 +36,7 @@ from .._io import load_tensors, save_tensors
 from ..targets import find_targets
 from ..train import TrainConfig, TrainHistory, train
 from ..train_state import discard_state
+from .harness import clora_decay_hooks
 
 CLORA_VARIANTS = {"wds": ("none", False), "bias": ("none", True), "noise": ("scheduled", False),
                   "noise+bias": ("scheduled", True)}  # variant -> (noise mode, bias C)
@@ -264,11 +266,7 @@ def clora_cell(dense: nn.Module, clora: lk.CLoRAConfig, init_seed: int, fit: Fit
     torch.manual_seed(init_seed)  # the random init of A
     lk.inject(model, clora)
 
-    def decay(trained: nn.Module) -> dict:  # the schedule drives the layers that train (a sharded twin's, under FSDP2)
-        schedule = lk.DecaySchedule(trained, fit.steps)
-        return {"on_step": lambda step: schedule.step(), "stateful": {"decay": schedule}}
-
-    history = fit(model, hooks=decay, state_path=state_path)
+    history = fit(model, hooks=functools.partial(clora_decay_hooks, total_steps=fit.steps), state_path=state_path)
     return lk.compress(model), history
 
 

@@ -37,7 +37,7 @@ from .peft_compare_cells import cell_key, git_commit, run_cell, run_row, static_
 from .peft_compare_measure import (_memory_probe_main, _rss_bytes, _training_step, measure_memory,  # noqa: F401
                                    memory_probe, step_time_ratios)
 from .peft_compare_models import (BERT_TARGETS, HEAD, LIBRARY, ROWS, SEED_004, SEED_004_PARAMS, _Examples,  # noqa: F401
-                                  build, checkpoint_bytes, clora_available, clora_step_hook, load_data, method_config,
+                                  build, checkpoint_bytes, clora_available, load_data, method_config,
                                   peft_config, split_validation)
 from .peft_compare_report import _size, plot, report_markdown  # noqa: F401
 from .peft_compare_stats import mean_std, paired_difference

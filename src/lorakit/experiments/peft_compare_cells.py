@@ -17,7 +17,8 @@ import torch
 
 from .. import parallel
 from ..train_state import discard_state
-from .peft_compare_models import _Examples, build, checkpoint_bytes, clora_step_hook
+from .harness import clora_decay_hooks
+from .peft_compare_models import _Examples, build, checkpoint_bytes
 
 
 def cell_key(method: str, implementation: str, seed: int, lr: float) -> str:
@@ -64,8 +65,8 @@ def run_row(method, implementation, settings, train_data, test_data, train_cfg, 
     collator = TextCollator(tokenizer, settings["max_length"])
     steps = train_cfg.total_steps(-(-len(train_data) // train_cfg.batch_size))
     with parallel.training_copy(model, parallel_mode) as trained:
-        on_step = clora_step_hook(trained, steps) if method == "clora" else None
-        history = train(trained, _Examples(train_data), train_cfg, collate_fn=collator, on_step=on_step,
+        hooks = clora_decay_hooks(trained, steps) if method == "clora" else {}
+        history = train(trained, _Examples(train_data), train_cfg, collate_fn=collator, **hooks,
                         validation=None if validation is None else _Examples(validation),
                         num_classes=settings["num_labels"])
     result = evaluate(model, _Examples(test_data), settings["num_labels"], batch_size=128, collate_fn=collator)

@@ -214,18 +214,6 @@ def checkpoint_bytes(model, method: str, implementation: str) -> int:
         return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
 
 
-def clora_step_hook(model, total_steps: int):
-    """C-LoRA's decay schedule advanced after every optimizer step (None when the method needs none)."""
-    from .. import DecaySchedule  # provided with C-LoRA
-
-    schedule = DecaySchedule(model, total_steps)
-
-    def advance(step: int) -> None:
-        schedule.step()
-
-    return advance
-
-
 def model_folder(settings: dict) -> str:
     """The model's folder on disk (for a subprocess in another environment, which cannot resolve 'minilm')."""
     from ..models.hf import MINILM_ALIASES, check_model_folder, minilm_path
