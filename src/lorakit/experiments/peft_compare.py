@@ -33,11 +33,11 @@ import torch
 from . import output_dir
 from .. import parallel
 from . import peft_compare_adapterhub as adapterhub
-from .peft_compare_cells import cell_key, git_commit, run_cell, run_row, static_row  # noqa: F401  (re-exported)
+from .peft_compare_cells import cell_key, git_commit, run_cell, run_row  # noqa: F401  (re-exported)
 from .peft_compare_measure import (_memory_probe_main, _rss_bytes, _training_step, measure_memory,  # noqa: F401
                                    memory_probe, step_time_ratios)
 from .peft_compare_models import (BERT_TARGETS, HEAD, LIBRARY, ROWS, SEED_004, SEED_004_PARAMS, _Examples,  # noqa: F401
-                                  build, checkpoint_bytes, clora_available, load_data, method_config,
+                                  build, checkpoint_bytes, load_data, method_config,
                                   peft_config, split_validation)
 from .peft_compare_report import _size, plot, report_markdown  # noqa: F401
 from .peft_compare_stats import mean_std, paired_difference
@@ -130,9 +130,6 @@ def main(args: argparse.Namespace) -> int:
     notes = list(args.note)
     if "peft" in implementations and importlib.util.find_spec("peft") is None:
         raise ValueError("the PEFT rows need peft: pip install peft (or leave 'peft' out of --implementations)")
-    if "clora" in methods and not clora_available():
-        methods.remove("clora")
-        notes.append("C-LoRA was not run: lorakit's C-LoRA layer is not registered in this installation.")
     rows = [(m, i) for m, i in ROWS if m in methods and i in implementations]
     if "lorakit" not in implementations:
         raise ValueError("every method needs its lorakit row (the sweep runs on it); keep 'lorakit'")

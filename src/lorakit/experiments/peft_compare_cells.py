@@ -86,18 +86,6 @@ def run_row(method, implementation, settings, train_data, test_data, train_cfg, 
             "best_step": history.best_step, "best_val_accuracy": history.best_val_accuracy}
 
 
-def static_row(method, implementation, settings, seed) -> dict:
-    """What a row is without training it: parameter counts and checkpoint size (both depend on shapes only)."""
-    from .. import count_parameters
-
-    model, _ = build(method, implementation, settings, seed)
-    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    added = count_parameters(model).adapter if implementation == "lorakit" else total - settings["base_parameters"]
-    return {"trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "total_parameters": total, "added_parameters": added,
-            "checkpoint_bytes": checkpoint_bytes(model, method, implementation)}
-
-
 def run_cell(method: str, implementation: str, seed: int, lr: float, *, context: dict, sweep: bool = False) -> dict:
     """Train (or, if this run or, with ``resume``, an earlier one finished it, read back) one cell. ``context``: settings, data (train, validation, test),
     train_config(lr, seed) -> TrainConfig, cells folder, resume, state_every, run_config (recorded), and for

@@ -92,13 +92,6 @@ class _Examples(torch.utils.data.Dataset):
 
 
 # -- one row's model --------------------------------------------------------------------------------
-def clora_available() -> bool:
-    """C-LoRA can run here: lorakit exports its config and its decay schedule."""
-    import lorakit
-
-    return hasattr(lorakit, "CLoRAConfig") and hasattr(lorakit, "DecaySchedule")
-
-
 def method_config(method: str, settings: dict):
     """lorakit's config for ``method`` (None for full fine-tuning); the classifier head always trains."""
     from .. import AdapterConfig, CLoRAConfig, LoRAConfig, PromptConfig
