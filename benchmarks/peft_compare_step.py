@@ -21,7 +21,8 @@ import torch
 from _common import machine, write_section
 from lorakit.data.text import encode, load_wordnet_supersense
 from lorakit.experiments import peft_compare_adapterhub as adapterhub
-from lorakit.experiments.peft_compare import build, step_time_ratios
+from lorakit.experiments.peft_compare_measure import step_time_ratios
+from lorakit.experiments.peft_compare_models import build
 
 ROWS = [("full", "lorakit"), ("lora", "lorakit"), ("lora", "peft"), ("adapter", "lorakit"), ("prompt", "lorakit"),
         ("prompt", "peft"), ("clora", "lorakit")]

@@ -111,7 +111,7 @@ def test_same_start_gives_peft_losses_to_1e6(smoke_run):
 def test_same_start_copies_peft_initial_adapter(tiny_model_folder):
     import torch
 
-    from lorakit.experiments.peft_compare import build
+    from lorakit.experiments.peft_compare_models import build
 
     settings = {"model": str(tiny_model_folder), "num_labels": 2, "max_length": 12, "rank": 2, "num_tokens": 3}
     for method in ("lora", "prompt"):
@@ -179,7 +179,7 @@ def test_adapterhub_env_missing_is_reported_not_invented(smoke_run):
 
 def test_memory_probe_in_process(tiny_model_folder):
     # The run does this in a fresh subprocess per row; here once in-process, to keep the test fast.
-    from lorakit.experiments.peft_compare import memory_probe
+    from lorakit.experiments.peft_compare_measure import memory_probe
 
     settings = {"model": str(tiny_model_folder), "num_labels": 2, "max_length": 12, "rank": 2, "bottleneck": 2,
                 "num_tokens": 3, "clora_rank": 2}
@@ -189,7 +189,7 @@ def test_memory_probe_in_process(tiny_model_folder):
 
 def test_validation_is_carved_stratified_from_training():
     from lorakit.data.text import TextDataset
-    from lorakit.experiments.peft_compare import split_validation
+    from lorakit.experiments.text_task import split_validation
 
     data = TextDataset([f"t{i}" for i in range(30)], [i % 3 for i in range(30)], ["a", "b", "c"])
     train, val = split_validation(data, 2)

@@ -36,7 +36,7 @@ from ..train import TrainConfig, evaluate, train
 from .digit_finetune import PROTOCOLS, DigitFinetuneConfig, load_data, preserve_loss, pretrained
 from .stream_data import (STREAMS, Stage, average_accuracy, backward_transfer, digit_stream, rotation_stream,
                           seen_average, with_replay)
-from .stream_report import matrix_table, write_outputs  # noqa: F401  (matrix_table: re-exported for the README)
+from .stream_report import write_outputs
 
 DESCRIPTION = "A stream of shifted MNIST stages (Rotated MNIST or digit by digit): LoRA updates vs full fine-tuning, with forgetting measured."
 

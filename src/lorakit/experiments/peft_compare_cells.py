@@ -8,6 +8,7 @@ A cell written with other settings is refused, naming the setting that differs.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import subprocess
@@ -15,10 +16,14 @@ from pathlib import Path
 
 import torch
 
-from .. import parallel
+from .. import count_parameters, parallel
+from .._io import write_json
+from ..data.text import TextCollator
+from ..train import TrainingDivergedError, evaluate, train
 from ..train_state import discard_state
 from .harness import clora_decay_hooks
-from .peft_compare_models import _Examples, build, checkpoint_bytes
+from .peft_compare_models import build, checkpoint_bytes
+from .text_task import Examples
 
 
 def cell_key(method: str, implementation: str, seed: int, lr: float) -> str:
@@ -57,19 +62,15 @@ def run_row(method, implementation, settings, train_data, test_data, train_cfg, 
     (:func:`lorakit.parallel.training_copy`); scoring and saving see the plain model.
     The returned row has the accuracy, parameter counts, checkpoint size and the training history.
     """
-    from .. import count_parameters
-    from ..data.text import TextCollator
-    from ..train import evaluate, train
-
     model, tokenizer = build(method, implementation, settings, seed, same_start=same_start)
     collator = TextCollator(tokenizer, settings["max_length"])
     steps = train_cfg.total_steps(-(-len(train_data) // train_cfg.batch_size))
     with parallel.training_copy(model, parallel_mode) as trained:
         hooks = clora_decay_hooks(trained, steps) if method == "clora" else {}
-        history = train(trained, _Examples(train_data), train_cfg, collate_fn=collator, **hooks,
-                        validation=None if validation is None else _Examples(validation),
+        history = train(trained, Examples(train_data), train_cfg, collate_fn=collator, **hooks,
+                        validation=None if validation is None else Examples(validation),
                         num_classes=settings["num_labels"])
-    result = evaluate(model, _Examples(test_data), settings["num_labels"], batch_size=128, collate_fn=collator)
+    result = evaluate(model, Examples(test_data), settings["num_labels"], batch_size=128, collate_fn=collator)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     if implementation == "lorakit":
@@ -93,10 +94,6 @@ def run_cell(method: str, implementation: str, seed: int, lr: float, *, context:
 
     ``sweep=True``: a learning rate that diverges is recorded as such (``diverged``, no accuracies), so the
     sweep can pass over it; outside the sweep a divergence stops the run with its error."""
-    from ..train import TrainingDivergedError
-
-    from .._io import write_json
-
     folder: Path = context["cells"]
     key = cell_key(method, implementation, seed, lr)
     path = folder / f"{key}.json"
@@ -143,7 +140,5 @@ def run_cell(method: str, implementation: str, seed: int, lr: float, *, context:
 
 
 def _asdict(cfg) -> dict:
-    import dataclasses
-
     free = {"state_path", "resume", "checkpoint_every", "progress", "checkpoint"}
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in free}

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from matplotlib.figure import Figure
+
+from ..report import markdown_table, save_figure
 from .peft_compare_models import SEED_004, SEED_004_PARAMS
 from .peft_compare_stats import at_least_verdict, parity_verdict
 
@@ -39,8 +42,6 @@ def _timing(s: dict) -> str | None:
 
 
 def main_table(results: dict) -> str:
-    from ..report import markdown_table
-
     headers = ["method", "implementation", "test accuracy % (mean ± std)", "n", "best val. % (mean)", "lr",
                "trainable params", "added params", "checkpoint", "step time / lorakit-LoRA, median [IQR]",
                "peak RSS MB", "training memory MB", "seed 004 (T5-small, IMDB)"]
@@ -83,8 +84,6 @@ def verdict_lines(results: dict) -> list[str]:
 
 
 def report_markdown(results: dict) -> str:
-    from ..report import markdown_table
-
     c, data = results["config"], results["data"]
     lines = [
         "# peft-compare", "",
@@ -127,10 +126,6 @@ def plot(out: Path, rows: list[dict]) -> None:
     A local helper rather than ``report.line_plot``: points need labels, and lorakit and library points that
     coincide must both stay visible (hollow circle vs cross).
     """
-    from matplotlib.figure import Figure
-
-    from ..report import save_figure
-
     fig = Figure(figsize=(7, 4.5))
     ax = fig.add_subplot()
     styles = {"lorakit": dict(marker="o", markersize=9, markerfacecolor="none", color="tab:blue"),
