@@ -48,7 +48,7 @@ from .text_task import BERT_TARGETS, HEAD, Examples, load_data, pretrained_class
 DESCRIPTION = ("C-LoRA on MiniLM's attention (Q, K, V, O) on WordNet supersenses against SVD + fine-tune at equal "
                "steps and ratio")
 TARGETS = BERT_TARGETS["clora"]
-SEED_NOTE = ("Seed 002 (BERT on IMDB, Q, K, V and O compressed, 10 epochs): BERT-Tiny 83.03 % dense -> 80.0-81.9 % "
+REFERENCE_NOTE = ("Seed 002 (BERT on IMDB, Q, K, V and O compressed, 10 epochs): BERT-Tiny 83.03 % dense -> 80.0-81.9 % "
              "at 8.8-33.6 % of those weights; BERT-Small 89.05 % -> 84.8-86.0 % at 2.1-8.4 %. peft-compare's C-LoRA "
              "row (rank 16 on the pretrained MiniLM, no dense fine-tune first, 2 epochs) scored 79 % against 91 % for "
              "LoRA. Other models and data: the losses are the point of comparison.")
@@ -212,5 +212,5 @@ def render(results: dict) -> str:
              "Ratio = (A + B + C of the compressed layers) / the dense weights and biases of those layers (as the seed's "
              "BERT rows); model = all parameters, compressed / dense; file = safetensors size, compressed / dense; "
              "time ratio = inference time compressed / dense (plain-svd rows, see below).", ""]
-    lines += result_sections(results, [(0.35, 2.0)], SEED_NOTE)
+    lines += result_sections(results, [(0.35, 2.0)], REFERENCE_NOTE)
     return "\n".join(lines)

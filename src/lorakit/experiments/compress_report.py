@@ -41,18 +41,19 @@ def summarize(rows: list[dict]) -> list[dict]:
     return summary
 
 
-def summary_table(summary: list[dict], seed_value: Optional[Callable[[dict], Optional[float]]] = None,
+def summary_table(summary: list[dict], reference_value: Optional[Callable[[dict], Optional[float]]] = None,
                   columns: Sequence[tuple[str, Callable[[dict], object]]] = ()) -> str:
     """One line per (rank, method), best first within a rank: ratio and file size in % of dense, accuracy mean ±
-    std; ``columns`` add (header, value of a summary entry) after the file size, ``seed_value`` the seed's number."""
+    std; ``columns`` add (header, value of a summary entry) after the file size, ``reference_value`` the reference
+    project's number."""
     headers = ["rank", "method", "n", "ratio %", "file %", *[h for h, _ in columns], "accuracy %"]
-    headers += ["seed's %"] if seed_value else []
+    headers += ["seed's %"] if reference_value else []
     body = []
     for s in sorted(summary, key=lambda s: (s["rank"] or 0, -s["accuracy_mean"])):
         line = [s["rank"] or "—", s["method"], s["n"], round(100 * s["compression_ratio"], 2),
                 round(100 * s["file_ratio"], 2), *[value(s) for _, value in columns],
                 f"{s['accuracy_mean']:.2f} ± {s['accuracy_std']:.2f}"]
-        body.append(line + ([seed_value(s)] if seed_value else []) + [round(s["train_seconds"], 1)])
+        body.append(line + ([reference_value(s)] if reference_value else []) + [round(s["train_seconds"], 1)])
     return report.markdown_table(headers + ["train s"], body)
 
 
@@ -123,9 +124,9 @@ def write_table(out: Path, head: dict, rows: list[dict], seconds: float, made_by
     return results
 
 
-def result_sections(results: dict, limits: Sequence[tuple[float, float]], seed_note: str) -> list[str]:
+def result_sections(results: dict, limits: Sequence[tuple[float, float]], reference_note: str) -> list[str]:
     """The report of clora-conv and clora-transformer after their introduction: the table, the targets, C-LoRA
-    against SVD + fine-tune, inference time per rank, the seed's numbers (``seed_note``), merged runs, the figure."""
+    against SVD + fine-tune, inference time per rank, the reference project's numbers (``reference_note``), merged runs, the figure."""
     summary, rows = results["summary"], results["rows"]
     columns = [("model %", lambda s: round(100 * s["model_ratio"], 2) if "model_ratio" in s else None),
                ("time ratio", lambda s: round(s["inference_ratio"], 3) if "inference_ratio" in s else None)]
@@ -145,7 +146,7 @@ def result_sections(results: dict, limits: Sequence[tuple[float, float]], seed_n
                                             [[s["rank"], round(100 * s["compression_ratio"], 2),
                                               round(100 * s["model_ratio"], 2), round(s["inference_ratio"], 3), s["n"]]
                                              for s in timed]), ""]
-    lines += ["## The seed's numbers", "", seed_note, "", *merged_runs(results["made_by"]),
+    lines += ["## The seed's numbers", "", reference_note, "", *merged_runs(results["made_by"]),
               "![accuracy vs compression ratio](accuracy_vs_ratio.png)"]
     return lines
 
@@ -180,12 +181,12 @@ def rank_ticks(summary: list[dict]) -> list[float]:
 
 
 def plot_accuracy_vs_ratio(path: Path, summary: list[dict], *, title: str, low: float, high: Optional[float] = None,
-                           xticks: Sequence[float] = (), seed_points: Sequence[tuple[str, list, list, str]] = (),
-                           seed_dense: Optional[float] = None,
+                           xticks: Sequence[float] = (), reference_points: Sequence[tuple[str, list, list, str]] = (),
+                           reference_dense: Optional[float] = None,
                            xlabel: str = "compression ratio (% of the dense parameters)") -> None:
     """Accuracy vs ratio (log x), one line per method (solid: svd init, dashed: random init, dotted: SVD
     baselines), error bars = std over seeds; y from ``low`` (points below are named in the legend) to ``high``.
-    ``seed_points``: (label, ratios %, accuracies, marker) drawn in black; ``seed_dense`` a black dotted line."""
+    ``reference_points``: (label, ratios %, accuracies, marker) drawn in black; ``reference_dense`` a black dotted line."""
     fig = Figure(figsize=(10, 5.5))
     ax = fig.add_subplot()
     colours = {v: f"C{i}" for i, v in enumerate([*CLORA_VARIANTS, *BASELINES])}
@@ -197,15 +198,15 @@ def plot_accuracy_vs_ratio(path: Path, summary: list[dict], *, title: str, low: 
         style = "-" if init == "svd" else "--" if init == "random" else ":"
         ax.errorbar(xs, ys, yerr=[s["accuracy_std"] for s in points], color=colours[variant], linestyle=style,
                     marker="o", capsize=2, label=method + (f" (below: {', '.join(below)})" if below else ""))
-    for label, xs, ys, marker in seed_points:
+    for label, xs, ys, marker in reference_points:
         ax.scatter(xs, ys, marker=marker, color="black", facecolors="none" if marker != "x" else None, s=50,
                    zorder=3, label=label)
     dense = [s for s in summary if s["variant"] == "dense"]
     if dense:
         ax.axhline(dense[0]["accuracy_mean"], color="grey", linestyle="-.",
                    label=f"dense, ours ({dense[0]['accuracy_mean']:.2f} %)")
-    if seed_dense is not None:
-        ax.axhline(seed_dense, color="black", linestyle=(0, (1, 3)), label=f"dense, seed ({seed_dense} %)")
+    if reference_dense is not None:
+        ax.axhline(reference_dense, color="black", linestyle=(0, (1, 3)), label=f"dense, seed ({reference_dense} %)")
     ax.set_ylim(low, high)
     ax.set_xscale("log")
     ax.minorticks_off()

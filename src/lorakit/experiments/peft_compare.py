@@ -39,7 +39,7 @@ from . import output_dir
 from . import peft_compare_adapterhub as adapterhub
 from .peft_compare_cells import git_commit, run_cell
 from .peft_compare_measure import measure_memory, step_time_ratios
-from .peft_compare_models import LIBRARY, ROWS, SEED_004, SEED_004_PARAMS, build
+from .peft_compare_models import LIBRARY, ROWS, REFERENCE_004, REFERENCE_004_PARAMS, build
 from .peft_compare_report import plot, report_markdown
 from .peft_compare_stats import mean_std, paired_difference
 from .text_task import load_data, split_validation
@@ -255,7 +255,7 @@ def main(args: argparse.Namespace) -> int:
         "sweep": sweep, "chosen_lr": chosen, "equivalence": equivalence, "differences": differences,
         "lora_vs_full": lora_vs_full, "summary": summary, "rows": result_rows,
         "missing_rows": [{"method": m, "implementation": i, "reason": r} for (m, i), r in missing.items()],
-        "seed_004": {"accuracy": SEED_004, "added_parameters": SEED_004_PARAMS}, "notes": notes,
+        "seed_004": {"accuracy": REFERENCE_004, "added_parameters": REFERENCE_004_PARAMS}, "notes": notes,
         "wall_seconds": time.perf_counter() - started, "git_commit": git_commit(),
         "command": run_metadata()["command"], "metadata": run_metadata() | {"transformers": _version("transformers"), "peft": _version("peft")},
     }

@@ -28,9 +28,9 @@ ROWS = [("full", "lorakit"), ("lora", "lorakit"), ("lora", "peft"), ("adapter", 
 IMPLEMENTATIONS = ("lorakit", "peft", "adapters")
 LIBRARY = {"lora": "peft", "prompt": "peft", "adapter": "adapters"}  # the library row each method is paired with
 # Seed 004 (T5-small on IMDB, 10 epochs, best validation accuracy): hand-written and library numbers.
-SEED_004 = {"full": (90.0, None, None), "prompt": (86.8, 87.1, "OpenDelta"), "adapter": (90.6, 90.3, "AdapterHub"),
+REFERENCE_004 = {"full": (90.0, None, None), "prompt": (86.8, 87.1, "OpenDelta"), "adapter": (90.6, 90.3, "AdapterHub"),
             "lora": (88.9, 89.0, "PEFT"), "clora": (None, None, None)}
-SEED_004_PARAMS = {"full": 60_506_624, "prompt": 5_120, "adapter": 104_544, "lora": 294_912}
+REFERENCE_004_PARAMS = {"full": 60_506_624, "prompt": 5_120, "adapter": 104_544, "lora": 294_912}
 
 
 # -- one row's model --------------------------------------------------------------------------------

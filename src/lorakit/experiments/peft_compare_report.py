@@ -6,7 +6,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from ..report import markdown_table, save_figure
-from .peft_compare_models import SEED_004, SEED_004_PARAMS
+from .peft_compare_models import REFERENCE_004, REFERENCE_004_PARAMS
 from .peft_compare_stats import at_least_verdict, parity_verdict
 
 
@@ -28,8 +28,8 @@ def _interval(d: dict) -> str:
     return f"{d['mean_pp']:+.2f} [{d['ci95_low_pp']:+.2f}, {d['ci95_high_pp']:+.2f}]"
 
 
-def _seed_004_cell(method: str, implementation: str) -> str:
-    ours, theirs, name = SEED_004[method]
+def _reference_004_cell(method: str, implementation: str) -> str:
+    ours, theirs, name = REFERENCE_004[method]
     if ours is None:
         return "—"
     return f"{ours}" if implementation == "lorakit" or theirs is None else f"{theirs} ({name})"
@@ -51,7 +51,7 @@ def main_table(results: dict) -> str:
                       s["best_val_accuracy_mean"], f"{s['lr']:g}", f"{s['trainable_parameters']:,}",
                       None if s.get("added_parameters") is None else f"{s['added_parameters']:,}",
                       _size(s.get("checkpoint_bytes")), _timing(s), s.get("peak_memory_mb"),
-                      s.get("training_memory_mb"), _seed_004_cell(s["method"], s["implementation"])])
+                      s.get("training_memory_mb"), _reference_004_cell(s["method"], s["implementation"])])
     return markdown_table(headers, table, floatfmt=".2f")
 
 
@@ -112,7 +112,7 @@ def report_markdown(results: dict) -> str:
                         for s in results["sweep"]]), "",
         "## Data", "", data["description"], "",
         "Seed 004's parameter counts, reproduced exactly by `lorakit params` on T5-small's architecture: "
-        + ", ".join(f"{k} {v:,}" for k, v in SEED_004_PARAMS.items()) + ".", "",
+        + ", ".join(f"{k} {v:,}" for k, v in REFERENCE_004_PARAMS.items()) + ".", "",
         "## Notes", "", *[f"- {note}" for note in results["notes"]], "",
         f"Wall time {results['wall_seconds'] / 60:.1f} min; command: `{results['command']}`.", "",
         "![accuracy vs trainable parameters](accuracy_vs_params.png)", "",
