@@ -18,7 +18,7 @@ batch and order as one process); AdapterHub's rows and the measurements run once
 
 The pieces: :mod:`.text_task` (data, split, pretrained classifier), :mod:`.peft_compare_models` (models, same
 start), :mod:`.peft_compare_cells` (one cell), :mod:`.peft_compare_adapterhub` (AdapterHub's row),
-:mod:`.peft_compare_stats`, :mod:`.peft_compare_report`.
+:mod:`.stats`, :mod:`.peft_compare_report`.
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ from .peft_compare_cells import git_commit, run_cell
 from .peft_compare_measure import measure_memory, step_time_ratios
 from .peft_compare_models import LIBRARY, ROWS, REFERENCE_004, REFERENCE_004_PARAMS, build
 from .peft_compare_report import plot, report_markdown
-from .peft_compare_stats import mean_std, paired_difference
+from .stats import mean_std, paired_difference
 from .text_task import load_data, split_validation
 
 DESCRIPTION = ("full fine-tuning, LoRA, bottleneck adapters and soft prompts (+ C-LoRA) on a pretrained transformer, "

@@ -7,19 +7,13 @@ from matplotlib.figure import Figure
 
 from ..report import markdown_table, save_figure
 from .peft_compare_models import REFERENCE_004, REFERENCE_004_PARAMS
-from .peft_compare_stats import at_least_verdict, parity_verdict
+from .stats import at_least_verdict, format_mean_std, parity_verdict
 
 
 def _size(n: int | None) -> str | None:
     if n is None:
         return None
     return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
-
-
-def _pm(mean: float | None, std: float | None, digits: int = 2) -> str | None:
-    if mean is None:
-        return None
-    return f"{mean:.{digits}f}" + ("" if std is None else f" ± {std:.{digits}f}")
 
 
 def _interval(d: dict) -> str:
@@ -47,7 +41,7 @@ def main_table(results: dict) -> str:
                "peak RSS MB", "training memory MB", "seed 004 (T5-small, IMDB)"]
     table = []
     for s in results["summary"]:
-        table.append([s["method"], s["implementation"], _pm(s["accuracy_mean"], s["accuracy_std"]), s["n"],
+        table.append([s["method"], s["implementation"], format_mean_std(s["accuracy_mean"], s["accuracy_std"]), s["n"],
                       s["best_val_accuracy_mean"], f"{s['lr']:g}", f"{s['trainable_parameters']:,}",
                       None if s.get("added_parameters") is None else f"{s['added_parameters']:,}",
                       _size(s.get("checkpoint_bytes")), _timing(s), s.get("peak_memory_mb"),
