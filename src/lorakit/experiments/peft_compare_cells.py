@@ -1,7 +1,8 @@
 """One cell of peft-compare: a (method, implementation, seed, learning rate) trained, validated and tested once.
 
-Each finished cell is written atomically to ``<out>/cells/<key>.json`` with its full record (settings, training
-config, learning rate, steps, the loss of every step, the validation curve, test accuracy, threads, git commit).
+Each finished cell is written atomically to ``<out>/cells/<key>.json`` (a :class:`~.harness.CellStore`) with its full
+record (settings, training config, learning rate, steps, the loss of every step, the validation curve, test accuracy,
+threads, git commit).
 With ``--resume`` a finished cell is read back instead of trained again, and a cell stopped mid-way continues
 from its training state (``<key>.state``, written every ``state_every`` steps and removed when the cell ends).
 A cell written with other settings is refused, naming the setting that differs.
@@ -10,18 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import subprocess
 from pathlib import Path
 
 import torch
 
 from .. import count_parameters, parallel
-from .._io import write_json
 from ..data.text import TextCollator
 from ..train import TrainingDivergedError, evaluate, train
 from ..train_state import discard_state
-from .harness import clora_decay_hooks
+from .harness import CellStore, clora_decay_hooks
 from .peft_compare_models import build, checkpoint_bytes
 from .text_task import Examples
 
@@ -39,18 +38,6 @@ def git_commit() -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return done.stdout.strip() or None if done.returncode == 0 else None
-
-
-def load_cell(path: Path, expected: dict) -> dict | None:
-    """The finished cell at ``path`` if there is one; a ValueError if it was made with other settings."""
-    if not path.is_file():
-        return None
-    record = json.loads(path.read_text())
-    for field, value in expected.items():
-        if record.get(field) != value:
-            raise ValueError(f"cannot resume: {path} was made with {field}={record.get(field)!r}, this run has "
-                             f"{value!r}; use the same settings, or another --out")
-    return record
 
 
 def run_row(method, implementation, settings, train_data, test_data, train_cfg, seed, *,
@@ -96,17 +83,16 @@ def run_cell(method: str, implementation: str, seed: int, lr: float, *, context:
     sweep can pass over it; outside the sweep a divergence stops the run with its error."""
     folder: Path = context["cells"]
     key = cell_key(method, implementation, seed, lr)
-    path = folder / f"{key}.json"
     cfg = context["train_config"](lr, seed)
     expected = {"settings": context["settings"], "train_config": _asdict(cfg)}
+    store = CellStore(folder, expected, context["resume"])
     done = context.setdefault("done", {})  # cells finished in this run (the sweep's seed is also a row's seed)
     if key in done:
         return done[key]
-    if context["resume"]:
-        record = load_cell(path, expected)
-        if record is not None:
-            done[key] = record
-            return record
+    record = store.load(key)
+    if record is not None:
+        done[key] = record
+        return record
     folder.mkdir(parents=True, exist_ok=True)
     train_data, validation, test = context["data"]
     say = print if parallel.is_main() else (lambda *a, **k: None)
@@ -131,9 +117,7 @@ def run_cell(method: str, implementation: str, seed: int, lr: float, *, context:
     record = {"key": key, **row, "method": method, "implementation": implementation, "seed": seed, "lr": lr,
               **expected, "run_config": context["run_config"], "threads": torch.get_num_threads(),
               "git_commit": git_commit()}
-    if parallel.is_main():
-        write_json(path, record)
-    done[key] = json.loads(json.dumps(record))  # as a resumed run reads it back, so both give the same results
+    done[key] = store.save(key, record, write=parallel.is_main())
     say(f"[peft-compare]   {record.get('diverged') or 'test %.2f %%' % record['accuracy']}, best validation "
           f"{record['best_val_accuracy']} at step {record['best_step']}", flush=True)
     return done[key]
