@@ -21,7 +21,8 @@ import torch
 from _common import machine, write_section
 from lorakit.data.text import encode, load_wordnet_supersense
 from lorakit.experiments import peft_compare_adapterhub as adapterhub
-from lorakit.experiments.peft_compare import build, clora_available, step_time_ratios
+from lorakit.experiments.peft_compare_measure import step_time_ratios
+from lorakit.experiments.peft_compare_models import build
 
 ROWS = [("full", "lorakit"), ("lora", "lorakit"), ("lora", "peft"), ("adapter", "lorakit"), ("prompt", "lorakit"),
         ("prompt", "peft"), ("clora", "lorakit")]
@@ -44,7 +45,6 @@ def main() -> None:
     texts, labels = zip(*[train[i] for i in range(args.batch_size)])
     batch = encode(tokenizer, texts, SETTINGS["max_length"])
     batch["labels"] = torch.tensor(labels)
-    rows = [r for r in ROWS if r[0] != "clora" or clora_available()]
     env = adapterhub.find_env(args.adapters_env)
     with tempfile.TemporaryDirectory() as folder:
         external, server = {}, None
@@ -54,7 +54,7 @@ def main() -> None:
             server = adapterhub.StepServer(env, adapterhub.batch_job(common, tokenizer, texts, labels, 48), Path(folder))
             external[("adapter", "adapters")] = server
         try:
-            table = step_time_ratios(rows, SETTINGS, batch, args.rounds, args.steps, seed=0, external=external)
+            table = step_time_ratios(ROWS, SETTINGS, batch, args.rounds, args.steps, seed=0, external=external)
         finally:
             if server is not None:
                 server.close()

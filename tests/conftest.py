@@ -5,6 +5,8 @@ the round-trip tests). Each model has ``example_input()`` and a second layer aft
 """
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -18,6 +20,31 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def killed_at_decay_step(monkeypatch):
+    """``with killed_at_decay_step(n): run()``: the run stops (KeyboardInterrupt) as soon as C-LoRA's decay schedule
+    reaches step ``n``, as a process killed between two saved training states; the block expects that stop."""
+    import lorakit as lk
+
+    step = lk.DecaySchedule.step
+
+    def killed(n: int):
+        def step_then_stop(schedule):
+            d = step(schedule)
+            if schedule.last_step == n:
+                raise KeyboardInterrupt("killed")
+            return d
+
+        monkeypatch.setattr(lk.DecaySchedule, "step", step_then_stop)
+        try:
+            with pytest.raises(KeyboardInterrupt, match="killed"):
+                yield
+        finally:
+            monkeypatch.setattr(lk.DecaySchedule, "step", step)
+
+    return contextlib.contextmanager(killed)
 
 
 class LinearNet(nn.Module):

@@ -160,7 +160,7 @@ def test_a_rank_that_compresses_nothing_is_refused(tmp_path, capsys, monkeypatch
     assert not (tmp_path / "out" / "results.json").exists()
 
 
-def test_a_cell_killed_half_way_resumes_to_the_same_compressed_model(tmp_path, monkeypatch):
+def test_a_cell_killed_half_way_resumes_to_the_same_compressed_model(tmp_path, killed_at_decay_step):
     import torch
 
     import lorakit as lk
@@ -179,19 +179,9 @@ def test_a_cell_killed_half_way_resumes_to_the_same_compressed_model(tmp_path, m
 
     whole, _ = clora_cell(dense, cfg, 7, fit(False))
     state = tmp_path / "cell.state"
-    step = lk.DecaySchedule.step
-
-    def killed_at_step_5(schedule):
-        d = step(schedule)
-        if schedule.last_step == 5:
-            raise KeyboardInterrupt("killed")
-        return d
-
-    monkeypatch.setattr(lk.DecaySchedule, "step", killed_at_step_5)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_at_decay_step(5):
         clora_cell(dense, cfg, 7, fit(True), state)
     assert state.is_file()
-    monkeypatch.setattr(lk.DecaySchedule, "step", step)
     resumed, history = clora_cell(dense, cfg, 7, fit(True), state)
     assert history.steps == 8 and not state.exists()
     expected = whole.state_dict()

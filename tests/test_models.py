@@ -26,7 +26,7 @@ def n_params(model: nn.Module) -> int:
     ("part-three", 8_719_418),   # seed 000
     ("fmnist-mlp", 235_146),     # seed 002's toy
 ])
-def test_seed_parameter_counts(name, expected):
+def test_reference_parameter_counts(name, expected):
     assert n_params(build_model(name)) == expected
 
 
@@ -35,7 +35,7 @@ def test_richboynet_names_follow_the_tutorial():
     assert names == [f"linear{i}.{kind}" for i in (1, 2, 3) for kind in ("weight", "bias")]
 
 
-def test_part_three_names_equal_seed_000():
+def test_part_three_names_equal_reference_000():
     names = [n for n, _ in part_three().named_parameters()]
     assert names == PART_THREE_NAMES
     shapes = {n: tuple(p.shape) for n, p in part_three().named_parameters()}
@@ -43,7 +43,7 @@ def test_part_three_names_equal_seed_000():
     assert shapes["mlp_head.weight"] == (10, 784)
 
 
-def test_part_three_names_match_the_seed_document():
+def test_part_three_names_match_the_reference_document():
     documents = sorted(SEEDS.glob("000_*.txt"))
     if not documents:
         pytest.skip("seed 000 document not present")

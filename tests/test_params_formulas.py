@@ -16,7 +16,7 @@ T5_SMALL = dict(d_model=512, d_ff=2048, num_layers=6, num_decoder_layers=6, num_
                 vocab_size=32128, tie_word_embeddings=True)
 
 # (config, seed 004's added parameters, seed 004's formula)
-SEED_004 = [
+REFERENCE_004 = [
     (lk.PromptConfig(num_tokens=10), 5_120, "10 x 512"),
     (lk.AdapterConfig(bottleneck=8, targets=r".*\.DenseReluDense"), 104_544, "12 x (512*8 + 8 + 8*512 + 512)"),
     (lk.LoRAConfig(rank=8, alpha=16, targets=["q", "v"]), 294_912, "36 x 8 x (512 + 512)"),
@@ -33,7 +33,7 @@ def test_t5_small_full_count():
     assert lk.count_parameters(t5_small()).total == 60_506_624
 
 
-@pytest.mark.parametrize("cfg, added, closed_form", SEED_004, ids=["prompt", "adapter", "lora"])
+@pytest.mark.parametrize("cfg, added, closed_form", REFERENCE_004, ids=["prompt", "adapter", "lora"])
 def test_t5_small_added_counts_by_formula_and_by_injecting(cfg, added, closed_form):
     model = t5_small()
     assert added_parameters(model, cfg) == added
@@ -46,7 +46,7 @@ def test_t5_small_added_counts_by_formula_and_by_injecting(cfg, added, closed_fo
 
 
 def test_describe_prints_formula_and_count():
-    text = describe(t5_small(), SEED_004[2][0])
+    text = describe(t5_small(), REFERENCE_004[2][0])
     assert "36 x 8 x (512 + 512) = 294,912" in text and "60,506,624" in text
     assert "60,506,624" in describe(t5_small(), None)
 

@@ -111,7 +111,7 @@ def test_same_start_gives_peft_losses_to_1e6(smoke_run):
 def test_same_start_copies_peft_initial_adapter(tiny_model_folder):
     import torch
 
-    from lorakit.experiments.peft_compare import build
+    from lorakit.experiments.peft_compare_models import build
 
     settings = {"model": str(tiny_model_folder), "num_labels": 2, "max_length": 12, "rank": 2, "num_tokens": 3}
     for method in ("lora", "prompt"):
@@ -179,7 +179,7 @@ def test_adapterhub_env_missing_is_reported_not_invented(smoke_run):
 
 def test_memory_probe_in_process(tiny_model_folder):
     # The run does this in a fresh subprocess per row; here once in-process, to keep the test fast.
-    from lorakit.experiments.peft_compare import memory_probe
+    from lorakit.experiments.peft_compare_measure import memory_probe
 
     settings = {"model": str(tiny_model_folder), "num_labels": 2, "max_length": 12, "rank": 2, "bottleneck": 2,
                 "num_tokens": 3, "clora_rank": 2}
@@ -189,7 +189,7 @@ def test_memory_probe_in_process(tiny_model_folder):
 
 def test_validation_is_carved_stratified_from_training():
     from lorakit.data.text import TextDataset
-    from lorakit.experiments.peft_compare import split_validation
+    from lorakit.experiments.text_task import split_validation
 
     data = TextDataset([f"t{i}" for i in range(30)], [i % 3 for i in range(30)], ["a", "b", "c"])
     train, val = split_validation(data, 2)
@@ -197,3 +197,31 @@ def test_validation_is_carved_stratified_from_training():
     assert not set(train.texts) & set(val.texts) and val.texts == ["t0", "t1", "t2", "t3", "t4", "t5"]
     with pytest.raises(ValueError, match="per-class-val"):
         split_validation(data, 10)
+
+
+def test_a_clora_row_killed_half_way_resumes_with_its_decay(tiny_model_folder, tiny_text_file, tmp_path,
+                                                           killed_at_decay_step):
+    # The decay schedule is part of the training state: a resumed row continues its decay where it stopped (without
+    # it the decay would start again from d = 1 and the losses after the kill would differ from those of a row that
+    # was never stopped).
+    from lorakit.data.text import load_text_file
+    from lorakit.experiments.peft_compare_cells import run_row
+    from lorakit.train import TrainConfig
+
+    data = load_text_file(tiny_text_file)
+    settings = {"model": str(tiny_model_folder), "num_labels": 2, "max_length": 12, "clora_rank": 2}
+    state = tmp_path / "clora.state"
+
+    def row(resume: bool) -> dict:  # 16 steps; the training state is saved every 4
+        cfg = TrainConfig(lr=1e-2, batch_size=8, epochs=2, log_every=1, checkpoint_every=4, progress=False,
+                          state_path=str(state) if resume else None, resume=resume)
+        return run_row("clora", "lorakit", settings, data, data, cfg, seed=0)
+
+    whole = row(False)
+    with killed_at_decay_step(6):
+        row(True)
+    assert state.is_file()
+    resumed = row(True)
+    assert resumed["steps"] == whole["steps"] == 16
+    assert resumed["losses"] == whole["losses"]
+    assert resumed["accuracy"] == whole["accuracy"]

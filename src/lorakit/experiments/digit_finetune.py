@@ -41,7 +41,7 @@ PROTOCOLS = {
     "part-three": dict(mean_std=None, pretrain_batch=50, pretrain_shuffle=False,
                        finetune_batch=50, finetune_steps=30, targets=None, exclude=["mlp_head"]),
 }
-SEED_NUMBERS = {  # accuracy %, wrong counts per digit 0..9 (SEEDS.md)
+REFERENCE_NUMBERS = {  # accuracy %, wrong counts per digit 0..9 (SEEDS.md)
     "richboynet": {"digit": 9, "before": (95.3, [33, 28, 42, 95, 19, 10, 61, 52, 19, 107]),
                    "after": (84.3, [53, 32, 60, 201, 186, 85, 69, 677, 193, 11]), "adapter": 6794},
     "part-three": {"digit": 3, "before": (95.7, [12, 6, 38, 116, 24, 38, 45, 48, 43, 60]),
@@ -241,7 +241,7 @@ def run(cfg: DigitFinetuneConfig, out: Path) -> dict:
         "finetune": {"steps": history.steps, "batch_size": int(round(batch)), "average_loss": history.average_loss},
         "seconds": {"pretrain": round(pretrain_seconds, 1), "finetune": round(history.seconds, 1),
                     "total": round(time.perf_counter() - start, 1)},
-        "seed_reference": SEED_NUMBERS[cfg.model],
+        "seed_reference": REFERENCE_NUMBERS[cfg.model],
     }
     if not parallel.is_main():
         return results
@@ -256,15 +256,16 @@ def run(cfg: DigitFinetuneConfig, out: Path) -> dict:
 
 # -- reporting -----------------------------------------------------------------------------------
 def digit_table(results: dict) -> str:
-    seed = results["seed_reference"]
+    reference = results["seed_reference"]
     rows = []
     for d in range(10):
         mark = " ←" if d == results["target_digit"] else ""
         rows.append([f"{d}{mark}", results["before"]["wrong_per_class"][d], results["after"]["wrong_per_class"][d],
-                     results["disabled"]["wrong_per_class"][d], seed["before"][1][d], seed["after"][1][d]])
+                     results["disabled"]["wrong_per_class"][d], reference["before"][1][d],
+                     reference["after"][1][d]])
     rows.append(["accuracy %", results["before"]["accuracy"], results["after"]["accuracy"],
-                 results["disabled"]["accuracy"], seed["before"][0], seed["after"][0]])
-    headers = ["digit", "before", "after (LoRA on)", "LoRA off", f"seed before (digit {seed['digit']})", "seed after"]
+                 results["disabled"]["accuracy"], reference["before"][0], reference["after"][0]])
+    headers = ["digit", "before", "after (LoRA on)", "LoRA off", f"seed before (digit {reference['digit']})", "seed after"]
     return report.markdown_table(headers, rows)
 
 

@@ -31,12 +31,12 @@ from torch.nn.utils import parametrize
 
 import lorakit as lk
 from . import config_from_args, output_dir
-from .._io import write_json
 from ..train import TrainConfig, evaluate, train
 from .digit_finetune import PROTOCOLS, DigitFinetuneConfig, load_data, preserve_loss, pretrained
+from .harness import CellStore
 from .stream_data import (STREAMS, Stage, average_accuracy, backward_transfer, digit_stream, rotation_stream,
                           seen_average, with_replay)
-from .stream_report import matrix_table, write_outputs  # noqa: F401  (matrix_table: re-exported for the README)
+from .stream_report import write_outputs
 
 DESCRIPTION = "A stream of shifted MNIST stages (Rotated MNIST or digit by digit): LoRA updates vs full fine-tuning, with forgetting measured."
 
@@ -266,24 +266,6 @@ def run_cell(cfg: DigitStreamConfig, method: str, seed: int, setting: SeedSettin
 
 
 # -- the run --------------------------------------------------------------------------------------------
-def cell_path(out: Path, method: str, seed: int) -> Path:
-    return out / "cells" / f"{method}-seed{seed}.json"
-
-
-def load_cell(cfg: DigitStreamConfig, path: Path) -> Optional[dict]:
-    """A finished cell made with the same protocol, or None; one made differently is an error."""
-    if not path.is_file():
-        return None
-    saved = json.loads(path.read_text())
-    mine = json.loads(json.dumps(cfg.protocol()))
-    if saved.get("protocol") != mine:
-        differ = [f"{k}={saved.get('protocol', {}).get(k)!r} (now {v!r})" for k, v in mine.items()
-                  if saved.get("protocol", {}).get(k) != v]
-        raise ValueError(f"{path} was made with other options: {', '.join(differ)}; pass the same options to "
-                         "--resume, or choose another --out")
-    return saved["row"]
-
-
 def run(cfg: DigitStreamConfig, out: Path) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
@@ -300,12 +282,14 @@ def _run(cfg: DigitStreamConfig, out: Path) -> dict:
     start = time.perf_counter() - previous.get("wall_seconds", 0.0)  # wall time adds up over resumed runs
     pretrain_seconds = {int(k): v for k, v in previous.get("pretrain_seconds", {}).items()}
     rows, data, settings = [], None, {}
+    store = CellStore(out / "cells", {"protocol": cfg.protocol()}, cfg.resume)  # a cell: {"protocol", "row"}
     for seed in cfg.seeds:
         for method in cfg.methods:
-            path = cell_path(out, method, seed)
-            row = load_cell(cfg, path) if cfg.resume else None
+            key = f"{method}-seed{seed}"
+            record = store.load(key)
+            row = record["row"] if record is not None else None
             if row is not None:
-                print(f"skipped {method} seed {seed}: finished in {path}", flush=True)
+                print(f"skipped {method} seed {seed}: finished in {store.path(key)}", flush=True)
             else:
                 if data is None:
                     data = load_data(DigitFinetuneConfig(model=cfg.model, data_dir=cfg.data_dir))
@@ -313,7 +297,7 @@ def _run(cfg: DigitStreamConfig, out: Path) -> dict:
                     settings[seed] = seed_setting(cfg, seed, data)
                     pretrain_seconds[seed] = round(settings[seed].pretrain_seconds, 1)
                 row = run_cell(cfg, method, seed, settings[seed])
-                write_json(path, {"protocol": cfg.protocol(), "row": row})
+                store.save(key, {"protocol": cfg.protocol(), "row": row})
                 print(f"{method:>18} seed {seed}: average {row['average_accuracy']:.2f} %, "
                       f"BWT {row['backward_transfer']:+.2f} pp ({row['seconds']['total']:.0f} s)", flush=True)
             rows.append(row)

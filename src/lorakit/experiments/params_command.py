@@ -12,6 +12,10 @@ import sys
 
 import torch
 
+from .. import AdapterConfig, LoRAConfig, PromptConfig, count_parameters, inject
+from ..models.hf import MINILM_ALIASES, check_model_folder, minilm_path
+from ..params import added_parameters, describe
+
 T5_SMALL = dict(d_model=512, d_ff=2048, num_layers=6, num_decoder_layers=6, num_heads=8, d_kv=64,
                 vocab_size=32128, tie_word_embeddings=True)
 # Targets used when --targets is not given: by task first, else by model type (seed 004's choices and their BERT
@@ -58,8 +62,6 @@ def build_model(name: str, task: str = "base", num_labels: int = 2) -> torch.nn.
         config = transformers.T5Config(**T5_SMALL)
         model_class = transformers.T5ForConditionalGeneration
     else:
-        from ..models.hf import MINILM_ALIASES, check_model_folder, minilm_path
-
         folder = minilm_path() if name.lower() in MINILM_ALIASES else name
         config = transformers.AutoConfig.from_pretrained(str(check_model_folder(folder)), local_files_only=True)
         if getattr(config, "is_encoder_decoder", False) or task == "seq2seq-lm":
@@ -79,8 +81,6 @@ def build_model(name: str, task: str = "base", num_labels: int = 2) -> torch.nn.
 def method_config(method: str, model: torch.nn.Module, rank: int = 8, bottleneck: int = 8, num_tokens: int = 10,
                   targets=None, task: str = "base"):
     """The lorakit config for ``method`` on ``model`` built for ``task`` (None for full fine-tuning)."""
-    from .. import AdapterConfig, LoRAConfig, PromptConfig
-
     if method == "full":
         return None
     if method == "prompt":
@@ -96,9 +96,6 @@ def method_config(method: str, model: torch.nn.Module, rank: int = 8, bottleneck
 
 
 def main(args: argparse.Namespace) -> int:
-    from .. import count_parameters, inject
-    from ..params import added_parameters, describe
-
     model = build_model(args.model, args.task, args.num_labels)
     cfg = method_config(args.method, model, args.rank, args.bottleneck, args.num_tokens, parse_targets(args.targets),
                         args.task)

@@ -16,8 +16,9 @@ and prompt tuning, AdapterHub for the bottleneck adapter), side by side, from on
 Under ``torchrun ... --parallel ddp|fsdp`` every rank trains every cell on its slice of each batch (the same global
 batch and order as one process); AdapterHub's rows and the measurements run once, on rank 0, which alone writes.
 
-The pieces: :mod:`.peft_compare_models` (data, models, same start), :mod:`.peft_compare_cells` (one cell),
-:mod:`.peft_compare_adapterhub` (AdapterHub's row), :mod:`.peft_compare_stats`, :mod:`.peft_compare_report`.
+The pieces: :mod:`.text_task` (data, split, pretrained classifier), :mod:`.peft_compare_models` (models, same
+start), :mod:`.peft_compare_cells` (one cell), :mod:`.peft_compare_adapterhub` (AdapterHub's row),
+:mod:`.stats`, :mod:`.peft_compare_report`.
 """
 from __future__ import annotations
 
@@ -26,21 +27,22 @@ import importlib.util
 import os
 import sys
 import time
-from pathlib import Path
+from importlib import metadata
 
 import torch
 
-from . import output_dir
 from .. import parallel
+from ..data.text import encode
+from ..report import run_metadata, write_report, write_results
+from ..train import TrainConfig
+from . import output_dir
 from . import peft_compare_adapterhub as adapterhub
-from .peft_compare_cells import cell_key, git_commit, run_cell, run_row, static_row  # noqa: F401  (re-exported)
-from .peft_compare_measure import (_memory_probe_main, _rss_bytes, _training_step, measure_memory,  # noqa: F401
-                                   memory_probe, step_time_ratios)
-from .peft_compare_models import (BERT_TARGETS, HEAD, LIBRARY, ROWS, SEED_004, SEED_004_PARAMS, _Examples,  # noqa: F401
-                                  build, checkpoint_bytes, clora_available, clora_step_hook, load_data, method_config,
-                                  peft_config, split_validation)
-from .peft_compare_report import _size, plot, report_markdown  # noqa: F401
-from .peft_compare_stats import mean_std, paired_difference
+from .peft_compare_cells import git_commit, run_cell
+from .peft_compare_measure import measure_memory, step_time_ratios
+from .peft_compare_models import LIBRARY, ROWS, REFERENCE_004, REFERENCE_004_PARAMS, build
+from .peft_compare_report import plot, report_markdown
+from .stats import mean_std, paired_difference
+from .text_task import load_data, split_validation
 
 DESCRIPTION = ("full fine-tuning, LoRA, bottleneck adapters and soft prompts (+ C-LoRA) on a pretrained transformer, "
                "lorakit beside PEFT and AdapterHub: accuracy over seeds, equivalence, step time, memory")
@@ -113,9 +115,6 @@ def _lrs(text: str, method: str) -> list[float]:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..report import run_metadata, write_report, write_results
-    from ..train import TrainConfig
-
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     started = time.perf_counter()
     torch.set_num_threads(args.threads)
@@ -130,9 +129,6 @@ def main(args: argparse.Namespace) -> int:
     notes = list(args.note)
     if "peft" in implementations and importlib.util.find_spec("peft") is None:
         raise ValueError("the PEFT rows need peft: pip install peft (or leave 'peft' out of --implementations)")
-    if "clora" in methods and not clora_available():
-        methods.remove("clora")
-        notes.append("C-LoRA was not run: lorakit's C-LoRA layer is not registered in this installation.")
     rows = [(m, i) for m, i in ROWS if m in methods and i in implementations]
     if "lorakit" not in implementations:
         raise ValueError("every method needs its lorakit row (the sweep runs on it); keep 'lorakit'")
@@ -259,7 +255,7 @@ def main(args: argparse.Namespace) -> int:
         "sweep": sweep, "chosen_lr": chosen, "equivalence": equivalence, "differences": differences,
         "lora_vs_full": lora_vs_full, "summary": summary, "rows": result_rows,
         "missing_rows": [{"method": m, "implementation": i, "reason": r} for (m, i), r in missing.items()],
-        "seed_004": {"accuracy": SEED_004, "added_parameters": SEED_004_PARAMS}, "notes": notes,
+        "seed_004": {"accuracy": REFERENCE_004, "added_parameters": REFERENCE_004_PARAMS}, "notes": notes,
         "wall_seconds": time.perf_counter() - started, "git_commit": git_commit(),
         "command": run_metadata()["command"], "metadata": run_metadata() | {"transformers": _version("transformers"), "peft": _version("peft")},
     }
@@ -279,8 +275,6 @@ def measure(args, rows, settings, tokenizer, train_data, cells, env, seed) -> di
     measured: dict[tuple, dict] = {row: {} for row in rows}
     if not args.skip_timing:
         print("[peft-compare] interleaved step-time phase", flush=True)
-        from ..data.text import encode
-
         batch = encode(tokenizer, texts, args.max_length)
         batch["labels"] = torch.tensor(labels)
         external, server = {}, None
@@ -325,8 +319,6 @@ def _data_description(args, train_data, val_data, test_data) -> str:
 
 
 def _version(package: str) -> str | None:
-    from importlib import metadata
-
     try:
         return metadata.version(package)
     except metadata.PackageNotFoundError:

@@ -18,6 +18,12 @@ from pathlib import Path
 
 import torch
 
+from .._io import save_tensors
+from ..batches import BatchOrder
+from ..optim import LRMultiplier
+from .peft_compare_models import model_folder
+from .text_task import pretrained_classifier
+
 SCRIPT = Path(__file__).resolve().parents[3] / "scripts" / "adapterhub_row.py"
 
 
@@ -68,9 +74,6 @@ def token_ids(tokenizer, data, max_length: int) -> dict:
 def batch_plan(num_examples: int, cfg) -> tuple[list[list[int]], list[int], list[float]]:
     """What ``lorakit.train`` does for ``cfg`` (a TrainConfig), written out: the example indices of every step,
     the steps at which it validates (every epoch and the last step), and the learning-rate factor of every step."""
-    from ..batches import BatchOrder
-    from ..train import LRMultiplier
-
     order = BatchOrder(num_examples, cfg.batch_size, cfg.seed, cfg.shuffle)
     steps = cfg.total_steps(order.batches_per_epoch)
     batches = [order.next_batch().indices for _ in range(steps)]
@@ -82,17 +85,12 @@ def batch_plan(num_examples: int, cfg) -> tuple[list[list[int]], list[int], list
 
 def save_initial_head(settings: dict, seed: int, path: Path) -> Path:
     """The classifier head lorakit's rows start from for ``seed``, as safetensors for the job."""
-    from .._io import save_tensors
-    from .peft_compare_models import _base_model
-
-    model, _ = _base_model(settings, seed)
+    model, _ = pretrained_classifier(settings["model"], settings["num_labels"], seed)
     save_tensors(path, {f"classifier.{n}": t.detach() for n, t in model.classifier.named_parameters()})
     return path
 
 
 def common_job(settings: dict, tokenizer, threads: int, seed: int, head: Path) -> dict:
-    from .peft_compare_models import model_folder
-
     return {"model": model_folder(settings), "num_labels": settings["num_labels"], "bottleneck": settings["bottleneck"],
             "threads": threads, "seed": seed, "pad_token_id": tokenizer.pad_token_id or 0, "head": str(head)}
 

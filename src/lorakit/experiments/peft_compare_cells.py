@@ -1,23 +1,28 @@
 """One cell of peft-compare: a (method, implementation, seed, learning rate) trained, validated and tested once.
 
-Each finished cell is written atomically to ``<out>/cells/<key>.json`` with its full record (settings, training
-config, learning rate, steps, the loss of every step, the validation curve, test accuracy, threads, git commit).
+Each finished cell is written atomically to ``<out>/cells/<key>.json`` (a :class:`~.harness.CellStore`) with its full
+record (settings, training config, learning rate, steps, the loss of every step, the validation curve, test accuracy,
+threads, git commit).
 With ``--resume`` a finished cell is read back instead of trained again, and a cell stopped mid-way continues
 from its training state (``<key>.state``, written every ``state_every`` steps and removed when the cell ends).
 A cell written with other settings is refused, naming the setting that differs.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
-import json
 import subprocess
 from pathlib import Path
 
 import torch
 
-from .. import parallel
+from .. import count_parameters, parallel
+from ..data.text import TextCollator
+from ..train import TrainingDivergedError, evaluate, train
 from ..train_state import discard_state
-from .peft_compare_models import _Examples, build, checkpoint_bytes, clora_step_hook
+from .harness import CellStore, clora_decay_hooks
+from .peft_compare_models import build, checkpoint_bytes
+from .text_task import Examples
 
 
 def cell_key(method: str, implementation: str, seed: int, lr: float) -> str:
@@ -35,18 +40,6 @@ def git_commit() -> str | None:
     return done.stdout.strip() or None if done.returncode == 0 else None
 
 
-def load_cell(path: Path, expected: dict) -> dict | None:
-    """The finished cell at ``path`` if there is one; a ValueError if it was made with other settings."""
-    if not path.is_file():
-        return None
-    record = json.loads(path.read_text())
-    for field, value in expected.items():
-        if record.get(field) != value:
-            raise ValueError(f"cannot resume: {path} was made with {field}={record.get(field)!r}, this run has "
-                             f"{value!r}; use the same settings, or another --out")
-    return record
-
-
 def run_row(method, implementation, settings, train_data, test_data, train_cfg, seed, *,
             validation=None, same_start: bool = False, parallel_mode: str = "none") -> dict:
     """Train one lorakit or PEFT row with ``lorakit.train`` and score ``test_data`` once, on the kept weights.
@@ -56,19 +49,15 @@ def run_row(method, implementation, settings, train_data, test_data, train_cfg, 
     (:func:`lorakit.parallel.training_copy`); scoring and saving see the plain model.
     The returned row has the accuracy, parameter counts, checkpoint size and the training history.
     """
-    from .. import count_parameters
-    from ..data.text import TextCollator
-    from ..train import evaluate, train
-
     model, tokenizer = build(method, implementation, settings, seed, same_start=same_start)
     collator = TextCollator(tokenizer, settings["max_length"])
     steps = train_cfg.total_steps(-(-len(train_data) // train_cfg.batch_size))
     with parallel.training_copy(model, parallel_mode) as trained:
-        on_step = clora_step_hook(trained, steps) if method == "clora" else None
-        history = train(trained, _Examples(train_data), train_cfg, collate_fn=collator, on_step=on_step,
-                        validation=None if validation is None else _Examples(validation),
+        hooks = clora_decay_hooks(trained, steps) if method == "clora" else {}
+        history = train(trained, Examples(train_data), train_cfg, collate_fn=collator, **hooks,
+                        validation=None if validation is None else Examples(validation),
                         num_classes=settings["num_labels"])
-    result = evaluate(model, _Examples(test_data), settings["num_labels"], batch_size=128, collate_fn=collator)
+    result = evaluate(model, Examples(test_data), settings["num_labels"], batch_size=128, collate_fn=collator)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     if implementation == "lorakit":
@@ -85,18 +74,6 @@ def run_row(method, implementation, settings, train_data, test_data, train_cfg, 
             "best_step": history.best_step, "best_val_accuracy": history.best_val_accuracy}
 
 
-def static_row(method, implementation, settings, seed) -> dict:
-    """What a row is without training it: parameter counts and checkpoint size (both depend on shapes only)."""
-    from .. import count_parameters
-
-    model, _ = build(method, implementation, settings, seed)
-    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    added = count_parameters(model).adapter if implementation == "lorakit" else total - settings["base_parameters"]
-    return {"trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "total_parameters": total, "added_parameters": added,
-            "checkpoint_bytes": checkpoint_bytes(model, method, implementation)}
-
-
 def run_cell(method: str, implementation: str, seed: int, lr: float, *, context: dict, sweep: bool = False) -> dict:
     """Train (or, if this run or, with ``resume``, an earlier one finished it, read back) one cell. ``context``: settings, data (train, validation, test),
     train_config(lr, seed) -> TrainConfig, cells folder, resume, state_every, run_config (recorded), and for
@@ -104,23 +81,18 @@ def run_cell(method: str, implementation: str, seed: int, lr: float, *, context:
 
     ``sweep=True``: a learning rate that diverges is recorded as such (``diverged``, no accuracies), so the
     sweep can pass over it; outside the sweep a divergence stops the run with its error."""
-    from ..train import TrainingDivergedError
-
-    from .._io import write_json
-
     folder: Path = context["cells"]
     key = cell_key(method, implementation, seed, lr)
-    path = folder / f"{key}.json"
     cfg = context["train_config"](lr, seed)
     expected = {"settings": context["settings"], "train_config": _asdict(cfg)}
+    store = CellStore(folder, expected, context["resume"])
     done = context.setdefault("done", {})  # cells finished in this run (the sweep's seed is also a row's seed)
     if key in done:
         return done[key]
-    if context["resume"]:
-        record = load_cell(path, expected)
-        if record is not None:
-            done[key] = record
-            return record
+    record = store.load(key)
+    if record is not None:
+        done[key] = record
+        return record
     folder.mkdir(parents=True, exist_ok=True)
     train_data, validation, test = context["data"]
     say = print if parallel.is_main() else (lambda *a, **k: None)
@@ -145,16 +117,12 @@ def run_cell(method: str, implementation: str, seed: int, lr: float, *, context:
     record = {"key": key, **row, "method": method, "implementation": implementation, "seed": seed, "lr": lr,
               **expected, "run_config": context["run_config"], "threads": torch.get_num_threads(),
               "git_commit": git_commit()}
-    if parallel.is_main():
-        write_json(path, record)
-    done[key] = json.loads(json.dumps(record))  # as a resumed run reads it back, so both give the same results
+    done[key] = store.save(key, record, write=parallel.is_main())
     say(f"[peft-compare]   {record.get('diverged') or 'test %.2f %%' % record['accuracy']}, best validation "
           f"{record['best_val_accuracy']} at step {record['best_step']}", flush=True)
     return done[key]
 
 
 def _asdict(cfg) -> dict:
-    import dataclasses
-
     free = {"state_path", "resume", "checkpoint_every", "progress", "checkpoint"}
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in free}

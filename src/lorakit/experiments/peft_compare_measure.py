@@ -13,6 +13,7 @@ over the RSS just before the first step (gradients, optimizer state, activations
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import statistics
@@ -24,6 +25,7 @@ from typing import Callable
 
 import torch
 
+from ..data.text import encode
 from .peft_compare_models import build
 
 REFERENCE = ("lora", "lorakit")
@@ -90,8 +92,6 @@ def _rss_bytes() -> int:
 
 def sample_peak_rss(work: Callable[[], None]) -> dict:
     """Run ``work()`` while a thread samples RSS every millisecond: ``{peak_memory_mb, training_memory_mb}``."""
-    import gc
-
     gc.collect()
     before = _rss_bytes()
     peak = [before]
@@ -116,8 +116,6 @@ def sample_peak_rss(work: Callable[[], None]) -> dict:
 def memory_probe(method: str, implementation: str, settings: dict, texts: list[str], labels: list[int],
                  steps: int, seed: int) -> dict:
     """In this (fresh) process: build the row, then sample RSS every millisecond during ``steps`` steps."""
-    from ..data.text import encode
-
     model, tokenizer = build(method, implementation, settings, seed)
     batch = encode(tokenizer, texts, settings["max_length"])
     batch["labels"] = torch.tensor(labels)
@@ -131,7 +129,7 @@ def memory_probe(method: str, implementation: str, settings: dict, texts: list[s
     return sample_peak_rss(work)
 
 
-def _memory_probe_main() -> None:  # entry point of the subprocess
+def memory_probe_main() -> None:  # entry point of the subprocess
     job = json.loads(sys.argv[1])
     torch.set_num_threads(job.pop("threads"))
     print(json.dumps(memory_probe(**job)))
@@ -141,7 +139,7 @@ def measure_memory(method, implementation, settings, texts, labels, steps, seed)
     """:func:`memory_probe` in a fresh Python process (same threads as this one)."""
     job = json.dumps({"method": method, "implementation": implementation, "settings": settings, "texts": texts,
                       "labels": labels, "steps": steps, "seed": seed, "threads": torch.get_num_threads()})
-    code = "from lorakit.experiments.peft_compare_measure import _memory_probe_main; _memory_probe_main()"
+    code = "from lorakit.experiments.peft_compare_measure import memory_probe_main; memory_probe_main()"
     done = subprocess.run([sys.executable, "-c", code, job], capture_output=True, text=True,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if done.returncode != 0:

@@ -1,4 +1,5 @@
-"""peft-compare's data and models: the split, each row's model, and the shared starting point with PEFT.
+"""peft-compare's models: each row's model, and the shared starting point with PEFT (the data, the split and the
+pretrained classifier are :mod:`.text_task`'s).
 
 Rows are ``(method, implementation)``: methods full, lora, adapter, prompt, clora; implementations lorakit, peft
 (LoRA and prompt tuning) and adapters (AdapterHub's bottleneck adapter, run in its own environment; see
@@ -15,94 +16,26 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-import torch
+from safetensors.torch import load_file, save_file
+
+from .. import AdapterConfig, CLoRAConfig, LoRAConfig, PromptConfig, inject, load_adapter, save_adapter
+from .._io import save_tensors
+from ..models.hf import MINILM_ALIASES, check_model_folder, minilm_path
+from .text_task import BERT_TARGETS, HEAD, pretrained_classifier
 
 ROWS = [("full", "lorakit"), ("lora", "lorakit"), ("lora", "peft"), ("adapter", "lorakit"), ("adapter", "adapters"),
         ("prompt", "lorakit"), ("prompt", "peft"), ("clora", "lorakit")]
 IMPLEMENTATIONS = ("lorakit", "peft", "adapters")
 LIBRARY = {"lora": "peft", "prompt": "peft", "adapter": "adapters"}  # the library row each method is paired with
 # Seed 004 (T5-small on IMDB, 10 epochs, best validation accuracy): hand-written and library numbers.
-SEED_004 = {"full": (90.0, None, None), "prompt": (86.8, 87.1, "OpenDelta"), "adapter": (90.6, 90.3, "AdapterHub"),
+REFERENCE_004 = {"full": (90.0, None, None), "prompt": (86.8, 87.1, "OpenDelta"), "adapter": (90.6, 90.3, "AdapterHub"),
             "lora": (88.9, 89.0, "PEFT"), "clora": (None, None, None)}
-SEED_004_PARAMS = {"full": 60_506_624, "prompt": 5_120, "adapter": 104_544, "lora": 294_912}
-BERT_TARGETS = {"lora": ["query", "value"], "adapter": r".*\.layer\.\d+\.output\.dense",
-                "clora": ["query", "key", "value", "attention.output.dense"]}
-HEAD = ["classifier"]
-
-
-# -- data -------------------------------------------------------------------------------------------
-def load_data(args):
-    """``(train, test, label_names)`` as :class:`~lorakit.data.text.TextDataset`s (validation not yet carved).
-
-    ``args`` needs ``dataset``, ``per_class_train``, ``per_class_test`` and may give ``classes`` (a comma list).
-    WordNet: stratified per class (``load_wordnet_supersense``). A .csv/.jsonl file: every fourth example is test.
-    """
-    from ..data.text import DEFAULT_CLASSES, TextDataset, load_text_file, load_wordnet_supersense
-
-    if args.dataset == "wordnet-supersense":
-        classes = getattr(args, "classes", None)
-        classes = [c.strip() for c in classes.split(",") if c.strip()] if classes else list(DEFAULT_CLASSES)
-        return load_wordnet_supersense(classes=classes, per_class_train=args.per_class_train,
-                                       per_class_test=args.per_class_test)
-    data = load_text_file(args.dataset)
-    test = [i % 4 == 0 for i in range(len(data))]  # every fourth example is test: fixed and documented
-
-    def subset(want_test: bool) -> TextDataset:
-        keep = [i for i in range(len(data)) if test[i] == want_test]
-        return TextDataset([data.texts[i] for i in keep], [data.labels[i] for i in keep], data.label_names)
-
-    return subset(False), subset(True), data.label_names
-
-
-def split_validation(train, per_class: int):
-    """``(train, validation)``: the first ``per_class`` training examples of each class (in data order, which
-    the loaders have already shuffled with a fixed seed) become validation; the rest stay training data."""
-    from ..data.text import TextDataset
-
-    if per_class < 1:
-        raise ValueError(f"per_class_val must be >= 1 (the sweep and best-epoch selection need it), got {per_class}")
-    taken = [0] * len(train.label_names)
-    val, rest = [], []
-    for i, label in enumerate(train.labels):
-        (val if taken[label] < per_class else rest).append(i)
-        taken[label] += 1
-    short = [train.label_names[c] for c, n in enumerate(taken) if n <= per_class]
-    if short:
-        raise ValueError(f"classes {short} have at most {per_class} training examples; lower --per-class-val "
-                         "or raise --per-class-train")
-
-    def subset(keep: list[int]) -> TextDataset:
-        ids = [train.ids[i] for i in keep] if train.ids else []
-        return TextDataset([train.texts[i] for i in keep], [train.labels[i] for i in keep], train.label_names, ids)
-
-    return subset(rest), subset(val)
-
-
-class _Examples(torch.utils.data.Dataset):
-    """A ``TextDataset`` seen as a torch ``Dataset`` (``train``/``evaluate`` accept only those)."""
-
-    def __init__(self, data) -> None:
-        self.data = data
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, index: int):
-        return self.data[index]
+REFERENCE_004_PARAMS = {"full": 60_506_624, "prompt": 5_120, "adapter": 104_544, "lora": 294_912}
 
 
 # -- one row's model --------------------------------------------------------------------------------
-def clora_available() -> bool:
-    """C-LoRA can run here: lorakit exports its config and its decay schedule."""
-    import lorakit
-
-    return hasattr(lorakit, "CLoRAConfig") and hasattr(lorakit, "DecaySchedule")
-
-
 def method_config(method: str, settings: dict):
     """lorakit's config for ``method`` (None for full fine-tuning); the classifier head always trains."""
-    from .. import AdapterConfig, CLoRAConfig, LoRAConfig, PromptConfig
-
     if method == "full":
         return None
     if method == "lora":
@@ -131,24 +64,15 @@ def peft_config(method: str, settings: dict):
     raise ValueError(f"PEFT has no {method!r} row here; PEFT rows: lora, prompt")
 
 
-def _base_model(settings: dict, seed: int):
-    from ..models.hf import load_hf_model
-
-    torch.manual_seed(seed)  # the new classifier head (and adapter inits) come from the global RNG
-    return load_hf_model(settings["model"], "sequence-classification", settings["num_labels"])
-
-
 def build(method: str, implementation: str, settings: dict, seed: int, *, same_start: bool = False):
     """``(model, tokenizer)`` for one row: the pretrained model, a head seeded by ``seed``, the method applied.
 
     ``same_start=True`` (lorakit LoRA and prompt rows only): the adapter starts from PEFT's initial weights
     for this seed instead of lorakit's own initialisation (see the module docstring).
     """
-    from .. import inject
-
     if implementation == "adapters":
         raise ValueError("AdapterHub's row runs in its own environment (peft_compare_adapterhub), not in this process")
-    model, tokenizer = _base_model(settings, seed)
+    model, tokenizer = pretrained_classifier(settings["model"], settings["num_labels"], seed)
     if method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -175,10 +99,6 @@ def start_from_peft(model, peft_model, method: str) -> None:
     LoRA: ``model`` is the plain base model; ``load_adapter`` injects LoRA from PEFT's files (its config names a
     'score' head too, which BERT lacks, so only 'classifier' is wrapped). Prompt: ``model`` already has lorakit's
     prompt injected; its checkpoint is written, PEFT's initial prompt put in it, and loaded back."""
-    from safetensors.torch import load_file, save_file
-
-    from .. import load_adapter, save_adapter
-
     with tempfile.TemporaryDirectory() as folder:
         if method == "lora":
             peft_model.save_pretrained(folder)
@@ -201,9 +121,6 @@ def start_from_peft(model, peft_model, method: str) -> None:
 
 def checkpoint_bytes(model, method: str, implementation: str) -> int:
     """Bytes on disk of what this row must store: the adapter (+ head), or the whole model for full fine-tuning."""
-    from .. import save_adapter
-    from .._io import save_tensors
-
     with tempfile.TemporaryDirectory() as folder:
         if method == "full":
             save_tensors(Path(folder) / "model.safetensors", dict(model.state_dict()))
@@ -214,21 +131,7 @@ def checkpoint_bytes(model, method: str, implementation: str) -> int:
         return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
 
 
-def clora_step_hook(model, total_steps: int):
-    """C-LoRA's decay schedule advanced after every optimizer step (None when the method needs none)."""
-    from .. import DecaySchedule  # provided with C-LoRA
-
-    schedule = DecaySchedule(model, total_steps)
-
-    def advance(step: int) -> None:
-        schedule.step()
-
-    return advance
-
-
 def model_folder(settings: dict) -> str:
     """The model's folder on disk (for a subprocess in another environment, which cannot resolve 'minilm')."""
-    from ..models.hf import MINILM_ALIASES, check_model_folder, minilm_path
-
     name = str(settings["model"])
     return str(check_model_folder(minilm_path() if name.lower() in MINILM_ALIASES else name).resolve())

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .peft_compare_models import SEED_004, SEED_004_PARAMS
-from .peft_compare_stats import at_least_verdict, parity_verdict
+from matplotlib.figure import Figure
+
+from ..report import markdown_table, save_figure
+from .peft_compare_models import REFERENCE_004, REFERENCE_004_PARAMS
+from .stats import at_least_verdict, format_mean_std, parity_verdict
 
 
 def _size(n: int | None) -> str | None:
@@ -13,20 +16,14 @@ def _size(n: int | None) -> str | None:
     return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
 
 
-def _pm(mean: float | None, std: float | None, digits: int = 2) -> str | None:
-    if mean is None:
-        return None
-    return f"{mean:.{digits}f}" + ("" if std is None else f" ± {std:.{digits}f}")
-
-
 def _interval(d: dict) -> str:
     if d["ci95_low_pp"] is None:
         return f"{d['mean_pp']:+.2f} (no interval, n = {d['n']})"
     return f"{d['mean_pp']:+.2f} [{d['ci95_low_pp']:+.2f}, {d['ci95_high_pp']:+.2f}]"
 
 
-def _seed_004_cell(method: str, implementation: str) -> str:
-    ours, theirs, name = SEED_004[method]
+def _reference_004_cell(method: str, implementation: str) -> str:
+    ours, theirs, name = REFERENCE_004[method]
     if ours is None:
         return "—"
     return f"{ours}" if implementation == "lorakit" or theirs is None else f"{theirs} ({name})"
@@ -39,18 +36,16 @@ def _timing(s: dict) -> str | None:
 
 
 def main_table(results: dict) -> str:
-    from ..report import markdown_table
-
     headers = ["method", "implementation", "test accuracy % (mean ± std)", "n", "best val. % (mean)", "lr",
                "trainable params", "added params", "checkpoint", "step time / lorakit-LoRA, median [IQR]",
                "peak RSS MB", "training memory MB", "seed 004 (T5-small, IMDB)"]
     table = []
     for s in results["summary"]:
-        table.append([s["method"], s["implementation"], _pm(s["accuracy_mean"], s["accuracy_std"]), s["n"],
+        table.append([s["method"], s["implementation"], format_mean_std(s["accuracy_mean"], s["accuracy_std"]), s["n"],
                       s["best_val_accuracy_mean"], f"{s['lr']:g}", f"{s['trainable_parameters']:,}",
                       None if s.get("added_parameters") is None else f"{s['added_parameters']:,}",
                       _size(s.get("checkpoint_bytes")), _timing(s), s.get("peak_memory_mb"),
-                      s.get("training_memory_mb"), _seed_004_cell(s["method"], s["implementation"])])
+                      s.get("training_memory_mb"), _reference_004_cell(s["method"], s["implementation"])])
     return markdown_table(headers, table, floatfmt=".2f")
 
 
@@ -83,8 +78,6 @@ def verdict_lines(results: dict) -> list[str]:
 
 
 def report_markdown(results: dict) -> str:
-    from ..report import markdown_table
-
     c, data = results["config"], results["data"]
     lines = [
         "# peft-compare", "",
@@ -113,7 +106,7 @@ def report_markdown(results: dict) -> str:
                         for s in results["sweep"]]), "",
         "## Data", "", data["description"], "",
         "Seed 004's parameter counts, reproduced exactly by `lorakit params` on T5-small's architecture: "
-        + ", ".join(f"{k} {v:,}" for k, v in SEED_004_PARAMS.items()) + ".", "",
+        + ", ".join(f"{k} {v:,}" for k, v in REFERENCE_004_PARAMS.items()) + ".", "",
         "## Notes", "", *[f"- {note}" for note in results["notes"]], "",
         f"Wall time {results['wall_seconds'] / 60:.1f} min; command: `{results['command']}`.", "",
         "![accuracy vs trainable parameters](accuracy_vs_params.png)", "",
@@ -127,10 +120,6 @@ def plot(out: Path, rows: list[dict]) -> None:
     A local helper rather than ``report.line_plot``: points need labels, and lorakit and library points that
     coincide must both stay visible (hollow circle vs cross).
     """
-    from matplotlib.figure import Figure
-
-    from ..report import save_figure
-
     fig = Figure(figsize=(7, 4.5))
     ax = fig.add_subplot()
     styles = {"lorakit": dict(marker="o", markersize=9, markerfacecolor="none", color="tab:blue"),

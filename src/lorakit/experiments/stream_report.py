@@ -13,16 +13,13 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from .. import report
+from .stats import format_mean_std, mean_std
 
 SINGLE_MODEL_LORA = ("lora-merge", "lora-continual", "lora-preserve")  # one model, no stage id at test time
 ORACLE = "adapters-per-stage"
 # The issue's targets, checked in this one place.
 MIN_BACKWARD_TRANSFER_PP = -1.0
 MAX_TRAINED_PERCENT = 1.0
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -32,8 +29,8 @@ def summarize(rows: list[dict]) -> list[dict]:
     for method in methods:
         group = [r for r in rows if r["method"] == method]
         matrices = np.array([r["accuracy_matrix"] for r in group])  # (seeds, T, T)
-        average, average_std = _mean_std([r["average_accuracy"] for r in group])
-        bwt, bwt_std = _mean_std([r["backward_transfer"] for r in group])
+        average, average_std = mean_std([r["average_accuracy"] for r in group])
+        bwt, bwt_std = mean_std([r["backward_transfer"] for r in group])
         trained = max(max(r["trained_parameters_per_stage"]) for r in group)
         base = group[0]["base_parameters"]
         names = [r["stages"] for r in group]
@@ -42,7 +39,7 @@ def summarize(rows: list[dict]) -> list[dict]:
             "average_accuracy_mean": average, "average_accuracy_std": average_std,
             "backward_transfer_mean": bwt, "backward_transfer_std": bwt_std,
             "accuracy_matrix_mean": matrices.mean(0).tolist(),
-            "accuracy_matrix_std": (matrices.std(0, ddof=1) if len(group) > 1 else 0 * matrices[0]).tolist(),
+            "accuracy_matrix_std": matrices.std(0, ddof=1).tolist() if len(group) > 1 else None,  # None: one seed
             "accuracy_before_mean": np.mean([r["accuracy_before"] for r in group], 0).tolist(),
             "seen_average_mean": np.mean([r["seen_average"] for r in group], 0).tolist(),
             "stages": names[0] if all(n == names[0] for n in names) else [f"stage {k}" for k in range(len(names[0]))],
@@ -112,15 +109,13 @@ def matrix_table(results: dict, method: str) -> str:
     """One method's accuracy matrix as a Markdown table: a row before any stage, then one per stage; a column
     per stage's test set and their average; cells are mean ± std over seeds (just the mean for one seed)."""
     s = _summary_of(results, method)
-    mean, std = s["accuracy_matrix_mean"], s["accuracy_matrix_std"]
-
-    def cell(m: float, d: float) -> str:
-        return f"{m:.1f} ± {d:.1f}" if s["n"] > 1 else f"{m:.1f}"
+    mean = s["accuracy_matrix_mean"]
+    std = s["accuracy_matrix_std"] if s["n"] > 1 else [[None] * len(row) for row in mean]  # one seed: the means
 
     before = s["accuracy_before_mean"]
     rows = [["before any stage", *[f"{v:.1f}" for v in before], f"{statistics.fmean(before):.1f}"]]
     for i, name in enumerate(s["stages"]):
-        rows.append([f"after {name}", *[cell(m, d) for m, d in zip(mean[i], std[i])], f"{statistics.fmean(mean[i]):.1f}"])
+        rows.append([f"after {name}", *[format_mean_std(m, d, 1) for m, d in zip(mean[i], std[i])], f"{statistics.fmean(mean[i]):.1f}"])
     return report.markdown_table([f"{method}: accuracy % on →", *s["stages"], "average"], rows)
 
 
@@ -152,8 +147,8 @@ def summary_table(results: dict) -> str:
     """One line per method: final average accuracy, BWT, parameters trained/stored per stage, time."""
     rows = []
     for s in results["summary"]:
-        rows.append([s["method"], s["n"], f"{s['average_accuracy_mean']:.2f} ± {s['average_accuracy_std']:.2f}",
-                     f"{s['backward_transfer_mean']:+.2f} ± {s['backward_transfer_std']:.2f}",
+        rows.append([s["method"], s["n"], format_mean_std(s["average_accuracy_mean"], s["average_accuracy_std"]),
+                     format_mean_std(s["backward_transfer_mean"], s["backward_transfer_std"], signed=True),
                      f"{s['trained_parameters_per_stage']:,}", f"{s['trained_percent']:.3f}",
                      f"{s['stored_parameters_per_stage']:,}", f"{s['final_parameters']:,}",
                      "yes" if s["final_model_plain"] else "no", round(s["seconds_mean"], 1)])

@@ -1,8 +1,11 @@
-"""The statistics peft-compare reports: mean ± std over seeds, and paired-by-seed differences with a 95 % interval.
+"""The statistics every experiment reports: mean ± std over seeds, and paired-by-seed differences with a 95 % interval.
+
+One convention for a single value: its standard deviation is undefined, so :func:`mean_std` gives None (not 0), a
+report prints the mean alone (:func:`format_mean_std`), and a paired difference over one seed has no interval.
 
 Without scipy: the two-sided 95 % interval needs Student's t quantile t_{0.975, df}; the table below holds it for
 df = 1..30 (to 3 decimals, as printed tables give it), and beyond 30 the normal approximation 1.96 + 2.4/df is
-within 0.002 of the exact value. tests/test_peft_compare_stats.py checks every entry against a numerical
+within 0.002 of the exact value. tests/test_stats.py checks every entry against a numerical
 integration of the t density.
 """
 from __future__ import annotations
@@ -29,6 +32,13 @@ def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
     if not values:
         raise ValueError("mean_std of no values")
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def format_mean_std(mean: float, std: float | None, digits: int = 2, signed: bool = False) -> str:
+    """``"mean ± std"`` with ``digits`` decimals (``signed``: the mean with its sign); the mean alone when the std
+    is None (a single value)."""
+    text = f"{mean:{'+' if signed else ''}.{digits}f}"
+    return text if std is None else f"{text} ± {std:.{digits}f}"
 
 
 def paired_difference(ours: dict[int, float], theirs: dict[int, float]) -> dict:

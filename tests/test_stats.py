@@ -1,13 +1,14 @@
-"""peft-compare's statistics: t quantiles against known values and an independent fp64 integration, the paired
-interval against a hand computation, and verdicts that refuse to decide when the interval does not allow it."""
+"""The experiments' statistics: mean and std against closed forms, t quantiles against known values and an
+independent fp64 integration, the paired interval against a hand computation, and verdicts that refuse to decide
+when the interval does not allow it."""
 from __future__ import annotations
 
 import math
 
 import pytest
 
-from lorakit.experiments.peft_compare_stats import (at_least_verdict, mean_std, paired_difference, parity_verdict,
-                                                    t_quantile_975)
+from lorakit.experiments.stats import (at_least_verdict, format_mean_std, mean_std, paired_difference, parity_verdict,
+                                       t_quantile_975)
 
 
 def t_cdf(x: float, df: int, pieces: int = 4000) -> float:
@@ -38,6 +39,30 @@ def test_t_quantiles_have_cdf_0975(df):
 def test_bad_degrees_of_freedom():
     with pytest.raises(ValueError, match="degrees of freedom"):
         t_quantile_975(0)
+
+
+@pytest.mark.parametrize("values, mean, std", [
+    ([1.0, 3.0], 2.0, math.sqrt(2)),                  # ((1-2)^2 + (3-2)^2) / (2-1) = 2
+    ([1.0, 2.0, 3.0, 4.0], 2.5, math.sqrt(5 / 3)),    # (2.25 + 0.25 + 0.25 + 2.25) / 3
+    ([7.0, 7.0, 7.0], 7.0, 0.0),                      # identical values: zero spread
+    ([90.5], 90.5, None),                             # one value: the std is undefined, not 0
+])
+def test_mean_std_closed_forms(values, mean, std):
+    got_mean, got_std = mean_std(values)
+    assert got_mean == pytest.approx(mean)
+    assert got_std is None if std is None else got_std == pytest.approx(std)
+
+
+def test_mean_std_of_nothing_is_refused():
+    with pytest.raises(ValueError, match="no values"):
+        mean_std([])
+
+
+def test_format_mean_std_prints_the_mean_alone_for_one_value():
+    assert format_mean_std(*mean_std([1.0, 3.0])) == "2.00 ± 1.41"
+    assert format_mean_std(*mean_std([90.5])) == "90.50"
+    assert format_mean_std(-0.25, 0.5, digits=1, signed=True) == "-0.2 ± 0.5"
+    assert format_mean_std(1.0, None, signed=True) == "+1.00"
 
 
 def test_paired_difference_by_hand():
@@ -71,3 +96,9 @@ def test_verdicts_only_where_the_interval_allows():
     assert at_least_verdict({"ci95_low_pp": -2.5, "ci95_high_pp": 0.5, "n": 3}, -3.0).startswith("met")
     assert at_least_verdict({"ci95_low_pp": -6.0, "ci95_high_pp": -3.5, "n": 3}, -3.0).startswith("missed")
     assert at_least_verdict({"ci95_low_pp": -4.0, "ci95_high_pp": -1.0, "n": 3}, -3.0).startswith("not distinguishable")
+
+
+def test_paired_interval_of_two_seeds_in_closed_form():
+    # differences 1 and 3: mean 2, sd sqrt(2), half-width t_{0.975, 1} * sqrt(2) / sqrt(2) = 12.706
+    d = paired_difference({0: 11.0, 1: 13.0}, {0: 10.0, 1: 10.0})
+    assert (d["mean_pp"], d["ci95_low_pp"], d["ci95_high_pp"]) == pytest.approx((2.0, 2.0 - 12.706, 2.0 + 12.706))

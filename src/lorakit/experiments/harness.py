@@ -1,0 +1,81 @@
+"""What every experiment shares when it runs: the store of finished cells, the check that a saved cell or table was
+made the same way, and the hooks that make a C-LoRA run resumable."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from torch import nn
+
+import lorakit as lk
+from .._io import write_json
+
+
+# -- resuming -------------------------------------------------------------------------------------------
+def protocol_differences(saved: Mapping, expected: Mapping, defaults: Optional[Mapping] = None,
+                         prefix: str = "") -> list[str]:
+    """``"name=saved (now expected)"`` for every field of ``expected`` whose value in ``saved`` differs. A field
+    that ``saved`` lacks counts as its ``defaults`` value (a field added since that file was written). Fields that
+    are mappings on both sides are compared field by field, both ways (``settings.max_length=12 (now 10)``)."""
+    defaults = defaults or {}
+    differ = []
+    for name, value in expected.items():
+        old = saved.get(name, defaults.get(name))
+        if isinstance(old, Mapping) and isinstance(value, Mapping):
+            differ += protocol_differences(old, value, prefix=f"{prefix}{name}.")
+            differ += [f"{prefix}{name}.{k}={v!r} (now absent)" for k, v in old.items() if k not in value]
+        elif old != value:
+            differ.append(f"{prefix}{name}={old!r} (now {value!r})")
+    return differ
+
+
+def check_same_protocol(path: Path, saved: Mapping, expected: Mapping, defaults: Optional[Mapping] = None) -> None:
+    """A ValueError naming every field in which ``saved`` (read from ``path``) differs from ``expected``."""
+    differ = protocol_differences(saved, json.loads(json.dumps(expected)), defaults)
+    if differ:
+        raise ValueError(f"{path} was made with other options: {', '.join(differ)}; pass the same options, or "
+                         "choose another --out")
+
+
+class CellStore:
+    """The finished cells of a run, one JSON file a key (``<folder>/<key>.json``), each written atomically: a run
+    killed at any moment leaves every cell whole or absent.
+
+    With ``resume``, :meth:`load` reads a finished cell back instead of it being made again, once it is checked
+    to have been made with this run's ``protocol`` (fields of the saved record, compared value by value); a cell
+    made otherwise is an error that names the fields that differ.
+    """
+
+    def __init__(self, folder: Path, protocol: Mapping[str, Any], resume: bool) -> None:
+        self.folder, self.protocol, self.resume = Path(folder), dict(protocol), resume
+
+    def path(self, key: str) -> Path:
+        return self.folder / f"{key}.json"
+
+    def load(self, key: str) -> Optional[dict]:
+        """The saved record of ``key`` if resuming and there is one, else None."""
+        path = self.path(key)
+        if not self.resume or not path.is_file():
+            return None
+        record = json.loads(path.read_text())
+        check_same_protocol(path, record, self.protocol)
+        return record
+
+    def save(self, key: str, record: dict, write: bool = True) -> dict:
+        """Write ``record`` (which holds the protocol's fields) as the cell ``key``, where ``write`` (under torchrun:
+        rank 0 alone); returns it as it reads back, so a run and its resumed twin see the same values."""
+        if write:
+            write_json(self.path(key), record)
+        return json.loads(json.dumps(record))
+
+
+# -- training -------------------------------------------------------------------------------------------
+def clora_decay_hooks(model: nn.Module, total_steps: int) -> dict:
+    """``train``'s ``on_step`` and ``stateful`` for a C-LoRA model: its :class:`lorakit.DecaySchedule` over
+    ``total_steps``, advanced after every optimizer step and saved in the training state, so that a run resumed
+    mid-way continues its decay where it stopped instead of starting again from d = 1.
+
+    ``model`` is the one that trains (under FSDP2 a sharded twin): the schedule drives its C-LoRA layers."""
+    schedule = lk.DecaySchedule(model, total_steps)
+    return {"on_step": lambda step: schedule.step(), "stateful": {"decay": schedule}}

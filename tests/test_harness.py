@@ -1,0 +1,53 @@
+"""The experiments' harness: the cell store (round trip, resume only when asked, refusal of cells made otherwise,
+naming what differs) and the protocol check that a merged table was made the same way."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lorakit.experiments.harness import CellStore, check_same_protocol, protocol_differences
+
+PROTOCOL = {"settings": {"max_length": 12, "rank": 2}, "train_config": {"lr": 0.01, "epochs": 2.0}}
+
+
+def test_a_saved_cell_reads_back_as_saved(tmp_path):
+    store = CellStore(tmp_path / "cells", PROTOCOL, resume=True)
+    record = {"key": "a", "accuracy": 91.25, "losses": [0.7, 0.5], "rank": (1, 2), **PROTOCOL}
+    returned = store.save("a", record)
+    assert returned == json.loads(json.dumps(record)) and returned["rank"] == [1, 2]  # as a resumed run sees it
+    assert store.load("a") == returned
+    assert [p.name for p in (tmp_path / "cells").iterdir()] == ["a.json"]  # no temporary file left behind
+    assert store.load("b") is None
+
+
+def test_a_fresh_run_reads_nothing_back(tmp_path):
+    CellStore(tmp_path, PROTOCOL, resume=True).save("a", {"accuracy": 1.0, **PROTOCOL})
+    assert CellStore(tmp_path, PROTOCOL, resume=False).load("a") is None
+
+
+def test_save_without_write_writes_nothing(tmp_path):  # the ranks other than 0 under torchrun
+    assert CellStore(tmp_path, PROTOCOL, resume=True).save("a", {"x": 1}, write=False) == {"x": 1}
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_cell_made_otherwise_is_refused_naming_the_fields(tmp_path):
+    CellStore(tmp_path, PROTOCOL, resume=True).save("a", {"accuracy": 1.0, **PROTOCOL})
+    other = {"settings": {"max_length": 10, "rank": 2}, "train_config": {"lr": 0.01, "epochs": 2.0}}
+    with pytest.raises(ValueError, match=r"a\.json was made with other options: settings\.max_length=12 \(now 10\)"):
+        CellStore(tmp_path, other, resume=True).load("a")
+
+
+def test_protocol_differences_both_ways_and_defaults():
+    saved = {"protocol": {"steps": 7, "lr": 0.1, "removed": 1}, "rank": 2, "other": "not compared"}
+    expected = {"protocol": {"steps": 10, "lr": 0.1}, "rank": 2, "added": "x"}
+    assert protocol_differences(saved, expected, defaults={"added": "x"}) == [
+        "protocol.steps=7 (now 10)", "protocol.removed=1 (now absent)"]
+    assert protocol_differences(saved, expected) == [
+        "protocol.steps=7 (now 10)", "protocol.removed=1 (now absent)", "added=None (now 'x')"]
+
+
+def test_check_same_protocol_compares_as_json(tmp_path):
+    check_same_protocol(tmp_path / "results.json", {"ranks": [16, 32]}, {"ranks": (16, 32)})  # a tuple is a list
+    with pytest.raises(ValueError, match=r"ranks=\[16\] \(now \[16, 32\]\)"):
+        check_same_protocol(tmp_path / "results.json", {"ranks": [16]}, {"ranks": [16, 32]})
