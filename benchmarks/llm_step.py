@@ -1,12 +1,12 @@
 """LoRA on SmolLM2-135M-Instruct (Llama, 30 layers): training step, generate() and mixed-adapter batches, as
 ratios measured interleaved in one process (medians).
 
-Training step (forward, causal-LM loss, backward, AdamW) on 4 x 128 tokens of WordNet glosses, LoRA r=16
-all-linear (alpha 32, no dropout):
+Training step (forward, causal-LM loss, backward, AdamW) on WordNet glosses, LoRA r=16 all-linear (alpha 32,
+no dropout):
   fp32            lorakit against PEFT and against the frozen floor (the base with only the first layer's norm
                   trainable, so backward still runs through every activation);
-  bf16 autocast   fp32 model and factors under torch.autocast("cpu", dtype=torch.bfloat16);
-  4-bit QLoRA     bitsandbytes nf4 base computing in bf16, fp32 factors.
+  bf16 autocast   fp32 model and factors under torch.autocast("cpu", dtype=torch.bfloat16), 1 x 32 tokens;
+  4-bit QLoRA     bitsandbytes nf4 base computing in fp32, fp32 factors.
 Peak memory: what 2 training steps add to the resident set over the loaded, injected model, in a fresh process.
 generate(): batch 4, 32 new tokens (greedy, no early stop): lorakit unmerged / merged against the base, PEFT
 unmerged against the base. Mixed batches: 4 adapters at batch 8, forward of 8 x 128 tokens and generate() of
@@ -34,7 +34,10 @@ from lorakit.models import load_causal_lm
 from _common import interleaved, machine, write_section
 
 RANK, ALPHA = 16, 32
-SETTINGS = {"fp32": dict(), "bf16 autocast": dict(autocast=True), "4-bit QLoRA": dict(quantize="4bit")}
+# bf16 matmuls on a CPU without bf16 units run ~40x slower than fp32 (a 4 x 128 step: 130 s against 3.4 s), so the
+# bf16 row uses 1 x 32 tokens and 3 repeats; QLoRA's base computes in fp32 here for the same reason.
+SETTINGS = {"fp32": dict(batch=4, length=128), "bf16 autocast": dict(autocast=True, batch=1, length=32, repeats=3),
+            "4-bit QLoRA": dict(quantize="4bit", batch=4, length=128)}
 
 
 def gloss_tokens(tokenizer, batch: int, length: int) -> torch.Tensor:
@@ -45,8 +48,7 @@ def gloss_tokens(tokenizer, batch: int, length: int) -> torch.Tensor:
 
 
 def base_model(quantize: str | None = None):
-    model, tokenizer = load_causal_lm("smollm2", quantize=quantize, dtype="bfloat16" if quantize else "float32")
-    return model, tokenizer
+    return load_causal_lm("smollm2", quantize=quantize)  # float32 (QLoRA: nf4 storage, float32 compute)
 
 
 def with_lorakit(model, name="default"):
@@ -94,7 +96,7 @@ def _peak_child(setting: str, library: str) -> None:
     options = SETTINGS[setting]
     model, tokenizer = base_model(options.get("quantize"))
     model = with_lorakit(model) if library == "lorakit" else with_peft(model)
-    step = step_fn(model, gloss_tokens(tokenizer, 4, 128), options.get("autocast", False))
+    step = step_fn(model, gloss_tokens(tokenizer, options["batch"], options["length"]), options.get("autocast", False))
     process, done, peak = psutil.Process(), threading.Event(), [0]
     start = process.memory_info().rss
 
@@ -116,15 +118,16 @@ def training_rows(repeats: int) -> list[str]:
     rows = []
     for setting, options in SETTINGS.items():
         base, tokenizer = base_model(options.get("quantize"))
-        ids = gloss_tokens(tokenizer, 4, 128)
+        ids = gloss_tokens(tokenizer, options["batch"], options["length"])
         models = {"lorakit": with_lorakit(copy.deepcopy(base)), "peft": with_peft(copy.deepcopy(base))}
         if not options.get("quantize"):
             models["frozen"] = frozen_floor(copy.deepcopy(base))
         del base
-        t = interleaved({k: step_fn(m, ids, options.get("autocast", False)) for k, m in models.items()}, repeats, 1)
+        t = interleaved({k: step_fn(m, ids, options.get("autocast", False)) for k, m in models.items()},
+                        min(repeats, options.get("repeats", repeats)), 1, warmup=1)
         memory = {lib: peak_memory_mb(setting, lib) for lib in ("lorakit", "peft")}
         floor = f"{t['lorakit'] / t['frozen']:.3f}" if "frozen" in t else "n/a"
-        rows.append(f"| {setting} | {t['lorakit'] / t['peft']:.3f} | {floor} | {memory['lorakit']:.0f} "
+        rows.append(f"| {setting}, {options['batch']} x {options['length']} | {t['lorakit'] / t['peft']:.3f} | {floor} | {memory['lorakit']:.0f} "
                     f"| {memory['peft']:.0f} |")
         print(rows[-1], flush=True)
         del models
@@ -222,7 +225,7 @@ def main() -> None:
         return
     write_section("llm_step", "\n".join([
         "## LoRA on SmolLM2-135M-Instruct (`benchmarks/llm_step.py`)", "",
-        f"r=16 all-linear, alpha 32; training step on 4 x 128 tokens of WordNet glosses, AdamW; {args.repeats} "
+        f"r=16 all-linear, alpha 32; training step on WordNet glosses, AdamW; {args.repeats} "
         f"interleaved repeats, medians. Peak MB: what 2 steps (the first creates AdamW's state) add to the resident "
         f"set over the loaded model, in a fresh process. Machine: {machine()}.", "",
         "| training step | lorakit / PEFT | lorakit / frozen floor | peak MB lorakit | peak MB PEFT |",
