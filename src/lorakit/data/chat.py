@@ -23,6 +23,8 @@ from typing import Any, Sequence
 
 import torch
 
+from .text import json_object
+
 IGNORE = -100  # the label of a position that takes no loss (PyTorch's cross_entropy ignore_index)
 FORMATS = ('{"messages": [{"role": ..., "content": ...}, ...]} or {"prompt": "...", "completion": "..."}')
 
@@ -48,10 +50,10 @@ def _check_messages(messages: Any, where: str) -> list[dict]:
                              f"'content', got {json.dumps(message)[:60]}")
     answers = [m for m in messages if m["role"] == "assistant"]
     if not answers:
-        raise ValueError(f"{where}: no message has role 'assistant', so there is nothing to learn; expected at "
-                         "least one assistant turn")
+        raise ValueError(f"{where}: no message in 'messages' has role 'assistant', so there is nothing to learn; "
+                         "expected at least one assistant turn")
     if not any(m["content"] for m in answers):
-        raise ValueError(f"{where}: every assistant message is empty; expected an answer to learn")
+        raise ValueError(f"{where}: every assistant message in 'messages' is empty; expected an answer to learn")
     return messages
 
 
@@ -59,12 +61,7 @@ def parse_line(line: str, where: str) -> Example:
     """One JSONL line as an :class:`Example`; a ``ValueError`` naming ``where`` and what was expected otherwise."""
     if not line.strip():
         raise ValueError(f"{where}: the line is empty; expected one JSON object per line: {FORMATS}")
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{where}: not valid JSON ({err}); expected {FORMATS}") from None
-    if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected a JSON object {FORMATS}, got {line.strip()[:60]}")
+    record = json_object(line, where, f"a JSON object {FORMATS}")
     chat, paired = "messages" in record, "prompt" in record or "completion" in record
     if chat and paired:
         raise ValueError(f"{where}: has both 'messages' and 'prompt'/'completion'; expected one format: {FORMATS}")
@@ -74,7 +71,8 @@ def parse_line(line: str, where: str) -> Example:
         raise ValueError(f"{where}: neither format; expected {FORMATS}, found the keys {sorted(record)}")
     for key in ("prompt", "completion"):
         if not isinstance(record.get(key), str) or not record[key]:
-            raise ValueError(f"{where}: {key!r} must be a non-empty string, got {json.dumps(record.get(key))[:60]}")
+            raise ValueError(f"{where}: expected {key!r} to be a non-empty string, as in {{\"prompt\": \"...\", "
+                             f"\"completion\": \"...\"}}; got {json.dumps(record.get(key))[:60]}")
     return Example(where, prompt=record["prompt"], completion=record["completion"])
 
 
