@@ -199,14 +199,15 @@ def test_qlora_without_bitsandbytes_names_the_package(tmp_path, llama, data, mon
     assert not (tmp_path / "out").exists()
 
 
-def test_two_ddp_processes_train_the_same_adapter_as_one(tmp_path, llama, data, single_thread):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_train_the_same_adapter_as_one(tmp_path, llama, data, parallel, single_thread):
     from distributed_workers import free_port
 
     assert main(finetune_args(llama, data, tmp_path / "one", "--steps", "6")) == 0
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
          "--master_port", str(free_port()), "-m", "lorakit",
-         *finetune_args(llama, data, tmp_path / "two", "--steps", "6", "--parallel", "ddp")],
+         *finetune_args(llama, data, tmp_path / "two", "--steps", "6", "--parallel", parallel)],
         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("[finetune] wrote") == 1  # rank 0 alone writes
