@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import lorakit as lk
-from lorakit.data.chat import IGNORE, SFTCollator, SFTDataset, encode_prompt, parse_line, read_jsonl, tokenize_example
+from lorakit.data.chat import (IGNORE, SFTCollator, SFTDataset, encode_prompt, parse_line, read_jsonl,
+                               tokenize_example)
 from lorakit.experiments.finetune import example_losses
 from tiny_llama import tiny_llama, tiny_tokenizer
 
@@ -91,8 +92,10 @@ def test_max_length_cuts_the_end_and_a_prompt_that_fills_it_is_refused():
 
 
 @pytest.mark.parametrize("side, ids, mask, positions", [
-    ("right", [[11, 12, 13, 0, 0], [11, 12, 13, 14, 15]], [[1, 1, 1, 0, 0], [1] * 5], [[0, 1, 2, 2, 2], [0, 1, 2, 3, 4]]),
-    ("left", [[0, 0, 11, 12, 13], [11, 12, 13, 14, 15]], [[0, 0, 1, 1, 1], [1] * 5], [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]),
+    ("right", [[11, 12, 13, 0, 0], [11, 12, 13, 14, 15]], [[1, 1, 1, 0, 0], [1] * 5],
+     [[0, 1, 2, 2, 2], [0, 1, 2, 3, 4]]),
+    ("left", [[0, 0, 11, 12, 13], [11, 12, 13, 14, 15]], [[0, 0, 1, 1, 1], [1] * 5],
+     [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]),
 ])
 def test_the_collator_pads_either_side_and_masks_the_padding(side, ids, mask, positions):
     items = [{"input_ids": [11, 12, 13], "labels": [IGNORE, 12, 13]},

@@ -89,9 +89,11 @@ def test_each_method_writes_its_outputs_and_they_load_back_to_the_trained_loss(t
         assert 0 < found["parameters"]["trainable"] == found["parameters"]["adapter"] < found["parameters"]["total"]
     assert not [name for name in files if "state" in name]  # the training state is gone once the run is done
     assert found["settings"]["method"] == method and found["steps"] == 12
-    assert found["wall_seconds"] >= found["train_seconds"] > 0
+    assert found["wall_seconds"] >= found["train_seconds"] > 0  # one continuation: the command's time holds the loop's
     assert reloaded_eval_loss(llama, out, method) == pytest.approx(found["eval_loss"], abs=1e-5)
     assert found["eval_loss"] < found["eval_losses"][0]
+    if method == "qlora":  # generate takes it on a 4-bit base too
+        assert main(["generate", "--model", str(llama), "--quantize", "4bit", "--adapter", str(out), "w1 w2"]) == 0
 
 
 def test_peft_loads_the_written_lora_adapter_with_the_same_logits(tmp_path, llama, data, single_thread):
@@ -193,7 +195,8 @@ def test_qlora_without_bitsandbytes_names_the_package(tmp_path, llama, data, mon
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
     assert main(finetune_args(llama, data, tmp_path / "out", "--method", "qlora")) == 1
     assert "needs the `bitsandbytes` package: pip install bitsandbytes" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

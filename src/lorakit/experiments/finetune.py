@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from . import config_from_args
 from .. import parallel
 from ..data.chat import IGNORE, SFTCollator, SFTDataset, read_jsonl
 from .params_command import method_config, parse_targets
@@ -132,14 +133,14 @@ def mean_loss(model: torch.nn.Module, data: SFTDataset, collate: SFTCollator, ba
 
 
 class EvalLog:
-    """The eval loss every ``every`` steps and at the last step; its ``state_dict`` goes into the training state,
-    so a resumed run's log is the uninterrupted run's."""
+    """The eval loss of ``model`` every ``every`` steps and at the last step; its ``state_dict`` goes into the
+    training state, so a resumed run's log is the uninterrupted run's. ``model`` may be replaced by the one the
+    training loop sees (wrapped or sharded), which every rank then scores alike."""
 
-    def __init__(self, data: SFTDataset | None, collate: SFTCollator, batch_size: int, every: int | None,
-                 last_step: int) -> None:
-        self.data, self.collate, self.batch_size = data, collate, batch_size
+    def __init__(self, model: torch.nn.Module, data: SFTDataset | None, collate: SFTCollator, batch_size: int,
+                 every: int | None, last_step: int) -> None:
+        self.model, self.data, self.collate, self.batch_size = model, data, collate, batch_size
         self.every, self.last_step = every, last_step
-        self.model: torch.nn.Module | None = None
         self.steps: list[int] = []
         self.losses: list[float] = []
 
@@ -243,8 +244,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
                             optimizer="adamw", log_every=1, checkpoint_every=cfg.save_every,
                             state_path=str(out / STATE_FILE), resume=cfg.resume)
     last_step = train_cfg.total_steps(-(-len(train_set) // cfg.batch_size))
-    evaluation = EvalLog(eval_set, collate, cfg.batch_size, cfg.eval_every, last_step)
-    evaluation.model = model
+    evaluation = EvalLog(model, eval_set, collate, cfg.batch_size, cfg.eval_every, last_step)
     evaluation.record(0)
     if parallel.is_main():
         write_json(out / SETTINGS_FILE, settings)
@@ -262,6 +262,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         "average_loss": history.average_loss,
         "eval_steps": evaluation.steps, "eval_losses": evaluation.losses,
         "eval_loss": evaluation.losses[-1] if evaluation.losses else None,
+        # the training loop's time over every continuation; this command's whole time (loading, writing too)
         "train_seconds": history.seconds, "wall_seconds": time.perf_counter() - started,
     }
     write_outputs(model, tokenizer, cfg, results)
@@ -309,8 +310,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-tokens", type=int, default=defaults["num_tokens"], help="soft prompt length")
     parser.add_argument("--bottleneck", type=int, default=defaults["bottleneck"], help="adapter bottleneck width")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: one pass over the data)")
-    parser.add_argument("--lr", type=float, default=None,
-                        help="learning rate (default per method: " + ", ".join(f"{m} {v:g}" for m, v in DEFAULT_LR.items()) + ")")
+    per_method = ", ".join(f"{method} {lr:g}" for method, lr in DEFAULT_LR.items())
+    parser.add_argument("--lr", type=float, default=None, help=f"learning rate (default per method: {per_method})")
     parser.add_argument("--batch-size", type=int, default=defaults["batch_size"])
     parser.add_argument("--max-length", type=int, default=defaults["max_length"], help="tokens kept per example")
     parser.add_argument("--seed", type=int, default=defaults["seed"])
@@ -325,6 +326,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    fields = FinetuneConfig.__dataclass_fields__
-    run_finetune(FinetuneConfig(**{k: v for k, v in vars(args).items() if k in fields}))
+    run_finetune(config_from_args(FinetuneConfig, args))
     return 0
