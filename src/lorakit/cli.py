@@ -1,7 +1,8 @@
-"""The ``lorakit`` command: ``lorakit run <experiment> [options]`` and ``lorakit params``.
+"""The ``lorakit`` command: ``lorakit run <experiment> [options]``, ``params``, ``finetune`` and ``generate``.
 
-Each experiment is a module in ``lorakit.experiments`` with ``DESCRIPTION``, ``add_arguments(parser)`` and
-``main(args) -> int``; it is imported only when its command runs, so ``--help`` stays fast.
+Each experiment, and each other command, is a module in ``lorakit.experiments`` with ``DESCRIPTION``,
+``add_arguments(parser)`` and ``main(args) -> int``; heavy libraries (transformers) are imported only when a
+command runs, so ``--help`` stays fast.
 """
 from __future__ import annotations
 
@@ -20,6 +21,11 @@ EXPERIMENTS = {
     "clora-transformer": "lorakit.experiments.clora_transformer",
     "peft-compare": "lorakit.experiments.peft_compare",
 }
+COMMANDS = {
+    "params": "lorakit.experiments.params_command",
+    "finetune": "lorakit.experiments.finetune",
+    "generate": "lorakit.experiments.generate",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,15 +43,17 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         module.add_arguments(sub)
         sub.set_defaults(handler=module.main)
-    params = commands.add_parser("params", help="print a method's added parameters: closed form and counted",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    try:
-        from .experiments import params_command
-
-        params_command.add_arguments(params)
-        params.set_defaults(handler=params_command.main)
-    except ImportError as err:
-        params.set_defaults(handler=lambda args, err=err: _unavailable("params", err))
+    for name, module_name in COMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            commands.add_parser(name, help=f"(unavailable: {err})").set_defaults(
+                handler=lambda args, name=name, err=err: _unavailable(name, err))
+            continue
+        sub = commands.add_parser(name, help=module.DESCRIPTION, description=module.DESCRIPTION,
+                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        module.add_arguments(sub)
+        sub.set_defaults(handler=module.main)
     return parser
 
 
@@ -64,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(args, "parallel"):  # joins torchrun's process group, or refuses before any work
             parallel.start(args.parallel)
         return int(handler(args) or 0)
-    except (ValueError, TypeError, KeyError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, TypeError, KeyError, OSError, RuntimeError, ImportError) as err:
         print(f"lorakit: error: {err}", file=sys.stderr)
         return 1
     finally:

@@ -197,6 +197,17 @@ def _label_ids(raw: list, where: list[str], label_names: Sequence[str] | None) -
     return ids, label_names
 
 
+def json_object(line: str, where: str, expected: str = "a JSON object") -> dict:
+    """One JSONL line as a dict; a ``ValueError`` naming ``where`` and ``expected`` when it is not one."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where}: not valid JSON ({err}); expected {expected}") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected {expected}, got {line.strip()[:60]}")
+    return record
+
+
 def _missing_column(source: str, column: str, kind: str, found) -> ValueError:
     return ValueError(f"{source}: no {kind} column {column!r}; columns found: {list(found)}")
 
@@ -223,12 +234,7 @@ def load_text_file(path: str | Path, text_column: str = "text", label_column: st
             for line_number, line in enumerate(f, 1):
                 if not line.strip():
                     continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}, line {line_number}: not valid JSON: {err}") from err
-                if not isinstance(record, dict):
-                    raise ValueError(f"{path}, line {line_number}: expected a JSON object, got {record!r:.60}")
+                record = json_object(line, f"{path}, line {line_number}")
                 for column, kind in ((text_column, "text"), (label_column, "label")):
                     if column not in record:
                         raise _missing_column(f"{path}, line {line_number}", column, kind, record)

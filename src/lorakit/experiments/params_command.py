@@ -16,11 +16,12 @@ from .. import AdapterConfig, LoRAConfig, PromptConfig, count_parameters, inject
 from ..models.hf import MINILM_ALIASES, check_model_folder, minilm_path
 from ..params import added_parameters, describe
 
+DESCRIPTION = "print a method's added parameters: closed form and counted"
 T5_SMALL = dict(d_model=512, d_ff=2048, num_layers=6, num_decoder_layers=6, num_heads=8, d_kv=64,
                 vocab_size=32128, tie_word_embeddings=True)
 # Targets used when --targets is not given: by task first, else by model type (seed 004's choices and their BERT
-# equivalents).
-TASK_TARGETS = {"causal-lm": {"lora": "all-linear"}}
+# equivalents). A causal LM's bottleneck adapters sit after each block's MLP (``model.layers.N.mlp``), as Houlsby's.
+TASK_TARGETS = {"causal-lm": {"lora": "all-linear", "adapter": ["mlp"]}}
 DEFAULT_TARGETS = {
     "lora": {"t5": ["q", "v"], "bert": ["query", "value"]},
     "adapter": {"t5": r".*\.DenseReluDense", "bert": r".*\.layer\.\d+\.output\.dense"},
@@ -41,8 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-tokens", type=int, default=10, help="soft prompt length")
     parser.add_argument("--targets", default=None,
                         help="comma-separated module names, or one regular expression (matched against the whole "
-                             "name); default: all-linear for LoRA with --task causal-lm, else q,v / DenseReluDense "
-                             "for T5, query,value / layer.N.output.dense for BERT")
+                             "name); default: all-linear for LoRA and mlp for adapters with --task causal-lm, else "
+                             "q,v / DenseReluDense for T5, query,value / layer.N.output.dense for BERT")
 
 
 def parse_targets(text: str | None):
@@ -79,8 +80,9 @@ def build_model(name: str, task: str = "base", num_labels: int = 2) -> torch.nn.
 
 
 def method_config(method: str, model: torch.nn.Module, rank: int = 8, bottleneck: int = 8, num_tokens: int = 10,
-                  targets=None, task: str = "base"):
-    """The lorakit config for ``method`` on ``model`` built for ``task`` (None for full fine-tuning)."""
+                  targets=None, task: str = "base", alpha: float | None = None):
+    """The lorakit config for ``method`` on ``model`` built for ``task`` (None for full fine-tuning); LoRA's
+    ``alpha`` defaults to twice the rank."""
     if method == "full":
         return None
     if method == "prompt":
@@ -91,7 +93,7 @@ def method_config(method: str, model: torch.nn.Module, rank: int = 8, bottleneck
         if targets is None:
             raise ValueError(f"no default {method} targets for a {model_type or type(model).__name__} model; pass --targets")
     if method == "lora":
-        return LoRAConfig(rank=rank, alpha=2.0 * rank, targets=targets)
+        return LoRAConfig(rank=rank, alpha=2.0 * rank if alpha is None else alpha, targets=targets)
     return AdapterConfig(bottleneck=bottleneck, targets=targets)
 
 
