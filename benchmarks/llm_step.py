@@ -150,12 +150,13 @@ def generate_fn(model, ids: torch.Tensor, new_tokens: int):
 
 
 def generate_row(repeats: int) -> str:
-    base, tokenizer = base_model()
+    loaded, tokenizer = base_model()
+    base = copy.deepcopy(loaded)  # every case a copy: the loaded weights' memory layout is not a copy's
     ids = gloss_tokens(tokenizer, 4, 32)
-    unmerged = with_lorakit(copy.deepcopy(base))
+    unmerged = with_lorakit(copy.deepcopy(loaded))
     randomised(unmerged)
     merged = lk.merge(copy.deepcopy(unmerged))
-    peft = with_peft(copy.deepcopy(base))
+    peft = with_peft(copy.deepcopy(loaded))
     randomised(peft)
     models = {"base": base, "unmerged": unmerged, "merged": merged, "peft": peft}
     with torch.no_grad():

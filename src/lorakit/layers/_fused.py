@@ -11,6 +11,16 @@ from torch import nn
 from torch.nn.modules import module as _module
 
 
+def fused_linear(x, weight, bias, lora_a, lora_b, scale):
+    """``(y, x2, h^T)``: ``y = x W^T + b + s (x A^T) B^T`` with the low-rank term added in place, ``x2`` the input
+    as (N, in) and ``h^T = A x2^T`` (r, N). Without autograd (inference) the layer calls this directly."""
+    x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+    h_t = lora_a @ x2.t()  # (r, N)
+    out = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()  # (N, out)
+    out.addmm_(h_t.t(), lora_b.t(), alpha=scale)
+    return out.view(*x.shape[:-1], out.shape[-1]), x2, h_t
+
+
 class FusedLoRALinear(torch.autograd.Function):
     """``y = x W^T + b + s (x A^T) B^T`` with a hand-written backward.
 
@@ -22,13 +32,10 @@ class FusedLoRALinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scale):
-        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-        h_t = lora_a @ x2.t()  # (r, N)
-        out = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()  # (N, out)
-        out.addmm_(h_t.t(), lora_b.t(), alpha=scale)
+        out, x2, h_t = fused_linear(x, weight, bias, lora_a, lora_b, scale)
         ctx.save_for_backward(x2, h_t, weight, lora_a, lora_b)
         ctx.scale, ctx.has_bias, ctx.in_shape = scale, bias is not None, x.shape
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LoRAConfig
-from ._fused import FusedLoRALinear, fused_path_applies
+from ._fused import FusedLoRALinear, fused_linear, fused_path_applies
 from .base import add_to_weight, check_mergeable, dense_weight, linear_features
 from .precision import factory_kwargs, merge_dtype
 
@@ -172,8 +172,11 @@ class LoRAWrapper(nn.Module):
 
     def _mixed_up(self, h: torch.Tensor, rows: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """``out`` plus each row's ``s B h``; ``h`` is (batch, tokens, r_max), already projected by the row's A."""
-        low = torch.bmm(h, self.mixed["b"][rows].transpose(1, 2))  # (batch, tokens, out)
-        return out + low.reshape(out.shape).to(out.dtype)
+        up = self.mixed["b"][rows].transpose(1, 2)  # (batch, r_max, out)
+        if out.dtype == up.dtype and out.is_contiguous() and not torch.is_grad_enabled():
+            out.view(h.shape[0], -1, out.shape[-1]).baddbmm_(h, up)  # in place, as the fused path adds
+            return out
+        return out + torch.bmm(h, up).reshape(out.shape).to(out.dtype)
 
     def extra_repr(self) -> str:
         return f"adapters={self.adapter_names}, active={self.active_adapter}, merged={self.merged_adapter}"
@@ -273,7 +276,11 @@ class LoRALinear(LoRAWrapper):
             a, b, s = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
             weight, bias = base.weight, getattr(base, "bias", None)
             if fused_path_applies(base, x, weight, bias, a, b, self._dropout_active(name)):
-                out = FusedLoRALinear.apply(x, weight.t() if self.fan_in_fan_out else weight, bias, a, b, s)
+                weight = weight.t() if self.fan_in_fan_out else weight
+                if torch.is_grad_enabled():
+                    out = FusedLoRALinear.apply(x, weight, bias, a, b, s)
+                else:  # inference skips the autograd function's own cost
+                    out = fused_linear(x, weight, bias, a, b, s)[0]
             else:
                 out = self.base_layer(x)
                 low = F.linear(F.linear(self.lora_dropout[name](x.to(a.dtype)), a), b)  # (..., r) -> (..., out)
@@ -286,8 +293,9 @@ class LoRALinear(LoRAWrapper):
         out, rows, a = self.base_layer(x), self._mixed_rows(x.shape[0]), self.mixed["a"]
         if a is None:
             return out
-        h = torch.bmm(x.to(a.dtype).reshape(x.shape[0], -1, x.shape[-1]), a[rows].transpose(1, 2))  # (batch, N, r)
-        return self._mixed_up(h, rows, out)
+        x3 = x.to(a.dtype).reshape(x.shape[0], -1, x.shape[-1])
+        h_t = torch.bmm(a[rows], x3.transpose(1, 2))  # (batch, r, N): the rank-r side first, as the fused path
+        return self._mixed_up(h_t.transpose(1, 2), rows, out)
 
     def _add_pissa_starts(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """W holds only the residual of every PiSSA adapter: add back ``s B0 A0 x`` of each one not in use."""
