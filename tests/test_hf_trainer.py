@@ -131,16 +131,60 @@ def test_a_bitsandbytes_base_trains_where_transformers_trainer_refuses_it(tmp_pa
     assert not model._hf_peft_config_loaded  # the flag was set for the constructor only
 
 
-def test_a_quantisation_transformers_cannot_train_through_is_still_refused(tmp_path):
+def untrainable_mark(model):
+    """transformers' mark of a quantisation it cannot train through (its GGUF quantiser's is_trainable is False)."""
     from types import SimpleNamespace
 
+    model.is_quantized = True
+    model.hf_quantizer = SimpleNamespace(is_trainable=False, quantization_config=SimpleNamespace(quant_method="gguf"))
+    return model
+
+
+def test_a_gguf_load_dequantised_to_plain_weights_trains(tmp_path):
     from transformers import TrainingArguments
 
     from lorakit.hf import Trainer
 
-    model = lk.inject(tiny_llama(), lk.LoRAConfig(rank=4, targets="all-linear"))
-    model.is_quantized = True  # as transformers marks a GGUF load that keeps its blocks packed
-    model.hf_quantizer = SimpleNamespace(is_trainable=False, quantization_config=SimpleNamespace(quant_method="gguf"))
+    model = untrainable_mark(lk.inject(tiny_llama(), lk.LoRAConfig(rank=4, targets="all-linear")))
+    ids = token_batch(batch=4, length=6)
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=4,
+                             learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
+    before = adapter_state(model)
+    Trainer(model=model, args=args, train_dataset=[{"input_ids": r, "labels": r} for r in ids]).train()
+    assert all(not torch.equal(v, before[k]) for k, v in adapter_state(model).items() if "lora_B" in k)
+
+
+def test_packed_weights_of_a_quantisation_transformers_cannot_train_through_are_refused(tmp_path):
+    from transformers import TrainingArguments
+
+    from lorakit.hf import Trainer
+
+    folder = write_tiny_llama(tmp_path / "tiny", hidden_size=64, intermediate_size=128)
+    model = untrainable_mark(quantised_llama(folder, "4bit"))
     args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=1, report_to=[], use_cpu=True)
     with pytest.raises(ValueError, match="quantised with gguf"):
         Trainer(model=model, args=args, train_dataset=[{"input_ids": token_batch()[0]}])
+
+
+@pytest.mark.integration
+def test_smollm2_loaded_from_its_gguf_trains_where_transformers_trainer_refuses_it(tmp_path):
+    """transformers marks a GGUF load quantised (its quantiser says untrainable) though it dequantises the weights."""
+    import transformers
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from lorakit.hf import Trainer
+    from lorakit.models.llm import smollm2_gguf
+
+    gguf = smollm2_gguf()
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    assert model.is_quantized
+    lk.inject(model, lk.LoRAConfig(rank=4, alpha=8, targets=["q_proj", "v_proj"]))
+    ids = token_batch(batch=2, length=8)
+    rows = [{"input_ids": row, "labels": row} for row in ids]
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=1, per_device_train_batch_size=2,
+                             learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
+    with pytest.raises(ValueError, match="purely quantized"):
+        transformers.Trainer(model=model, args=args, train_dataset=rows)
+    before = adapter_state(model)
+    Trainer(model=model, args=args, train_dataset=rows).train()
+    assert all(not torch.equal(v, before[k]) for k, v in adapter_state(model).items() if "lora_B" in k)

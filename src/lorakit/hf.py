@@ -41,6 +41,7 @@ from transformers.trainer import TRAINING_ARGS_NAME
 
 from .checkpoint import CONFIG_FILE, load_adapter, save_adapter
 from .inject import unwrap_model
+from .layers.base import quantisation
 
 
 def _lorakit_model(model) -> torch.nn.Module | None:
@@ -56,14 +57,17 @@ def _counted_as_adapted(model):
     models": ``is_quantized`` set (bitsandbytes, a GGUF load that keeps its blocks, ...) and neither a PEFT model nor
     ``_hf_peft_config_loaded`` (transformers' own PEFT integration). lorakit's adapters are attached too, so that
     flag is set on this model for the constructor's duration only. A quantisation that transformers cannot train
-    through (``hf_quantizer.is_trainable`` False) is still refused, as it is for a PEFT model.
+    through (``hf_quantizer.is_trainable`` False) is still refused while the model holds packed weights; a GGUF
+    load, which transformers marks so but dequantises into plain float weights, trains.
     """
     inner = _lorakit_model(model)
     if inner is None or not getattr(inner, "is_quantized", False) or getattr(inner, "_hf_peft_config_loaded", False):
         yield
         return
     quantizer = getattr(inner, "hf_quantizer", None)
-    if quantizer is not None and not quantizer.is_trainable:
+    packed = any(quantisation(m) is not None for m in inner.modules() if isinstance(getattr(m, "weight", None),
+                                                                                  torch.Tensor))
+    if quantizer is not None and not quantizer.is_trainable and packed:
         method = quantizer.quantization_config.quant_method
         raise ValueError(f"the base model is quantised with {method}, which transformers cannot train through; "
                          "load it dequantised or with a quantisation transformers trains through (bitsandbytes)")
