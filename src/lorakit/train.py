@@ -23,13 +23,13 @@ from tqdm import tqdm
 
 from ._io import save_tensors
 from .batches import BatchOrder
-from .inject import reshard
 from .losses import Batch, LossFn, PredictFn, classification_loss, classify
 from .losses import distillation_loss  # noqa: F401 (lorakit.train.distillation_loss, as before)
 from .optim import LRMultiplier, make_optimizer as _make_optimizer, make_scheduler  # noqa: F401 (re-exported)
 from .parallel import gathered, global_mean, rank_and_world
 from .train_state import (LoopState, TrainHistory, fingerprint, is_sharded, load_state, rng_state, save_state,
                           set_rng_state, trained_tensors)
+from .wrapped import reshard
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "linear", "cosine")

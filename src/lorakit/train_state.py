@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ._io import atomic_write
-from .inject import reshard
+from .wrapped import reshard
 
 
 @dataclass
