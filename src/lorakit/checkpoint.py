@@ -24,8 +24,8 @@ from .checkpoint_config import (BIN_FILE, CONFIG_FILE, WEIGHTS_FILE, AdapterLoad
                                 peft_mismatch, prompt_mismatch, read_config)
 from .checkpoint_tensors import LEGACY_PROMPT_KEY, PREFIX, PROMPT_KEY, DTensor, adapter_tensors, check_tensors, describe, expected_tensors
 from .config import LoRAConfig, PromptConfig
-from .inject import (_merge_parametrization, _unmerge_parametrization, adapter_layers, delete_adapter, inject,
-                     parametrizations, reshard, set_active, unwrap_model)
+from .inject import adapter_layers, adapters, delete_adapter, inject, set_active
+from .wrapped import reshard, unwrap_model
 
 __all__ = ["save_adapter", "load_adapter", "read_config", "read_weights", "adapter_tensors", "AdapterLoadError",
            "PREFIX", "CONFIG_FILE", "WEIGHTS_FILE", "BIN_FILE"]
@@ -222,14 +222,9 @@ def _check_same_adapter(model: nn.Module, name: str, existing, file: FileConfig)
 
 
 def _merged_parts(model: nn.Module, name: str) -> list[tuple]:
-    """(merge, unmerge) callables for every layer and parametrization where adapter ``name`` is merged."""
-    parts = [(layer.merge, layer.unmerge) for _, layer in adapter_layers(model)
-             if getattr(layer, "merged_adapter", None) == name]
-    for _, module, pname, lora in parametrizations(model):
-        if lora.adapter_name == name and lora.merged:
-            parts.append((lambda m=module, p=pname, lo=lora: _merge_parametrization(m, p, lo),
-                          lambda m=module, p=pname, lo=lora: _unmerge_parametrization(m, p, lo)))
-    return parts
+    """(merge, unmerge) callables for every layer and parametrized weight where adapter ``name`` is merged."""
+    return [(layer.merge, layer.unmerge) for _, layer in adapters(model)
+            if getattr(layer, "merged_adapter", None) == name]
 
 
 def _replace_values(model: nn.Module, name: str, weights: dict[str, torch.Tensor]) -> None:

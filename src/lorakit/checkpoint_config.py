@@ -29,7 +29,8 @@ from torch import nn
 
 from . import config as configs
 from .config import LoRAConfig, check_bool, check_choice, check_int, check_names, check_number, check_targets
-from .inject import adapter_layers, candidate_modules, is_hf_conv1d, parametrizations
+from .inject import adapter_layers, candidate_modules, parametrizations
+from .layers.lora import is_hf_conv1d
 from .layers.modules_to_save import ModulesToSave
 from .sharing import module_paths
 from .targets import parent_reading

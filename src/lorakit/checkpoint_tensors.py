@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from .checkpoint_config import AdapterLoadError, FileConfig, peft_mismatch
-from .inject import adapter_layers, inject, is_hf_conv1d, parametrizations
+from .inject import adapter_layers, inject, parametrizations
+from .layers.lora import is_hf_conv1d
 from .layers.prompt import ATTRIBUTE as PROMPT_ATTRIBUTE, SoftPrompt
 
 try:  # FSDP2's sharded tensors

@@ -40,8 +40,8 @@ import transformers
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from .checkpoint import CONFIG_FILE, load_adapter, save_adapter
-from .inject import unwrap_model
 from .layers.base import quantisation
+from .wrapped import unwrap_model
 
 
 def _lorakit_model(model) -> torch.nn.Module | None:

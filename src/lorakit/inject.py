@@ -6,169 +6,38 @@ Every lorakit layer follows one small protocol (duck-typed, like torchtune's ``a
 The model remembers its adapters' configs in ``model.lorakit_configs`` ({name: config}) and the active one in
 ``model.lorakit_active``; while it has any, a model whose class has ``save_pretrained`` (a Hugging Face model) gets
 an instance ``save_pretrained`` that writes the adapters instead (``pretrained.py``). What a config targets is
-decided in ``targets.py``; how each config class is injected is the one table :data:`METHODS` below.
+decided in ``targets.py``; how each config class is injected is the one table :data:`~lorakit.methods.METHODS`.
 
 ``requires_grad``: the first ``inject`` on a model freezes every parameter the model has then (as PEFT).
 After that lorakit only switches its own parameters: the active adapter's train, the other adapters' do
 not. A base parameter the user unfreezes stays as the user left it through ``inject``, ``set_active``,
 ``load_adapter`` and ``delete_adapter``.
 
-Every public function accepts a model wrapped by DDP/DataParallel or ``torch.compile`` (:func:`unwrap_model`).
+A parametrize-mode adapter (:class:`~lorakit.layers.parametrize.LoRAParametrization`) is walked as a
+:class:`~lorakit.layers.parametrize.ParametrizedWeight`, which follows the same protocol (:func:`adapters`), so
+each operation below is written once. Every public function accepts a model wrapped by DDP/DataParallel or
+``torch.compile`` (:func:`lorakit.wrapped.unwrap_model`).
 """
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .config import AdapterConfig, CLoRAConfig, LoRAConfig, PromptConfig
-from .layers.adapter import adapter_wrapper_for, check_adapter_targets
-from .layers.clora import CLoRALayer, clora_wrapper_for
-from .layers.base import linear_features, quantisation, warn_requantising
-from .layers.lora import is_hf_conv1d, lora_wrapper_for
+from .layers.base import quantisation, warn_requantising
 from .layers.modules_to_save import ModulesToSave
-from .layers.parametrize import LoRAParametrization
-from .layers.prompt import inject_prompt
+from .layers.parametrize import LoRAParametrization, ParametrizedWeight
+from .methods import METHODS, Method
 from .pretrained import sync_save_pretrained
-from .sharing import refuse_tied, replace_everywhere, set_module, tied_partners, user_path, weight_owners
-from .targets import (SUPPORTED, Site, base_of, candidate_modules, find_targets, is_adapter_layer, lora_sites,
-                      matches, wrapper_sites)
+from .sharing import refuse_tied, replace_everywhere, tied_partners, weight_owners
+from .targets import SUPPORTED, Site, base_of, candidate_modules, find_targets, is_adapter_layer, matches
+from .wrapped import reshard, unwrap_model
 
-_set_module = set_module  # older name, used by compress/svd.py
-
-__all__ = ["inject", "set_active", "delete_adapter", "merge", "unmerge", "disabled", "unload", "unwrap_model",
-           "METHODS", "Method", "find_targets", "candidate_modules", "adapter_layers", "parametrizations",
-           "is_adapter_layer", "is_hf_conv1d", "SUPPORTED"]
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The user's model inside a DDP / DataParallel (``.module``) or ``torch.compile`` (``._orig_mod``) wrapper.
-
-    FSDP2's ``fully_shard`` shards in place (same module, DTensor parameters), so it needs no unwrapping.
-    Every public entry point calls this first, so keys and attributes are those of the plain model.
-    """
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch._dynamo's OptimizedModule
-            model = model._orig_mod
-        else:
-            return model
-
-
-def reshard(model: nn.Module) -> None:
-    """Put every FSDP2 unit of ``model`` back in its sharded state (nothing to do without FSDP2).
-
-    A forward without a backward leaves the root unit's gathered parameters registered, and the next forward uses
-    them as they are. A write into the shards (merge, a loaded adapter, restored weights) must come after this, or
-    that forward would not see it.
-    """
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # a torch built without distributed
-        return
-    for module in unwrap_model(model).modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()
-
-
-# -- the methods ----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Method:
-    """How ``inject`` handles one config class."""
-
-    wrapper_for: Optional[Callable[[nn.Module], Optional[type]]] = None
-    """module -> the wrapper class that adapts it, or None when unsupported (per-layer methods)."""
-    sites: Callable = wrapper_sites
-    """(model, cfg, wrapper_for, skip) -> the :class:`~lorakit.targets.Site` list, target errors raised."""
-    check: Optional[Callable[[nn.Module, list, object], None]] = None
-    """(model, sites, cfg): refuses unsuitable targets before anything changes."""
-    attach: Optional[Callable[[nn.Module, object, str], None]] = None
-    """(model, cfg, name) for a method that is not a per-layer wrapper (soft prompts)."""
-    merge_refusal: Optional[str] = None
-    """Why an active adapter of this method cannot be merged; None when it can."""
-
-
-def _tied_refusal(model: nn.Module, sites: list[Site], what: str) -> None:
-    owners = weight_owners(model)
-    for site in sites:
-        module = base_of(model.get_submodule(site.path))
-        refuse_tied(what, site.path, tied_partners(owners, getattr(module, site.param or "weight"), module))
-
-
-def _refuse_quantised(model: nn.Module, sites: list[Site], what: str) -> None:
-    """Methods that change or read W itself (parametrize form, PiSSA, C-LoRA) cannot work on a quantised weight."""
-    for site in sites:
-        module = base_of(model.get_submodule(site.path))
-        kind = quantisation(module) if site.param in (None, "weight") else None
-        if kind is not None:
-            raise ValueError(f"{what} needs a plain weight, but {site.path!r} is quantised ({kind}); use LoRA with "
-                             "mode='module' and init='kaiming' or 'gaussian' on quantised layers")
-
-
-def _check_lora(model: nn.Module, sites: list[Site], cfg: LoRAConfig) -> None:
-    if cfg.mode == "parametrize":
-        _refuse_quantised(model, sites, "LoRA mode='parametrize'")
-    for site in (s for s in sites if s.param is None):
-        module = base_of(model.get_submodule(site.path))
-        if isinstance(module, nn.Linear):
-            linear_features(module)  # a quantised layer without logical features is refused by name
-    read = [s for s in sites if s.param is not None and cfg.mode == "module"]
-    if read and cfg.dropout > 0:
-        raise ValueError(f"LoRA dropout needs the layer's own forward, but {read[0].path!r}'s parent reads its "
-                         f"{read[0].param} directly (adapted in parametrize form, which has no dropout); set "
-                         f"dropout=0 or leave {read[0].path!r} out of targets")
-    if cfg.init != "svd":
-        return
-    _refuse_quantised(model, sites, "init='svd' (PiSSA, which leaves the residual in W)")
-    if read:
-        raise ValueError(f"init='svd' needs a wrapped layer, but {read[0].path!r}'s parent reads its "
-                         f"{read[0].param} directly (parametrize form); use init='kaiming' or exclude it")
-    wrapped = [(s.path, base_of(model.get_submodule(s.path))) for s in sites if s.param is None]
-    bad = [p for p, m in wrapped if not (isinstance(m, nn.Linear) or is_hf_conv1d(m))]
-    if bad:
-        raise ValueError(f"init='svd' supports Linear and Conv1D layers only; {bad[0]!r} is not one")
-    small = [(p, min(m.weight.shape)) for p, m in wrapped if min(m.weight.shape) < cfg.rank]
-    if small:
-        raise ValueError(f"init='svd' needs rank <= min(in, out); layer {small[0][0]!r} allows at most "
-                         f"{small[0][1]}, got rank={cfg.rank}")
-    _tied_refusal(model, sites, "init='svd' (which leaves the residual in W)")
-
-
-def _check_adapters(model: nn.Module, sites: list[Site], cfg: AdapterConfig) -> None:
-    check_adapter_targets(model, [s.path for s in sites])
-
-
-def _check_clora(model: nn.Module, sites: list[Site], cfg: CLoRAConfig) -> None:
-    """rank < min(out, in) everywhere, one C-LoRA adapter per layer (W decays once)."""
-    _refuse_quantised(model, sites, "C-LoRA (which decays W)")
-    for site in sites:
-        module = model.get_submodule(site.path)
-        if isinstance(module, CLoRALayer) and module.adapter_names:
-            raise ValueError(f"layer {site.path!r} already holds C-LoRA adapter {module.adapter_names[0]!r}; W decays "
-                             "once, so a layer takes one C-LoRA adapter (delete_adapter it first)")
-        shape = base_of(module).weight.flatten(1).shape
-        if cfg.rank >= min(shape):
-            raise ValueError(f"rank {cfg.rank} >= min(out, in) = {min(shape)} of layer {site.path!r} (weight "
-                             f"{tuple(shape)}): no compression; choose rank < {min(shape)} or leave {site.path!r} "
-                             "out of targets")
-    if cfg.init == "svd":
-        _tied_refusal(model, sites, "C-LoRA init='svd' (which leaves the residual in W)")
-
-
-METHODS: dict[type, Method] = {
-    LoRAConfig: Method(lora_wrapper_for, sites=lora_sites, check=_check_lora),
-    AdapterConfig: Method(adapter_wrapper_for, check=_check_adapters),
-    CLoRAConfig: Method(clora_wrapper_for, check=_check_clora, merge_refusal=(
-        "C-LoRA layers do not merge into W (W decays away); train to the end of the schedule and call "
-        "lorakit.compress(model) to get the low-rank model, or unload(model, merge=False)")),
-    PromptConfig: Method(attach=inject_prompt),
-}
-"""Config class -> how it is injected. The one registry of methods: add a method here, nowhere else."""
+__all__ = ["inject", "set_active", "delete_adapter", "merge", "unmerge", "disabled", "unload", "METHODS", "Method",
+           "find_targets", "candidate_modules", "adapter_layers", "parametrizations", "adapters",
+           "is_adapter_layer", "SUPPORTED"]
 
 
 # -- inject ---------------------------------------------------------------------------------------
@@ -275,6 +144,14 @@ def parametrizations(model: nn.Module) -> list[tuple[str, nn.Module, str, LoRAPa
     return found
 
 
+def adapters(model: nn.Module) -> list[tuple[str, object]]:
+    """Every adapter layer, then every parametrized weight (:class:`ParametrizedWeight`), with its path (a
+    parametrized weight other than ``weight`` is named ``<module path>.<parameter>``): all follow one protocol."""
+    weights = [(path if pname == "weight" else f"{path}.{pname}", ParametrizedWeight(module, pname, lora))
+               for path, module, pname, lora in parametrizations(model)]
+    return adapter_layers(model) + weights
+
+
 def _require(model: nn.Module, name: str) -> None:
     names = list(getattr(model, "lorakit_configs", {}))
     if name not in names:
@@ -286,12 +163,8 @@ def set_active(model: nn.Module, name: str) -> None:
     model = unwrap_model(model)
     _require(model, name)
     reshard(model)  # switching may unmerge
-    for _, layer in adapter_layers(model):
+    for _, layer in adapters(model):
         layer.set_active(name if name in layer.adapter_names else None)
-    for _, module, pname, lora in parametrizations(model):
-        if lora.adapter_name != name:  # as the wrappers do: a merged adapter switched off is taken out
-            _unmerge_parametrization(module, pname, lora)
-        lora.enabled = lora.adapter_name == name
     _mark_trainable(model, name)
     model.lorakit_active = name
 
@@ -299,14 +172,10 @@ def set_active(model: nn.Module, name: str) -> None:
 def _mark_trainable(model: nn.Module, name: str) -> None:
     """Adapter ``name``'s parameters train, every other adapter's do not; no other parameter is touched."""
     own, active = {}, set()
-    for _, layer in adapter_layers(model):
+    for _, layer in adapters(model):
         own |= {id(p): p for p in layer.adapter_parameters()}
         if name in layer.adapter_names:
             active |= {id(p) for p in layer.adapter_parameters(name)}
-    for _, _, _, lora in parametrizations(model):
-        own |= {id(p): p for p in lora.adapter_parameters()}
-        if lora.adapter_name == name:
-            active |= {id(p) for p in lora.adapter_parameters()}
     for key, p in own.items():
         p.requires_grad_(key in active)
 
@@ -331,23 +200,16 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 
 def _remove_from_layers(model: nn.Module, name: str) -> None:
     """Take adapter ``name`` out of every layer and parametrization; drop layers left empty."""
-    for path, layer in adapter_layers(model):
+    for path, layer in adapters(model):
         if name in layer.adapter_names:
             layer.delete_adapter(name)
         if not layer.adapter_names:
             _remove_layer(model, path, layer)
-    for _, module, pname, lora in parametrizations(model):
-        if lora.adapter_name == name:
-            _unmerge_parametrization(module, pname, lora)
-            plist = module.parametrizations[pname]
-            if len(plist) == 1:
-                parametrize.remove_parametrizations(module, pname, leave_parametrized=False)
-            else:
-                del plist[[i for i, p in enumerate(plist) if p is lora][0]]
 
 
-def _remove_layer(model: nn.Module, path: str, layer: nn.Module) -> None:
-    """Put the plain module back at every path; a layer that wraps nothing (a soft prompt) takes itself off."""
+def _remove_layer(model: nn.Module, path: str, layer) -> None:
+    """Put the plain module back at every path; a layer that wraps nothing (a soft prompt, a parametrization)
+    takes itself off."""
     detach = getattr(layer, "detach_from", None)
     if callable(detach):
         detach(model, path)
@@ -356,11 +218,19 @@ def _remove_layer(model: nn.Module, path: str, layer: nn.Module) -> None:
 
 
 # -- merge / disable / unload ---------------------------------------------------------------------
+def _merge_weight(layer) -> tuple[torch.Tensor, nn.Module] | None:
+    """The weight a merge of ``layer`` writes into and the module that owns it; None when it merges into none."""
+    own = getattr(layer, "merge_weight", None)
+    if callable(own):
+        return own()
+    return (layer.base_layer.weight, layer.base_layer) if hasattr(layer, "delta_weight") else None
+
+
 def _check_mergeable(model: nn.Module) -> None:
     """Refuse, before anything changes, to merge an active adapter that cannot be folded into its weight."""
     configs = getattr(model, "lorakit_configs", {})
     owners = weight_owners(model)
-    for path, layer in adapter_layers(model):
+    for path, layer in adapters(model):
         check = getattr(layer, "check_mergeable", None)
         if callable(check):
             check()
@@ -368,14 +238,9 @@ def _check_mergeable(model: nn.Module) -> None:
         refusal = METHODS[type(configs[active])].merge_refusal if active in configs else None
         if refusal is not None:
             raise ValueError(f"layer {path!r}: {refusal}")
-        if active is not None and getattr(layer, "merged_adapter", None) is None and hasattr(layer, "delta_weight"):
-            base = layer.base_layer
-            refuse_tied("merge", path, tied_partners(owners, base.weight, base))
-    for path, module, pname, lora in parametrizations(model):
-        if lora.enabled and not lora.merged:
-            plist = module.parametrizations[pname]
-            target = path if pname == "weight" else f"{path}.{pname}"
-            refuse_tied("merge", target, tied_partners(owners, plist.original, plist))
+        target = _merge_weight(layer)
+        if active is not None and getattr(layer, "merged_adapter", None) is None and target is not None:
+            refuse_tied("merge", path, tied_partners(owners, *target))
 
 
 def merge(model: nn.Module) -> nn.Module:
@@ -386,41 +251,21 @@ def merge(model: nn.Module) -> nn.Module:
     to_merge = [layer for _, layer in adapter_layers(inner) if hasattr(layer, "delta_weight")
                 and layer.active_adapter is not None and layer.merged_adapter is None]
     warn_requantising(_quantised_kinds(to_merge))
-    for _, layer in adapter_layers(inner):
+    for _, layer in adapters(inner):
         if getattr(layer, "active_adapter", None) is not None:
             layer.merge()
-    for _, module, pname, lora in parametrizations(inner):
-        if lora.enabled:
-            _merge_parametrization(module, pname, lora)
     return model
-
-
-def _merge_parametrization(module: nn.Module, pname: str, lora: LoRAParametrization) -> None:
-    if not lora.merged:
-        with torch.no_grad():
-            original = module.parametrizations[pname].original
-            original += lora.delta(original.shape)
-        lora.merged = True
-
-
-def _unmerge_parametrization(module: nn.Module, pname: str, lora: LoRAParametrization) -> None:
-    if lora.merged:
-        with torch.no_grad():
-            original = module.parametrizations[pname].original
-            original -= lora.delta(original.shape)
-        lora.merged = False
 
 
 def unmerge(model: nn.Module) -> nn.Module:
     """Take merged adapter weights back out of the base weights (idempotent)."""
     inner = unwrap_model(model)
-    if any(_merged(inner)):
+    merged = _merged(inner)
+    if merged:
         reshard(inner)  # only then: disabled() calls this inside training steps, between forward and backward
-        warn_requantising(_quantised_kinds(_merged(inner)[0]))
-    for _, layer in adapter_layers(inner):
+        warn_requantising(_quantised_kinds(merged))
+    for _, layer in adapters(inner):
         layer.unmerge()
-    for _, module, pname, lora in parametrizations(inner):
-        _unmerge_parametrization(module, pname, lora)
     return model
 
 
@@ -429,38 +274,29 @@ def _quantised_kinds(layers) -> set[str]:
     return {kind for layer in layers if (kind := quantisation(getattr(layer, "base_layer", layer))) is not None}
 
 
-def _merged(inner: nn.Module) -> tuple[list, list]:
-    """The adapter layers, and the (module, name, parametrization) triples, that hold a merged adapter."""
-    layers = [layer for _, layer in adapter_layers(inner) if getattr(layer, "merged_adapter", None) is not None]
-    return layers, [(m, pn, lora) for _, m, pn, lora in parametrizations(inner) if lora.merged]
+def _merged(inner: nn.Module) -> list:
+    """The adapter layers and parametrized weights that hold a merged adapter."""
+    return [layer for _, layer in adapters(inner) if getattr(layer, "merged_adapter", None) is not None]
 
 
 @contextlib.contextmanager
 def disabled(model: nn.Module):
     """Inside, the model computes exactly what the base model computes (merged adapters are taken out)."""
     inner = unwrap_model(model)
-    layers = [layer for _, layer in adapter_layers(inner)]
-    loras = parametrizations(inner)
-    merged, merged_p = _merged(inner)
-    enabled = [lora.enabled for *_, lora in loras]
+    layers = [layer for _, layer in adapters(inner)]
+    merged = [layer for layer in layers if getattr(layer, "merged_adapter", None) is not None]
     unmerge(inner)
     for layer in layers:
         layer.disabled = True
-    for *_, lora in loras:
-        lora.enabled = False
     try:
         yield model
     finally:
         for layer in layers:
             layer.disabled = False
-        for (*_, lora), was in zip(loras, enabled):
-            lora.enabled = was
-        if merged or merged_p:
+        if merged:
             reshard(inner)
         for layer in merged:
             layer.merge()
-        for module, pname, lora in merged_p:
-            _merge_parametrization(module, pname, lora)
 
 
 def unload(model: nn.Module, merge: bool = True) -> nn.Module:
@@ -472,7 +308,7 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     if merge:
         _check_mergeable(inner)
     reshard(inner)
-    for path, layer in reversed(adapter_layers(inner)):
+    for path, layer in reversed(adapters(inner)):
         if isinstance(layer, ModulesToSave):
             keep = layer.modules_to_save[layer.active_adapter] if merge and layer.active_adapter else layer.original_module
             replace_everywhere(inner, layer, keep)
@@ -483,14 +319,6 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
         for name in [n for n in layer.adapter_names if n != kept]:
             layer.delete_adapter(name)  # the layer gives its base back as it was (unmerged, residuals restored)
         _remove_layer(inner, path, layer)
-    for _, module, pname, lora in parametrizations(inner):
-        if merge and lora.enabled:
-            _merge_parametrization(module, pname, lora)
-        elif not merge:
-            _unmerge_parametrization(module, pname, lora)
-    for module in {id(m): m for _, m, _, _ in parametrizations(inner)}.values():
-        for pname in list(module.parametrizations):
-            parametrize.remove_parametrizations(module, pname, leave_parametrized=False)
     for attr in ("lorakit_configs", "lorakit_active"):
         inner.__dict__.pop(attr, None)
     sync_save_pretrained(inner)

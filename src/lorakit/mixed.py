@@ -21,8 +21,9 @@ from typing import Sequence
 from torch import nn
 
 from .config import LoRAConfig
-from .inject import adapter_layers, parametrizations, unwrap_model
+from .inject import adapter_layers, parametrizations
 from .layers.lora import LoRAEmbedding, LoRALinear, LoRAWrapper
+from .wrapped import unwrap_model
 
 
 def _refusal(model: nn.Module, names: list[str | None]) -> str | None:

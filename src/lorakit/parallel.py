@@ -20,6 +20,8 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from .wrapped import unwrap_model
+
 MODES = ("none", "ddp", "fsdp")
 
 
@@ -102,8 +104,6 @@ def training_copy(model: nn.Module, parallel: str) -> Iterator[nn.Module]:
 
 def same_parameters(params: list, model: nn.Module, other: nn.Module) -> list:
     """``other``'s parameters at the paths where ``params`` sit in ``model`` (``other`` may be wrapped)."""
-    from .inject import unwrap_model
-
     path = {id(p): name for name, p in unwrap_model(model).named_parameters()}
     missing = [p for p in params if id(p) not in path]
     if missing:
@@ -162,8 +162,6 @@ def barrier() -> None:
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The plain model's state dict with every sharded (DTensor) entry gathered whole; call it on every rank."""
-    from .inject import unwrap_model
-
     return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
             for k, v in unwrap_model(model).state_dict().items()}
 

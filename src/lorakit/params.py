@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 from .config import LoRAConfig
-from .inject import adapter_layers, find_targets, is_adapter_layer, parametrizations, unwrap_model
+from .inject import adapter_layers, find_targets, is_adapter_layer, parametrizations
 from .layers.base import linear_features, logical_numel
 from .layers.lora import is_hf_conv1d, lora_wrapper_for
+from .wrapped import unwrap_model
 
 
 @dataclass(frozen=True)

@@ -11,29 +11,25 @@ random state is left as it was. The same config and the same initial model give 
 from __future__ import annotations
 
 import math
-import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
 from tqdm import tqdm
 
 from ._io import save_tensors
 from .batches import BatchOrder
-from .inject import reshard
+from .losses import Batch, LossFn, PredictFn, classification_loss, classify
+from .losses import distillation_loss  # noqa: F401 (lorakit.train.distillation_loss, as before)
 from .optim import LRMultiplier, make_optimizer as _make_optimizer, make_scheduler  # noqa: F401 (re-exported)
 from .parallel import gathered, global_mean, rank_and_world
-from .train_state import (check_fingerprint, fingerprint, is_sharded, load_sharded, load_state, rng_state,
-                          save_sharded, save_state, set_rng_state, trained_tensors)
-
-Batch = Any  # (inputs, labels) or a dict of tensors
-LossFn = Callable[[nn.Module, Batch], torch.Tensor]
-PredictFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, torch.Tensor]]
+from .train_state import (LoopState, TrainHistory, fingerprint, is_sharded, load_state, rng_state, save_state,
+                          set_rng_state, trained_tensors)
+from .wrapped import reshard
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "linear", "cosine")
@@ -120,27 +116,6 @@ class TrainConfig:
 
 
 @dataclass
-class TrainHistory:
-    """What a training run did. ``losses[i]`` is the mean loss of the window ending at ``loss_steps[i]``."""
-
-    steps: int = 0
-    seconds: float = 0.0
-    average_loss: float = float("nan")
-    loss_steps: list[int] = field(default_factory=list)
-    losses: list[float] = field(default_factory=list)
-    val_steps: list[int] = field(default_factory=list)
-    """Steps at which the validation data was scored (empty without validation data)."""
-    val_accuracies: list[float] = field(default_factory=list)
-    best_step: int | None = None
-    """Step of the best validation accuracy; with ``keep_best`` the model holds that step's weights."""
-    best_val_accuracy: float | None = None
-    stopped_early: bool = False
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
 class EvalResult:
     """Classification metrics; accuracies are in percent, lists are indexed by class."""
 
@@ -166,67 +141,6 @@ class EvalResult:
         out = asdict(self)
         out["per_class_accuracy"] = [None if math.isnan(a) else a for a in self.per_class_accuracy]
         return out
-
-
-# The default hooks ------------------------------------------------------------------------------------
-
-
-def _logits(output: Any) -> torch.Tensor:
-    """A model's logits, whether it returns a tensor or a Hugging Face ``ModelOutput``."""
-    return output if isinstance(output, torch.Tensor) else output.logits
-
-
-def classification_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """Cross-entropy for ``(inputs, labels)``; for a dict batch, the loss the model itself returns."""
-    if isinstance(batch, Mapping):
-        loss = getattr(model(**batch), "loss", None)
-        if loss is None:
-            raise ValueError("the model returned no loss for a dict batch: include 'labels' in it or pass loss_fn")
-        return loss
-    inputs, labels = batch
-    return F.cross_entropy(_logits(model(inputs)), labels)
-
-
-def distillation_loss(teacher: nn.Module, weight: float = 0.5, temperature: float = 2.0) -> LossFn:
-    """A ``loss_fn`` that also learns from ``teacher``'s outputs (Hinton et al., 2015: knowledge distillation).
-
-    loss = (1 - weight) x cross-entropy(labels) + weight x T^2 x KL(teacher || student), both softmaxed at
-    temperature T. The teacher runs without gradients and must already be in eval mode (``teacher.eval()``), so
-    that its dropout does not change its targets. For a compressed model, the teacher is the dense one it came from.
-    """
-    if not 0.0 <= weight <= 1.0:
-        raise ValueError(f"distillation weight must be in [0, 1], got {weight}")
-    if temperature <= 0:
-        raise ValueError(f"distillation temperature must be > 0, got {temperature}")
-    if teacher.training:
-        raise ValueError("the teacher is in training mode: call teacher.eval() first, so dropout leaves its targets alone")
-
-    def loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:
-        if isinstance(batch, Mapping):
-            labels = batch["labels"]
-            inputs = {key: value for key, value in batch.items() if key != "labels"}
-            student = _logits(model(**inputs))
-            with torch.no_grad():
-                target = _logits(teacher(**inputs))
-        else:
-            inputs, labels = batch
-            student = _logits(model(inputs))
-            with torch.no_grad():
-                target = _logits(teacher(inputs))
-        soft = F.kl_div(F.log_softmax(student.float() / temperature, dim=-1),
-                        F.log_softmax(target.float() / temperature, dim=-1), log_target=True, reduction="batchmean")
-        return (1 - weight) * F.cross_entropy(student, labels) + weight * temperature ** 2 * soft
-
-    return loss_fn
-
-
-def classify(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(predicted class, label)`` per example; a dict batch carries its labels under ``"labels"``."""
-    if isinstance(batch, Mapping):
-        inputs = {key: value for key, value in batch.items() if key != "labels"}
-        return _logits(model(**inputs)).argmax(dim=-1), batch["labels"]
-    inputs, labels = batch
-    return _logits(model(inputs)).argmax(dim=-1), labels
 
 
 # Helpers ----------------------------------------------------------------------------------------------
@@ -304,123 +218,138 @@ def train(
     logged loss is the global mean, a NaN on any rank stops every rank at the same step, and only rank 0 writes
     files and shows progress.
     """
-    loss_fn = loss_fn or classification_loss
-    params = list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("nothing to train: no parameter has requires_grad=True")
-    dataset = _as_dataset(data)
-    rank, world = rank_and_world(model)
-    order = BatchOrder(len(dataset), cfg.batch_size, cfg.seed, cfg.shuffle, rank, world)
-    collate = collate_fn or default_collate
-    total_steps = cfg.total_steps(order.batches_per_epoch)
-    optimizer = _make_optimizer(params, cfg)
-    scheduler = make_scheduler(optimizer, cfg, total_steps)
-    eval_every = cfg.eval_every or order.batches_per_epoch
-    stateful = dict(stateful or {})
-    tensors = trained_tensors(model, params)
-    stamp = fingerprint(cfg, tensors)
-    sharded, last_folder = is_sharded(tensors), None
-    device = _device_of(model)
-    history, loop = TrainHistory(), {"loss_sum": 0.0, "window": [], "stale": 0, "last_checkpoint": None}
-    best: dict[str, torch.Tensor] | None = None
-    bar = tqdm(total=total_steps, unit="step", desc="train", dynamic_ncols=True,
-               disable=rank != 0 or (None if cfg.progress is None else not cfg.progress))
+    run = _Run(model, data, cfg, loss_fn=loss_fn, on_step=on_step, params=params, collate_fn=collate_fn,
+               validation=validation, num_classes=num_classes, predict_fn=predict_fn, stateful=stateful)
     was_training = model.training
     start = time.perf_counter()
     model.train()
     try:
-        with torch.random.fork_rng(devices=[]), bar:  # seeded dropout/noise; the caller's RNG is untouched
+        with torch.random.fork_rng(devices=[]), run.bar:  # seeded dropout/noise; the caller's RNG is untouched
             torch.manual_seed(cfg.seed)
             if cfg.resume and cfg.state_path and Path(cfg.state_path).is_file():
-                saved = load_state(cfg.state_path)
-                check_fingerprint(saved["fingerprint"], stamp, cfg.state_path)
-                if sharded:
-                    saved["best"] = load_sharded(saved["sharded"], model, optimizer, tensors, saved["has_best"])
-                    last_folder = saved["sharded"]
-                else:
-                    with torch.no_grad():
-                        for name, tensor in tensors.items():
-                            tensor.copy_(saved["model"][name])
-                    optimizer.load_state_dict(saved["optimizer"])
-                scheduler.load_state_dict(saved["scheduler"])
-                order.load_state_dict(saved["order"])
-                set_rng_state(saved["rng"][rank], device)
-                for key, obj in stateful.items():
-                    obj.load_state_dict(saved["stateful"][key])
-                history, loop, best = TrainHistory(**saved["history"]), saved["loop"], saved["best"]
-                bar.update(history.steps)
-            step = history.steps
-            while step < total_steps and not history.stopped_early:
-                batch = order.next_batch()
-                loss = loss_fn(model, _to_device(collate(_fetch(dataset, batch.indices)), device))
-                value = global_mean(loss.detach(), batch.weight, world)
-                if not math.isfinite(value):
-                    raise _diverged(step + 1, value, cfg.checkpoint, loop["last_checkpoint"])
-                optimizer.zero_grad(set_to_none=True)
-                (loss if batch.weight == 1.0 else loss * batch.weight).backward()
-                if cfg.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                step += 1
-                if on_step is not None:
-                    on_step(step)
-
-                loop["loss_sum"] += value
-                loop["window"].append(value)
-                history.steps, history.average_loss = step, loop["loss_sum"] / step
-                if len(loop["window"]) == cfg.log_every or step == total_steps:
-                    history.loss_steps.append(step)
-                    history.losses.append(sum(loop["window"]) / len(loop["window"]))
-                    bar.set_postfix(loss=f"{history.losses[-1]:.4f}", refresh=False)
-                    loop["window"] = []
-                bar.update(1)
-
-                at_checkpoint = step % cfg.checkpoint_every == 0 or step == total_steps
+                run.resume()
+            while run.loop.history.steps < run.total_steps and not run.loop.history.stopped_early:
+                step = run.one_step()
+                at_checkpoint = step % cfg.checkpoint_every == 0 or step == run.total_steps
                 if cfg.checkpoint and at_checkpoint:
-                    if rank == 0:
-                        _save_checkpoint(model, cfg.checkpoint, step)
-                    loop["last_checkpoint"] = step
-                if validation is not None and (step % eval_every == 0 or step == total_steps):
-                    score = evaluate(model, validation, num_classes, predict_fn=predict_fn,
-                                     collate_fn=collate_fn).accuracy  # evaluate() restores train mode
-                    history.val_steps.append(step)
-                    history.val_accuracies.append(score)
-                    if history.best_val_accuracy is None or score > history.best_val_accuracy:
-                        history.best_step, history.best_val_accuracy, loop["stale"] = step, score, 0
-                        best = {n: t.detach().clone() for n, t in tensors.items()} if cfg.keep_best else None
-                    else:
-                        loop["stale"] += 1
-                    history.stopped_early = cfg.patience is not None and loop["stale"] >= cfg.patience
-                if cfg.state_path and (at_checkpoint or history.stopped_early):
-                    rng = gathered(rng_state(device), world)  # every rank's: their dropout streams may differ
-                    state = {"fingerprint": stamp, "scheduler": scheduler.state_dict(), "order": order.state_dict(),
-                             "rng": rng, "history": history.to_dict(), "loop": loop,
-                             "stateful": {k: o.state_dict() for k, o in stateful.items()}}
-                    if sharded:  # each rank writes its shards to a new folder; the small file then points to it
-                        folder = f"{cfg.state_path}.step{step}.dcp"
-                        save_sharded(folder, model, optimizer, tensors, best)
-                        state.update(sharded=folder, has_best=best is not None)
-                    else:
-                        state.update(model={n: t.detach() for n, t in tensors.items()},
-                                     optimizer=optimizer.state_dict(), best=best)
-                    if rank == 0:
-                        save_state(cfg.state_path, state)
-                        if last_folder and last_folder != state.get("sharded"):  # only once the new one is in
-                            shutil.rmtree(last_folder, ignore_errors=True)
-                    last_folder = state.get("sharded")
-                    if world > 1:
-                        torch.distributed.barrier()
-        if best is not None:
-            if sharded:
-                reshard(model)  # so that the next forward gathers the restored weights
-            with torch.no_grad():
-                for name, tensor in tensors.items():
-                    tensor.copy_(best[name])
+                    run.save_checkpoint(step)
+                if validation is not None and (step % run.eval_every == 0 or step == run.total_steps):
+                    run.validate(step)
+                if cfg.state_path and (at_checkpoint or run.loop.history.stopped_early):
+                    run.save_state(step)
+        run.finish()
     finally:
         model.train(was_training)
-        history.seconds += time.perf_counter() - start
-    return history
+        run.loop.history.seconds += time.perf_counter() - start
+    return run.loop.history
+
+
+class _Run:
+    """One call of :func:`train`: set up, resume, one step, validate, save state, finish."""
+
+    def __init__(self, model: nn.Module, data, cfg: TrainConfig, *, loss_fn, on_step, params, collate_fn,
+                 validation, num_classes, predict_fn, stateful) -> None:
+        """Set up: the data order, optimizer, scheduler, trained tensors and their fingerprint, progress bar."""
+        self.model, self.cfg, self.on_step = model, cfg, on_step
+        self.loss_fn = loss_fn or classification_loss
+        self.params = list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("nothing to train: no parameter has requires_grad=True")
+        self.dataset = _as_dataset(data)
+        self.rank, self.world = rank_and_world(model)
+        self.order = BatchOrder(len(self.dataset), cfg.batch_size, cfg.seed, cfg.shuffle, self.rank, self.world)
+        self.collate_fn = collate_fn
+        self.total_steps = cfg.total_steps(self.order.batches_per_epoch)
+        self.optimizer = _make_optimizer(self.params, cfg)
+        self.scheduler = make_scheduler(self.optimizer, cfg, self.total_steps)
+        self.validation, self.num_classes, self.predict_fn = validation, num_classes, predict_fn
+        self.eval_every = cfg.eval_every or self.order.batches_per_epoch
+        self.stateful = dict(stateful or {})
+        self.tensors = trained_tensors(model, self.params)
+        self.stamp = fingerprint(cfg, self.tensors)
+        self.device = _device_of(model)
+        self.loop = LoopState()
+        self.bar = tqdm(total=self.total_steps, unit="step", desc="train", dynamic_ncols=True,
+                        disable=self.rank != 0 or (None if cfg.progress is None else not cfg.progress))
+
+    def resume(self) -> None:
+        """Continue from ``cfg.state_path``: tensors, optimizer, scheduler, data position, RNG, stateful objects."""
+        saved = load_state(self.cfg.state_path, self.stamp, self.model, self.optimizer, self.tensors)
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.order.load_state_dict(saved["order"])
+        set_rng_state(saved["rng"][self.rank], self.device)
+        for key, obj in self.stateful.items():
+            obj.load_state_dict(saved["stateful"][key])
+        self.loop = LoopState.from_saved(saved)
+        self.bar.update(self.loop.history.steps)
+
+    def one_step(self) -> int:
+        """One optimizer step on the next global batch, logged; returns the step's number (from 1)."""
+        cfg, loop = self.cfg, self.loop
+        batch = self.order.next_batch()
+        examples = (self.collate_fn or default_collate)(_fetch(self.dataset, batch.indices))
+        loss = self.loss_fn(self.model, _to_device(examples, self.device))
+        value = global_mean(loss.detach(), batch.weight, self.world)
+        step = loop.history.steps + 1
+        if not math.isfinite(value):
+            raise _diverged(step, value, cfg.checkpoint, loop.last_checkpoint)
+        self.optimizer.zero_grad(set_to_none=True)
+        (loss if batch.weight == 1.0 else loss * batch.weight).backward()
+        if cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        if self.on_step is not None:
+            self.on_step(step)
+
+        loop.loss_sum += value
+        loop.window.append(value)
+        loop.history.steps, loop.history.average_loss = step, loop.loss_sum / step
+        if len(loop.window) == cfg.log_every or step == self.total_steps:
+            loop.history.loss_steps.append(step)
+            loop.history.losses.append(sum(loop.window) / len(loop.window))
+            self.bar.set_postfix(loss=f"{loop.history.losses[-1]:.4f}", refresh=False)
+            loop.window = []
+        self.bar.update(1)
+        return step
+
+    def save_checkpoint(self, step: int) -> None:
+        if self.rank == 0:
+            _save_checkpoint(self.model, self.cfg.checkpoint, step)
+        self.loop.last_checkpoint = step
+
+    def validate(self, step: int) -> None:
+        """Score the validation data; keep the best weights, count evaluations without progress."""
+        history, loop = self.loop.history, self.loop
+        score = evaluate(self.model, self.validation, self.num_classes, predict_fn=self.predict_fn,
+                         collate_fn=self.collate_fn).accuracy  # evaluate() restores train mode
+        history.val_steps.append(step)
+        history.val_accuracies.append(score)
+        if history.best_val_accuracy is None or score > history.best_val_accuracy:
+            history.best_step, history.best_val_accuracy, loop.stale = step, score, 0
+            loop.best = {n: t.detach().clone() for n, t in self.tensors.items()} if self.cfg.keep_best else None
+        else:
+            loop.stale += 1
+        history.stopped_early = self.cfg.patience is not None and loop.stale >= self.cfg.patience
+
+    def save_state(self, step: int) -> None:
+        entries = {"fingerprint": self.stamp, "scheduler": self.scheduler.state_dict(),
+                   "order": self.order.state_dict(),
+                   "rng": gathered(rng_state(self.device), self.world),  # every rank's: dropout streams may differ
+                   **self.loop.saved_entries(),
+                   "stateful": {key: obj.state_dict() for key, obj in self.stateful.items()}}
+        self.loop.shard_folder = save_state(self.cfg.state_path, entries, self.model, self.optimizer, self.tensors,
+                                            self.loop.best, step, self.rank, self.world, self.loop.shard_folder)
+
+    def finish(self) -> None:
+        """Put back the best validation weights, if kept."""
+        if self.loop.best is None:
+            return
+        if is_sharded(self.tensors):
+            reshard(self.model)  # so that the next forward gathers the restored weights
+        with torch.no_grad():
+            for name, tensor in self.tensors.items():
+                tensor.copy_(self.loop.best[name])
 
 
 def _fetch(dataset: Dataset, indices: list[int]) -> list:

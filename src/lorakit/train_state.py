@@ -11,13 +11,68 @@ holds only tensors, numbers, strings, lists and dicts, so nothing is unpickled.
 """
 from __future__ import annotations
 
-import dataclasses
+import shutil
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from ._io import atomic_write
-from .inject import reshard
+from .wrapped import reshard
+
+
+@dataclass
+class TrainHistory:
+    """What a training run did. ``losses[i]`` is the mean loss of the window ending at ``loss_steps[i]``."""
+
+    steps: int = 0
+    seconds: float = 0.0
+    average_loss: float = float("nan")
+    loss_steps: list[int] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    val_steps: list[int] = field(default_factory=list)
+    """Steps at which the validation data was scored (empty without validation data)."""
+    val_accuracies: list[float] = field(default_factory=list)
+    best_step: int | None = None
+    """Step of the best validation accuracy; with ``keep_best`` the model holds that step's weights."""
+    best_val_accuracy: float | None = None
+    stopped_early: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class LoopState:
+    """What the loop changes as it runs, besides the model, optimizer, scheduler, data position and RNG.
+
+    The state file holds it: ``history``, ``loop`` (the four counters below), ``best`` (or, for a sharded
+    model, ``has_best`` and the DCP folder ``sharded`` that holds the tensors)."""
+
+    history: TrainHistory = field(default_factory=TrainHistory)
+    loss_sum: float = 0.0
+    """Sum of every step's loss so far (``history.average_loss`` is its mean)."""
+    window: list[float] = field(default_factory=list)
+    """Losses of the steps since the last logged window."""
+    stale: int = 0
+    """Evaluations since the best validation accuracy (for ``patience``)."""
+    last_checkpoint: int | None = None
+    """Step of the last checkpoint written (named when training diverges)."""
+    best: dict[str, torch.Tensor] | None = None
+    """The trained tensors at the best validation accuracy (with ``keep_best``)."""
+    shard_folder: str | None = None
+    """The DCP folder of the last sharded state written (removed once the next one is in)."""
+
+    def saved_entries(self) -> dict:
+        loop = {"loss_sum": self.loss_sum, "window": self.window, "stale": self.stale,
+                "last_checkpoint": self.last_checkpoint}
+        return {"history": self.history.to_dict(), "loop": loop}
+
+    @classmethod
+    def from_saved(cls, saved: dict) -> "LoopState":
+        return cls(TrainHistory(**saved["history"]), **saved["loop"], best=saved["best"],
+                   shard_folder=saved.get("sharded"))
+
 
 # Config fields that do not change the computation; a resumed run may differ in these.
 _FREE_FIELDS = {"progress", "resume", "state_path", "checkpoint", "checkpoint_every", "log_every"}
@@ -25,7 +80,7 @@ _FREE_FIELDS = {"progress", "resume", "state_path", "checkpoint", "checkpoint_ev
 
 def fingerprint(cfg, named_tensors: dict[str, torch.Tensor]) -> dict:
     """What must match between the run that saved a state and the run that resumes it."""
-    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _FREE_FIELDS}
+    config = {k: v for k, v in asdict(cfg).items() if k not in _FREE_FIELDS}
     return {"config": config, "tensors": {name: list(t.shape) for name, t in named_tensors.items()}}
 
 
@@ -52,21 +107,52 @@ def trained_tensors(model: torch.nn.Module, params: list[torch.nn.Parameter]) ->
     return named
 
 
-def save_state(path: str | Path, state: dict) -> None:
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+def save_state(path: str | Path, entries: dict, model: torch.nn.Module, optimizer, tensors: dict[str, torch.Tensor],
+               best: dict[str, torch.Tensor] | None, step: int, rank: int, world: int,
+               previous_folder: str | None) -> str | None:
+    """Write the state file: ``entries`` (everything but the tensors) plus the trained tensors, the optimizer and the
+    best weights. A plain model's go into the file itself; a sharded model's into a new DCP folder
+    ``<path>.step<step>.dcp`` that every rank writes and the file names (``sharded``, ``has_best``). Only rank 0 writes
+    the file, then removes ``previous_folder``. Returns the new folder (None for a plain model)."""
+    state = dict(entries)
+    folder = None
+    if is_sharded(tensors):
+        folder = f"{path}.step{step}.dcp"
+        save_sharded(folder, model, optimizer, tensors, best)
+        state.update(sharded=folder, has_best=best is not None)
+    else:
+        state.update(model={n: t.detach() for n, t in tensors.items()}, optimizer=optimizer.state_dict(), best=best)
+    if rank == 0:
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
+        if previous_folder and previous_folder != folder:  # only once the new one is in
+            shutil.rmtree(previous_folder, ignore_errors=True)
+    if world > 1:
+        torch.distributed.barrier()
+    return folder
 
 
-def load_state(path: str | Path) -> dict:
+def load_state(path: str | Path, stamp: dict, model: torch.nn.Module, optimizer,
+               tensors: dict[str, torch.Tensor]) -> dict:
+    """Read :func:`save_state`'s file, refuse it if its fingerprint is not ``stamp``, and load the trained tensors and
+    the optimizer in place; returns the file's entries, with ``best`` the best weights (sharded ones for a sharded
+    model) or None."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise ValueError(f"{path} is not a readable lorakit training state (truncated or corrupted?): {err}") from err
+    check_fingerprint(saved["fingerprint"], stamp, path)
+    if is_sharded(tensors):
+        saved["best"] = load_sharded(saved["sharded"], model, optimizer, tensors, saved["has_best"])
+    else:
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                tensor.copy_(saved["model"][name])
+        optimizer.load_state_dict(saved["optimizer"])
+    return saved
 
 
 def discard_state(path: str | Path) -> None:
     """Remove a finished run's state file and the DCP folders of its sharded states (``<path>.step<N>.dcp``)."""
-    import shutil
-
     path = Path(path)
     path.unlink(missing_ok=True)
     for folder in path.parent.glob(f"{path.name}.step*.dcp"):

@@ -8,11 +8,12 @@ from __future__ import annotations
 from torch import nn
 
 from ..config import CLoRAConfig
-from ..inject import set_active, unwrap_model
+from ..inject import set_active
 from ..layers.clora import CLoRALayer
 from ..layers.modules_to_save import ModulesToSave
 from ..pretrained import sync_save_pretrained
 from ..sharing import replace_everywhere
+from ..wrapped import unwrap_model
 
 _TOLERANCE = 1e-6
 

@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..inject import _set_module, find_targets
+from ..inject import find_targets
 from ..layers.lowrank import LowRankConv2d, LowRankLinear
+from ..sharing import set_module
 
 FineTune = Callable[[nn.Module, list], Any]
 
@@ -180,13 +181,13 @@ def svd_compress(model: nn.Module, rank: Optional[int] = None, targets=None, cal
         if new is not None:
             replacements.append((path, module, new))
     for path, _, new in replacements:
-        _set_module(model, path, new)
+        set_module(model, path, new)
     if finetune is not None and replacements:
         try:
             finetune(model, [p for _, _, new in replacements for p in new.parameters()])
         except BaseException:
             for path, old, _ in replacements:
-                _set_module(model, path, old)
+                set_module(model, path, old)
             raise
     return model
 

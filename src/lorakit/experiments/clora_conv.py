@@ -41,7 +41,8 @@ from . import config_from_args, output_dir
 from ..data.vision import load_cifar10, load_fashion_mnist, to_float
 from ..models import vgg_small
 from ..train import TrainConfig, evaluate
-from .compress_cells import Fit, cached_dense, calibration_batches, comma_list, compressible_targets, run_cells
+from .compress_cells import Fit, calibration_batches, comma_list, compressible_targets, run_cells
+from .harness import cached_model
 from .compress_task import CompressionConfig, add_compression_arguments, compression_rows
 from .compress_report import distill_note, result_sections, write_table
 
@@ -159,7 +160,7 @@ class ConvTask:
         cfg, model = self.cfg, self.build(seed)
         name = (f"{cfg.dataset}-w{'-'.join(map(str, cfg.widths))}-h{cfg.hidden}-n{cfg.train_size}-seed{seed}-"
                 f"epochs{cfg.dense_epochs:g}-batch{cfg.batch_size}-lr{cfg.lr:g}")
-        seconds = cached_dense(self.cache / f"{name}.safetensors", model, self._fit(cfg.dense_epochs, seed),
+        seconds = cached_model(self.cache / f"{name}.safetensors", model, self._fit(cfg.dense_epochs, seed),
                                state_path=self.cache / f"{name}.state")
         return model, seconds
 

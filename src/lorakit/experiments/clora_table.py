@@ -30,9 +30,10 @@ from ..data.vision import load_fashion_mnist, to_float
 from ..models import fmnist_mlp
 from ..train import TrainConfig, evaluate
 from .compress_cells import (CLORA_VARIANTS, CellsConfig, Fit, Key, add_cell_arguments,
-                             cached_dense, calibration_batches, clora_cell, file_size, parameter_count, run_cells,
+                             calibration_batches, clora_cell, file_size, parameter_count, run_cells,
                              svd_cell)
 from .compress_report import clora_vs_svd, merged_runs, plot_accuracy_vs_ratio, summarize, summary_table
+from .harness import cached_model
 
 DESCRIPTION = "Reproduce and beat the seed's C-LoRA Fashion-MNIST table (C-LoRA variants, SVD baselines, dense)."
 
@@ -98,7 +99,7 @@ def dense_model(cfg: CLoRATableConfig, seed: int, data, out: Path) -> tuple[nn.M
     torch.manual_seed(seed)
     model = fmnist_mlp()
     path = out / "dense" / f"seed{seed}-epochs{cfg.dense_epochs:g}-batch{cfg.batch_size}.safetensors"
-    return model, cached_dense(path, model, _fit(cfg, data, cfg.dense_epochs, seed))
+    return model, cached_model(path, model, _fit(cfg, data, cfg.dense_epochs, seed))
 
 
 def compressed_parameters(model: nn.Module) -> int:

@@ -40,7 +40,8 @@ from .. import parallel
 from ..data.text import TextCollator
 from ..train import TrainConfig, evaluate
 from . import config_from_args, output_dir
-from .compress_cells import Fit, cached_dense, compressible_targets, run_cells
+from .compress_cells import Fit, compressible_targets, run_cells
+from .harness import cached_model
 from .compress_report import distill_note, result_sections, write_table
 from .compress_task import CompressionConfig, add_compression_arguments, compression_rows
 from .text_task import BERT_TARGETS, HEAD, Examples, load_data, pretrained_classifier
@@ -151,7 +152,7 @@ class TransformerTask:
         digest = hashlib.sha1(json.dumps(protocol, sort_keys=True).encode()).hexdigest()[:12]
         name = f"seed{seed}-{digest}"
         fit = self._fit(cfg.dense_lr, cfg.dense_epochs, seed)
-        seconds = cached_dense(self.cache / f"{name}.safetensors", model, fit, state_path=self.cache / f"{name}.state")
+        seconds = cached_model(self.cache / f"{name}.safetensors", model, fit, state_path=self.cache / f"{name}.state")
         return model, seconds
 
     def layers(self, rank: int) -> list[str]:

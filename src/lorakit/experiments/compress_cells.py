@@ -32,7 +32,7 @@ from torch import nn
 
 import lorakit as lk
 from .. import parallel
-from .._io import load_tensors, save_tensors
+from .._io import save_tensors
 from ..targets import find_targets
 from ..train import TrainConfig, TrainHistory, train
 from ..train_state import discard_state
@@ -238,18 +238,6 @@ class Fit:
         if state_path is not None and parallel.is_main():
             discard_state(state_path)  # the cell is done; its row is the record
         return history
-
-
-def cached_dense(path: Path, model: nn.Module, fit: Fit, state_path: Optional[Path] = None) -> float:
-    """Train ``model`` with ``fit`` and save it to ``path``, or load it from there; returns the seconds trained."""
-    if path.is_file():
-        model.load_state_dict(load_tensors(path))
-        return 0.0
-    history = fit(model, state_path=state_path)
-    if parallel.is_main():
-        save_tensors(path, model.state_dict())
-    parallel.barrier()
-    return history.seconds
 
 
 def clora_cell(dense: nn.Module, clora: lk.CLoRAConfig, init_seed: int, fit: Fit,

@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional, Protocol
 from torch import nn
 
 import lorakit as lk
-from ..train import distillation_loss
+from ..losses import distillation_loss
 from .compress_cells import (CLORA_VARIANTS, CellsConfig, Fit, Key, add_cell_arguments, clora_cell, file_size,
                              inference_ratio, parameter_count, svd_cell)
 

@@ -24,12 +24,12 @@ from torch.utils.data import TensorDataset
 import lorakit as lk
 from . import config_from_args, output_dir
 from .. import parallel, report
-from .._io import load_tensors, save_tensors
 from ..data.vision import load_mnist, to_float
 from ..models import build_model
 from ..params import increment_summary, parameter_listing
-from ..train import TrainConfig, evaluate, train
+from ..train import TrainConfig, TrainHistory, evaluate, train
 from ..train_state import discard_state
+from .harness import cached_model
 
 DESCRIPTION = "Fix the worst MNIST digit with LoRA (seeds 000/001), optionally without forgetting the others."
 
@@ -144,21 +144,13 @@ def pretrained(cfg: DigitFinetuneConfig, train_set: TensorDataset) -> tuple[torc
     path = cache / "pretrained" / f"{cfg.model}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model)
-    if path.is_file():
-        try:
-            model.load_state_dict(load_tensors(path))
-            return model, 0.0
-        except (ValueError, RuntimeError):
-            pass  # stale or damaged cache: train again and overwrite it atomically
-    state_path = path.with_suffix(".state.pt")  # the run so far, every 500 steps: --resume continues it
-    with parallel.training_copy(model, cfg.parallel) as trained:  # afterwards every rank's plain model is trained
-        history = train(trained, train_set,
-                        replace(train_cfg, state_path=str(state_path), resume=cfg.resume, checkpoint_every=500))
-    if parallel.is_main():
-        save_tensors(path, model.state_dict(), metadata={"key": key})
-        discard_state(state_path)  # and its DCP folders (FSDP2)
-    parallel.barrier()
-    return model, history.seconds
+
+    def fit(model: torch.nn.Module, state_path: Path) -> TrainHistory:  # every 500 steps: --resume continues it
+        with parallel.training_copy(model, cfg.parallel) as trained:  # afterwards every rank's plain model is trained
+            return train(trained, train_set,
+                         replace(train_cfg, state_path=str(state_path), resume=cfg.resume, checkpoint_every=500))
+
+    return model, cached_model(path, model, fit, state_path=path.with_suffix(".state.pt"), metadata={"key": key})
 
 
 def finetune_data(cfg: DigitFinetuneConfig, train_set: TensorDataset, digit: int) -> TensorDataset:

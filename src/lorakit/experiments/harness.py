@@ -1,15 +1,17 @@
 """What every experiment shares when it runs: the store of finished cells, the check that a saved cell or table was
-made the same way, and the hooks that make a C-LoRA run resumable."""
+made the same way, the cache of dense and pre-trained models, and the hooks that make a C-LoRA run resumable."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from torch import nn
 
 import lorakit as lk
-from .._io import write_json
+from .. import parallel
+from .._io import load_tensors, save_tensors, write_json
+from ..train_state import discard_state
 
 
 # -- resuming -------------------------------------------------------------------------------------------
@@ -68,6 +70,32 @@ class CellStore:
         if write:
             write_json(self.path(key), record)
         return json.loads(json.dumps(record))
+
+
+# -- the model cache ------------------------------------------------------------------------------------
+def cached_model(path: Path, model: nn.Module, fit: Callable[..., Any],
+                 state_path: Optional[Path] = None, metadata: Optional[dict[str, str]] = None) -> float:
+    """Load ``model``'s weights from ``path``, or train it and save them there; returns the seconds trained (0 when
+    loaded). The one cache of dense and pre-trained models, for every experiment.
+
+    ``fit(model, state_path=state_path)`` (e.g. a compression experiment's ``Fit``) trains ``model`` in place and
+    returns its :class:`~lorakit.train.TrainHistory`; with ``state_path`` it saves its training state there, so a resumed run continues it, and the state is removed once
+    the weights are saved. A file that does not load (stale or damaged) is trained again and overwritten, atomically.
+    Under torchrun every rank trains and rank 0 writes."""
+    path = Path(path)
+    if path.is_file():
+        try:
+            model.load_state_dict(load_tensors(path))
+            return 0.0
+        except (ValueError, RuntimeError):
+            pass
+    history = fit(model, state_path=state_path)
+    if parallel.is_main():
+        save_tensors(path, model.state_dict(), metadata=metadata)
+        if state_path is not None:
+            discard_state(state_path)  # and its DCP folders (FSDP2)
+    parallel.barrier()
+    return history.seconds
 
 
 # -- training -------------------------------------------------------------------------------------------

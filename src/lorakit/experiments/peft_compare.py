@@ -23,11 +23,14 @@ start), :mod:`.peft_compare_cells` (one cell), :mod:`.peft_compare_adapterhub` (
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from importlib import metadata
+from pathlib import Path
 
 import torch
 
@@ -37,7 +40,7 @@ from ..report import run_metadata, write_report, write_results
 from ..train import TrainConfig
 from . import output_dir
 from . import peft_compare_adapterhub as adapterhub
-from .peft_compare_cells import git_commit, run_cell
+from .peft_compare_cells import CellContext, git_commit, run_cell
 from .peft_compare_measure import measure_memory, step_time_ratios
 from .peft_compare_models import LIBRARY, ROWS, REFERENCE_004, REFERENCE_004_PARAMS, build
 from .peft_compare_report import plot, report_markdown
@@ -114,159 +117,219 @@ def _lrs(text: str, method: str) -> list[float]:
     return values
 
 
+@dataclass
+class _Plan:
+    """What the command line asks for, checked before any work. ``rows`` loses, and ``missing`` names, a row that
+    cannot run; ``notes`` (the report's) grows as the run goes."""
+
+    methods: list[str]
+    seeds: list[int]
+    lrs: dict[str, list[float]]
+    rows: list[tuple[str, str]]
+    notes: list[str]
+    missing: dict[tuple, str] = field(default_factory=dict)
+    env: adapterhub.AdapterHubEnv | None = None
+    """AdapterHub's environment, when its row was asked for."""
+
+
 def main(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     started = time.perf_counter()
     torch.set_num_threads(args.threads)
     out = output_dir(args.out, "peft-compare")
     cells = out / "cells"
+    plan = _plan(args, cells)
+    train_data, test_data, label_names = load_data(args)
+    train_data, val_data = split_validation(train_data, args.per_class_val)
+    data = (train_data, val_data, test_data)
+    settings, tokenizer = _settings(args, len(label_names), plan.seeds[0])
+    run_config = {k: v for k, v in vars(args).items() if k not in ("handler", "command", "experiment")}
+    context = CellContext(cells=cells, settings=settings, data=data,
+                          train_config=functools.partial(_train_config, args), resume=args.resume,
+                          state_every=args.state_every, run_config=run_config, same_start=not args.own_init,
+                          parallel=args.parallel,
+                          adapterhub=_AdapterHubCells(args, plan.env, settings, tokenizer, data, cells))
+    sweep, chosen = _sweep(plan, context)
+    records = _run_rows(plan, context, chosen)
+    # step time and memory, every row with the same threads and batch (on rank 0 alone under torchrun)
+    measured = parallel.on_main(lambda: measure(args, plan.rows, settings, tokenizer, train_data, cells, plan.env,
+                                                plan.seeds[0]))
+    results = _results(args, plan, context, records, measured, label_names, sweep, chosen, started)
+    if parallel.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        write_results(out, results)
+        plot(out, results["summary"])
+        write_report(out, report_markdown(results))
+        print(f"[peft-compare] wrote {out}", file=sys.stderr)
+    parallel.barrier()
+    return 0
+
+
+def _plan(args: argparse.Namespace, cells: Path) -> _Plan:
+    """The rows, seeds and grids the options ask for; refuses, before any work, what cannot run."""
     if cells.is_dir() and any(cells.glob("*.json")) and not args.resume:
-        raise ValueError(f"{out} already holds finished cells; pass --resume to continue that run, or another --out")
+        raise ValueError(f"{cells.parent} already holds finished cells; pass --resume to continue that run, "
+                         "or another --out")
     methods = _names(args.methods, METHODS, "methods")
     implementations = _names(args.implementations, ("lorakit", "peft", "adapters"), "implementations")
     seeds = [int(s) for s in args.seeds.split(",")]
     lrs = {m: _lrs(getattr(args, f"lr_{m}"), m) for m in methods}
-    notes = list(args.note)
     if "peft" in implementations and importlib.util.find_spec("peft") is None:
         raise ValueError("the PEFT rows need peft: pip install peft (or leave 'peft' out of --implementations)")
     rows = [(m, i) for m, i in ROWS if m in methods and i in implementations]
     if "lorakit" not in implementations:
         raise ValueError("every method needs its lorakit row (the sweep runs on it); keep 'lorakit'")
-    missing: dict[tuple, str] = {}
-    env = None
+    plan = _Plan(methods, seeds, lrs, rows, notes=list(args.note))
     if ("adapter", "adapters") in rows:
-        env = adapterhub.find_env(args.adapters_env)
-        if not env.ready:
-            missing[("adapter", "adapters")] = env.reason
+        plan.env = adapterhub.find_env(args.adapters_env)
+        if not plan.env.ready:
+            plan.missing[("adapter", "adapters")] = plan.env.reason
             rows.remove(("adapter", "adapters"))
+    return plan
 
-    train_data, test_data, label_names = load_data(args)
-    train_data, val_data = split_validation(train_data, args.per_class_val)
-    settings = {"model": args.model, "num_labels": len(label_names), "max_length": args.max_length,
+
+def _settings(args: argparse.Namespace, num_labels: int, seed: int) -> tuple[dict, object]:
+    """The model settings every cell records (with the base model's parameter count), and the tokenizer."""
+    settings = {"model": args.model, "num_labels": num_labels, "max_length": args.max_length,
                 "rank": args.rank, "clora_rank": args.clora_rank, "bottleneck": args.bottleneck,
                 "num_tokens": args.num_tokens}
-    base, tokenizer = build("full", "lorakit", settings, seeds[0])
+    base, tokenizer = build("full", "lorakit", settings, seed)
     settings["base_parameters"] = sum(p.numel() for p in base.parameters())
-    del base
+    return settings, tokenizer
 
-    def train_config(lr: float, seed: int) -> TrainConfig:
-        return TrainConfig(lr=lr, batch_size=args.batch_size, epochs=args.epochs, seed=seed, optimizer="adamw",
-                           schedule=args.schedule, warmup_steps=args.warmup_steps, log_every=1, keep_best=True)
 
-    run_config = {k: v for k, v in vars(args).items() if k not in ("handler", "command", "experiment")}
-    ids = {}
+def _train_config(args: argparse.Namespace, lr: float, seed: int) -> TrainConfig:
+    return TrainConfig(lr=lr, batch_size=args.batch_size, epochs=args.epochs, seed=seed, optimizer="adamw",
+                       schedule=args.schedule, warmup_steps=args.warmup_steps, log_every=1, keep_best=True)
 
-    def run_adapterhub(seed: int, lr: float, cfg: TrainConfig, key: str) -> dict:
-        if not ids:
-            ids.update({name: adapterhub.token_ids(tokenizer, data, args.max_length)
-                        for name, data in (("train", train_data), ("validation", val_data), ("test", test_data))})
-        head = adapterhub.save_initial_head(settings, seed, cells / f"{key}.head.safetensors")
-        batches, eval_steps, factors = adapterhub.batch_plan(len(train_data), cfg)
-        job = {**adapterhub.common_job(settings, tokenizer, args.threads, seed, head), **ids, "lr": lr,
-               "weight_decay": cfg.weight_decay, "batches": batches, "eval_steps": eval_steps, "lr_factors": factors,
-               "eval_batch_size": 128}
-        result = adapterhub.run_cell(env, job, cells, key)
+
+class _AdapterHubCells:
+    """Runs AdapterHub's row of a cell (:attr:`CellContext.adapterhub`) in its own environment."""
+
+    def __init__(self, args: argparse.Namespace, env, settings: dict, tokenizer, data: tuple, cells: Path) -> None:
+        self.args, self.env, self.settings, self.tokenizer = args, env, settings, tokenizer
+        self.data, self.cells = data, cells
+        self.ids: dict = {}  # the three splits' token ids, made at the first cell
+
+    def __call__(self, seed: int, lr: float, cfg: TrainConfig, key: str) -> dict:
+        if not self.ids:
+            self.ids.update({name: adapterhub.token_ids(self.tokenizer, split, self.args.max_length)
+                             for name, split in zip(("train", "validation", "test"), self.data)})
+        head = adapterhub.save_initial_head(self.settings, seed, self.cells / f"{key}.head.safetensors")
+        batches, eval_steps, factors = adapterhub.batch_plan(len(self.data[0]), cfg)
+        job = {**adapterhub.common_job(self.settings, self.tokenizer, self.args.threads, seed, head), **self.ids,
+               "lr": lr, "weight_decay": cfg.weight_decay, "batches": batches, "eval_steps": eval_steps,
+               "lr_factors": factors, "eval_batch_size": 128}
+        result = adapterhub.run_cell(self.env, job, self.cells, key)
         head.unlink()
         return {**result, "lr": lr, "final_loss": result["losses"][-1], "start": "own initialisation, lorakit's head",
                 "adapterhub_versions": result.pop("versions")}
 
-    context = {"cells": cells, "settings": settings, "data": (train_data, val_data, test_data),
-               "train_config": train_config, "resume": args.resume, "state_every": args.state_every,
-               "run_config": run_config, "same_start": not args.own_init, "adapterhub": run_adapterhub,
-               "parallel": args.parallel}
 
-    # 1. the learning-rate sweep, on validation accuracy only
+def _sweep(plan: _Plan, context: CellContext) -> tuple[list[dict], dict[str, float]]:
+    """The learning-rate sweep, on validation accuracy only: every rate of a method's grid at the first seed."""
     sweep, chosen = [], {}
-    for method in methods:
-        records = [run_cell(method, "lorakit", seeds[0], lr, context=context, sweep=True) for lr in lrs[method]]
+    for method in plan.methods:
+        grid = plan.lrs[method]
+        records = [run_cell(method, "lorakit", plan.seeds[0], lr, context=context, sweep=True) for lr in grid]
         usable = [r for r in records if r["best_val_accuracy"] is not None]
         if not usable:
-            raise ValueError(f"every learning rate of {method}'s grid {lrs[method]} diverged; give --lr-{method} lower ones")
+            raise ValueError(f"every learning rate of {method}'s grid {grid} diverged; give --lr-{method} lower ones")
         # Best validation accuracy; ties go to the higher mean over all validations, then to the first in the grid.
         best = max(usable, key=lambda r: (r["best_val_accuracy"], sum(r["val_accuracies"]) / len(r["val_accuracies"])))
         chosen[method] = best["lr"]
-        if len(records) > 1 and best["lr"] in (min(lrs[method]), max(lrs[method])):
-            notes.append(f"The sweep chose {method}'s learning rate {best['lr']:g} at the edge of its grid "
-                         f"{lrs[method]}; a wider grid might find a better one.")
-        sweep += [{"method": method, "lr": r["lr"], "seed": seeds[0], "best_val_accuracy": r["best_val_accuracy"],
+        if len(records) > 1 and best["lr"] in (min(grid), max(grid)):
+            plan.notes.append(f"The sweep chose {method}'s learning rate {best['lr']:g} at the edge of its grid "
+                              f"{grid}; a wider grid might find a better one.")
+        sweep += [{"method": method, "lr": r["lr"], "seed": plan.seeds[0], "best_val_accuracy": r["best_val_accuracy"],
                    "best_step": r["best_step"], "chosen": r is best, "diverged": r.get("diverged")} for r in records]
+    return sweep, chosen
 
-    # 2. every row at every seed, with its method's chosen rate
+
+def _run_rows(plan: _Plan, context: CellContext, chosen: dict[str, float]) -> dict[tuple, dict]:
+    """Every row at every seed with its method's chosen rate; an AdapterHub row that fails is dropped, with why."""
     records: dict[tuple, dict] = {}
-    for seed in seeds:
-        for method, implementation in list(rows):
+    for seed in plan.seeds:
+        for method, implementation in list(plan.rows):
             try:
                 records[(method, implementation, seed)] = run_cell(method, implementation, seed, chosen[method],
                                                                    context=context)
             except RuntimeError as err:
                 if implementation != "adapters":
                     raise
-                missing[(method, implementation)] = str(err)
-                rows.remove((method, implementation))
+                plan.missing[(method, implementation)] = str(err)
+                plan.rows.remove((method, implementation))
                 records = {k: v for k, v in records.items() if k[:2] != (method, implementation)}
+    return records
 
-    # 3. evidence: equivalence, summaries, paired differences
-    equivalence = []
+
+def _evidence(plan: _Plan, records: dict[tuple, dict], own_init: bool) -> dict:
+    """Per-step loss equivalence with PEFT from the same start, and paired-by-seed accuracy differences."""
+    seeds, equivalence = plan.seeds, []
     for method in ("lora", "prompt"):
         pairs = [(records.get((method, "lorakit", s)), records.get((method, "peft", s))) for s in seeds]
-        if all(a and b for a, b in pairs) and not args.own_init:
+        if all(a and b for a, b in pairs) and not own_init:
             per_seed = [max(abs(x - y) for x, y in zip(a["losses"], b["losses"])) for a, b in pairs]
             equivalence.append({"method": method, "against": "peft", "steps": pairs[0][0]["steps"],
                                 "max_abs_loss_diff": max(per_seed), "seeds": seeds, "per_seed": per_seed})
-    accuracy = {row: {s: records[(*row, s)]["accuracy"] for s in seeds if (*row, s) in records} for row in rows}
+    accuracy = {row: {s: records[(*row, s)]["accuracy"] for s in seeds if (*row, s) in records} for row in plan.rows}
     differences = [{"method": m, "against": LIBRARY[m], **paired_difference(accuracy[(m, "lorakit")], accuracy[(m, LIBRARY[m])])}
-                   for m in methods if m in LIBRARY and (m, LIBRARY[m]) in accuracy]
+                   for m in plan.methods if m in LIBRARY and (m, LIBRARY[m]) in accuracy]
     lora_vs_full = (paired_difference(accuracy[("lora", "lorakit")], accuracy[("full", "lorakit")])
                     if ("lora", "lorakit") in accuracy and ("full", "lorakit") in accuracy else None)
+    return {"equivalence": equivalence, "differences": differences, "lora_vs_full": lora_vs_full}
 
-    # 4. step time and memory, every row with the same threads and batch (on rank 0 alone under torchrun)
-    measured = parallel.on_main(lambda: measure(args, rows, settings, tokenizer, train_data, cells, env, seeds[0]))
-    # 5. results
-    row_fields = ("accuracy", "trainable_parameters", "total_parameters", "added_parameters", "checkpoint_bytes",
-                  "train_seconds", "steps", "final_loss", "lr", "best_val_accuracy", "best_step", "per_class_accuracy",
-                  "threads", "git_commit", "start")
-    result_rows = [{"method": m, "implementation": i, "seed": s, **{f: r.get(f) for f in row_fields},
-                    "cell": f"cells/{r['key']}.json", **measured[(m, i)]} for (m, i, s), r in records.items()]
+
+def _summary(plan: _Plan, records: dict[tuple, dict], measured: dict[tuple, dict]) -> list[dict]:
+    """One line per row: accuracy mean and std over its seeds, its parameters and measurements."""
     summary = []
-    for row in rows:
-        mine = [records[(*row, s)] for s in seeds if (*row, s) in records]
+    for row in plan.rows:
+        mine = [records[(*row, s)] for s in plan.seeds if (*row, s) in records]
         mean, std = mean_std([r["accuracy"] for r in mine])
         summary.append({"method": row[0], "implementation": row[1], "n": len(mine), "seeds": [r["seed"] for r in mine],
                         "accuracy_mean": mean, "accuracy_std": std, "lr": mine[0]["lr"], "steps": mine[0]["steps"],
                         "best_val_accuracy_mean": mean_std([r["best_val_accuracy"] for r in mine])[0],
                         **{f: mine[0][f] for f in ("trainable_parameters", "total_parameters", "added_parameters",
                                                    "checkpoint_bytes")}, **measured[row]})
-    for (method, implementation), reason in missing.items():
-        notes.append(f"The {method}/{implementation} row is missing (no numbers were made up for it). Reason:\n\n"
-                     + "\n".join(f"      {line}" for line in reason.splitlines()))
-    if env is not None and env.ready:
-        notes.append(f"AdapterHub's row ran in {args.adapters_env} ({', '.join(f'{k} {v}' for k, v in env.versions.items())}): "
+    return summary
+
+
+def _results(args: argparse.Namespace, plan: _Plan, context: CellContext, records: dict[tuple, dict],
+             measured: dict[tuple, dict], label_names: list[str], sweep: list[dict], chosen: dict[str, float],
+             started: float) -> dict:
+    """results.json: the config, the data, the sweep and the chosen rates, the evidence, the summary, every row."""
+    train_data, val_data, test_data = context.data
+    evidence = _evidence(plan, records, args.own_init)
+    row_fields = ("accuracy", "trainable_parameters", "total_parameters", "added_parameters", "checkpoint_bytes",
+                  "train_seconds", "steps", "final_loss", "lr", "best_val_accuracy", "best_step", "per_class_accuracy",
+                  "threads", "git_commit", "start")
+    result_rows = [{"method": m, "implementation": i, "seed": s, **{f: r.get(f) for f in row_fields},
+                    "cell": f"cells/{r['key']}.json", **measured[(m, i)]} for (m, i, s), r in records.items()]
+    summary = _summary(plan, records, measured)
+    notes = plan.notes + [f"The {method}/{implementation} row is missing (no numbers were made up for it). Reason:\n\n"
+                          + "\n".join(f"      {line}" for line in reason.splitlines())
+                          for (method, implementation), reason in plan.missing.items()]
+    if plan.env is not None and plan.env.ready:
+        notes.append(f"AdapterHub's row ran in {args.adapters_env} ({', '.join(f'{k} {v}' for k, v in plan.env.versions.items())}): "
                      "SeqBnConfig (Pfeiffer) with reduction factor hidden/bottleneck, one adapter per block after the "
                      "feed-forward output; its placement and initialisation are AdapterHub's, not lorakit's, so the "
                      "comparison is by accuracy only (no loss equivalence).")
-    steps = train_config(1.0, 0).total_steps(-(-len(train_data) // args.batch_size))
-    results = {
-        "experiment": "peft-compare", "config": run_config, "settings": settings,
-        "base_parameters": settings["base_parameters"], "classes": label_names, "seeds": seeds,
-        "train_size": len(train_data), "test_size": len(test_data), "steps": steps, "threads": args.threads,
+    settings = context.settings
+    return {
+        "experiment": "peft-compare", "config": context.run_config, "settings": settings,
+        "base_parameters": settings["base_parameters"], "classes": label_names, "seeds": plan.seeds,
+        "train_size": len(train_data), "test_size": len(test_data),
+        "steps": _train_config(args, 1.0, 0).total_steps(-(-len(train_data) // args.batch_size)),
+        "threads": args.threads,
         "data": {"validation_size": len(val_data), "test_per_class": test_data.class_counts(),
                  "train_per_class": train_data.class_counts(), "validation_per_class": val_data.class_counts(),
                  "description": _data_description(args, train_data, val_data, test_data)},
-        "sweep": sweep, "chosen_lr": chosen, "equivalence": equivalence, "differences": differences,
-        "lora_vs_full": lora_vs_full, "summary": summary, "rows": result_rows,
-        "missing_rows": [{"method": m, "implementation": i, "reason": r} for (m, i), r in missing.items()],
+        "sweep": sweep, "chosen_lr": chosen, **evidence, "summary": summary, "rows": result_rows,
+        "missing_rows": [{"method": m, "implementation": i, "reason": r} for (m, i), r in plan.missing.items()],
         "seed_004": {"accuracy": REFERENCE_004, "added_parameters": REFERENCE_004_PARAMS}, "notes": notes,
         "wall_seconds": time.perf_counter() - started, "git_commit": git_commit(),
         "command": run_metadata()["command"], "metadata": run_metadata() | {"transformers": _version("transformers"), "peft": _version("peft")},
     }
-    if parallel.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        write_results(out, results)
-        plot(out, summary)
-        write_report(out, report_markdown(results))
-        print(f"[peft-compare] wrote {out}", file=sys.stderr)
-    parallel.barrier()
-    return 0
 
 
 def measure(args, rows, settings, tokenizer, train_data, cells, env, seed) -> dict[tuple, dict]:

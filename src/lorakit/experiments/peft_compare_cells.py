@@ -12,13 +12,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import subprocess
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from .. import count_parameters, parallel
 from ..data.text import TextCollator
-from ..train import TrainingDivergedError, evaluate, train
+from ..train import TrainConfig, TrainingDivergedError, evaluate, train
 from ..train_state import discard_state
 from .harness import CellStore, clora_decay_hooks
 from .peft_compare_models import build, checkpoint_bytes
@@ -74,19 +76,46 @@ def run_row(method, implementation, settings, train_data, test_data, train_cfg, 
             "best_step": history.best_step, "best_val_accuracy": history.best_val_accuracy}
 
 
-def run_cell(method: str, implementation: str, seed: int, lr: float, *, context: dict, sweep: bool = False) -> dict:
-    """Train (or, if this run or, with ``resume``, an earlier one finished it, read back) one cell. ``context``: settings, data (train, validation, test),
-    train_config(lr, seed) -> TrainConfig, cells folder, resume, state_every, run_config (recorded), and for
-    AdapterHub's rows ``adapterhub`` (a callable that runs the cell there).
+@dataclass
+class CellContext:
+    """What every cell of one peft-compare run shares."""
+
+    cells: Path
+    """The cells folder: one JSON record per finished cell, and the training states of unfinished ones."""
+    settings: dict
+    """The model settings, recorded in every cell (a resumed run must have the same)."""
+    data: tuple
+    """(train, validation, test) data sets."""
+    train_config: Callable[[float, int], TrainConfig]
+    """(lr, seed) -> the cell's TrainConfig."""
+    resume: bool
+    """Read back the cells an earlier run finished, continue its stopped one."""
+    state_every: int
+    """Steps between saved training states."""
+    run_config: dict
+    """The command's options, recorded in every cell."""
+    same_start: bool
+    """lorakit's LoRA and prompt rows start from PEFT's initial weights."""
+    adapterhub: Callable[[int, float, TrainConfig, str], dict] | None = None
+    """(seed, lr, cfg, key) -> AdapterHub's row of a cell, run in its own environment."""
+    parallel: str = "none"
+    """One of "none", "ddp", "fsdp" (under torchrun)."""
+    done: dict[str, dict] = field(default_factory=dict)
+    """Cells finished in this run, by key (the sweep's seed is also a row's seed)."""
+
+
+def run_cell(method: str, implementation: str, seed: int, lr: float, *, context: CellContext,
+             sweep: bool = False) -> dict:
+    """Train (or, if this run or, with ``context.resume``, an earlier one finished it, read back) one cell.
 
     ``sweep=True``: a learning rate that diverges is recorded as such (``diverged``, no accuracies), so the
     sweep can pass over it; outside the sweep a divergence stops the run with its error."""
-    folder: Path = context["cells"]
+    folder: Path = context.cells
     key = cell_key(method, implementation, seed, lr)
-    cfg = context["train_config"](lr, seed)
-    expected = {"settings": context["settings"], "train_config": _asdict(cfg)}
-    store = CellStore(folder, expected, context["resume"])
-    done = context.setdefault("done", {})  # cells finished in this run (the sweep's seed is also a row's seed)
+    cfg = context.train_config(lr, seed)
+    expected = {"settings": context.settings, "train_config": _asdict(cfg)}
+    store = CellStore(folder, expected, context.resume)
+    done = context.done
     if key in done:
         return done[key]
     record = store.load(key)
@@ -94,18 +123,18 @@ def run_cell(method: str, implementation: str, seed: int, lr: float, *, context:
         done[key] = record
         return record
     folder.mkdir(parents=True, exist_ok=True)
-    train_data, validation, test = context["data"]
+    train_data, validation, test = context.data
     say = print if parallel.is_main() else (lambda *a, **k: None)
     say(f"[peft-compare] {key}", flush=True)
     if implementation == "adapters":  # one subprocess, on rank 0 under torchrun
-        row = parallel.on_main(lambda: context["adapterhub"](seed, lr, cfg, key))
+        row = parallel.on_main(lambda: context.adapterhub(seed, lr, cfg, key))
     else:
         state = folder / f"{key}.state"
-        cfg.state_path, cfg.resume, cfg.checkpoint_every = str(state), context["resume"], context["state_every"]
-        same_start = implementation == "lorakit" and method in ("lora", "prompt") and context["same_start"]
+        cfg.state_path, cfg.resume, cfg.checkpoint_every = str(state), context.resume, context.state_every
+        same_start = implementation == "lorakit" and method in ("lora", "prompt") and context.same_start
         try:
-            row = run_row(method, implementation, context["settings"], train_data, test, cfg, seed,
-                          validation=validation, same_start=same_start, parallel_mode=context.get("parallel", "none"))
+            row = run_row(method, implementation, context.settings, train_data, test, cfg, seed,
+                          validation=validation, same_start=same_start, parallel_mode=context.parallel)
         except TrainingDivergedError as err:
             if not sweep:
                 raise
@@ -115,7 +144,7 @@ def run_cell(method: str, implementation: str, seed: int, lr: float, *, context:
         if parallel.is_main():
             discard_state(state)
     record = {"key": key, **row, "method": method, "implementation": implementation, "seed": seed, "lr": lr,
-              **expected, "run_config": context["run_config"], "threads": torch.get_num_threads(),
+              **expected, "run_config": context.run_config, "threads": torch.get_num_threads(),
               "git_commit": git_commit()}
     done[key] = store.save(key, record, write=parallel.is_main())
     say(f"[peft-compare]   {record.get('diverged') or 'test %.2f %%' % record['accuracy']}, best validation "

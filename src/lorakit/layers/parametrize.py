@@ -15,6 +15,7 @@ import math
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..config import LoRAConfig
 from .precision import factory_kwargs, merge_dtype
@@ -60,3 +61,84 @@ class LoRAParametrization(nn.Module):
 
     def adapter_parameters(self, name: str | None = None) -> list[nn.Parameter]:
         return [self.lora_A, self.lora_B]
+
+
+class ParametrizedWeight:
+    """One :class:`LoRAParametrization` of ``module.<pname>`` seen through the adapter-layer protocol.
+
+    ``adapter_names``, ``active_adapter``, ``merged_adapter``, ``set_active``, ``merge``, ``unmerge``, ``disabled``,
+    ``delete_adapter``, ``adapter_parameters`` and ``detach_from`` mean what they mean for a wrapper layer, so that
+    ``lorakit.inject`` writes each operation once over both forms. It is a view, built afresh by each walk of the model:
+    the state lives in the parametrization (``enabled``, ``merged``) and in ``module.parametrizations[pname]``.
+    """
+
+    def __init__(self, module: nn.Module, pname: str, lora: LoRAParametrization) -> None:
+        self.module, self.pname, self.lora = module, pname, lora
+        self._deleted = False
+        self._enabled_before: bool | None = None
+
+    @property
+    def _plist(self) -> nn.Module:
+        return self.module.parametrizations[self.pname]
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return [] if self._deleted else [self.lora.adapter_name]
+
+    @property
+    def active_adapter(self) -> str | None:
+        return self.lora.adapter_name if self.lora.enabled else None
+
+    @property
+    def merged_adapter(self) -> str | None:
+        return self.lora.adapter_name if self.lora.merged else None
+
+    def set_active(self, name: str | None) -> None:
+        if name != self.lora.adapter_name:  # as the wrappers do: a merged adapter switched off is taken out
+            self.unmerge()
+        self.lora.enabled = name == self.lora.adapter_name
+
+    @property
+    def disabled(self) -> bool:
+        return self._enabled_before is not None
+
+    @disabled.setter
+    def disabled(self, value: bool) -> None:
+        if value and self._enabled_before is None:
+            self._enabled_before, self.lora.enabled = self.lora.enabled, False
+        elif not value and self._enabled_before is not None:
+            self.lora.enabled, self._enabled_before = self._enabled_before, None
+
+    def merge_weight(self) -> tuple[torch.Tensor, nn.Module]:
+        """The tensor a merge writes into (the parametrized original) and the module that owns it."""
+        return self._plist.original, self._plist
+
+    def merge(self) -> None:
+        if not self.lora.merged:
+            with torch.no_grad():
+                original = self._plist.original
+                original += self.lora.delta(original.shape)
+            self.lora.merged = True
+
+    def unmerge(self) -> None:
+        if self.lora.merged:
+            with torch.no_grad():
+                original = self._plist.original
+                original -= self.lora.delta(original.shape)
+            self.lora.merged = False
+
+    def delete_adapter(self, name: str) -> None:
+        """Take the adapter out of the weight; :meth:`detach_from` then removes the parametrization."""
+        self.unmerge()
+        self._deleted = True
+
+    def detach_from(self, model: nn.Module, path: str) -> None:
+        """Remove this parametrization from its weight (the last one gives the module its plain parameter back)."""
+        plist = self._plist
+        if len(plist) == 1:
+            parametrize.remove_parametrizations(self.module, self.pname, leave_parametrized=False)
+        else:
+            del plist[[i for i, p in enumerate(plist) if p is self.lora][0]]
+
+    def adapter_parameters(self, name: str | None = None) -> list[nn.Parameter]:
+        return self.lora.adapter_parameters()
