@@ -84,7 +84,8 @@ def test_a_second_run_into_a_finished_folder_needs_resume(run, llama, capsys):
 @pytest.mark.parametrize("generated, answer, right", [
     ("noun.animal", "noun.animal", True), ("  noun.animal\n", "noun.animal", True),
     ("noun.animals", "noun.animal", False), ("Noun.animal", "noun.animal", False),
-    ("noun.animal.", "noun.animal", False), ("noun.animal noun.plant", "noun.animal", False), ("", "noun.animal", False),
+    ("noun.animal.", "noun.animal", False), ("noun.animal noun.plant", "noun.animal", False),
+    ("", "noun.animal", False),
 ])
 def test_the_score_is_exact_match_after_stripping_white_space(generated, answer, right):
     assert exact_match(generated, answer) is right
