@@ -20,6 +20,7 @@ EXPERIMENTS = {
     "clora-conv": "lorakit.experiments.clora_conv",
     "clora-transformer": "lorakit.experiments.clora_transformer",
     "peft-compare": "lorakit.experiments.peft_compare",
+    "llm-compare": "lorakit.experiments.llm_compare",
 }
 COMMANDS = {
     "params": "lorakit.experiments.params_command",

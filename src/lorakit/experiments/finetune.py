@@ -218,12 +218,22 @@ def prepare_model(model: torch.nn.Module, cfg: FinetuneConfig):
     return adapter
 
 
+def train_config(cfg: FinetuneConfig):
+    """The training loop's settings for ``cfg``: AdamW, a constant rate, every step's loss logged, the resumable
+    state in ``cfg.out``. (llm-compare trains its PEFT rows with these too.)"""
+    from ..train import TrainConfig
+
+    return TrainConfig(lr=cfg.learning_rate, batch_size=cfg.batch_size, steps=cfg.steps, seed=cfg.seed,
+                       optimizer="adamw", log_every=1, checkpoint_every=cfg.save_every,
+                       state_path=str(Path(cfg.out) / STATE_FILE), resume=cfg.resume)
+
+
 def run_finetune(cfg: FinetuneConfig) -> dict:
     """Train as ``cfg`` says and write ``cfg.out`` (see the module docstring); returns the results."""
     from .. import count_parameters
     from .._io import write_json
     from ..models.llm import load_causal_lm
-    from ..train import TrainConfig, train
+    from ..train import train
 
     started = time.perf_counter()
     settings = run_settings(cfg)
@@ -240,9 +250,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     adapter = prepare_model(model, cfg)
     collate = SFTCollator(tokenizer.pad_token_id, cfg.padding_side)
     out = Path(cfg.out)
-    train_cfg = TrainConfig(lr=cfg.learning_rate, batch_size=cfg.batch_size, steps=cfg.steps, seed=cfg.seed,
-                            optimizer="adamw", log_every=1, checkpoint_every=cfg.save_every,
-                            state_path=str(out / STATE_FILE), resume=cfg.resume)
+    train_cfg = train_config(cfg)
     last_step = train_cfg.total_steps(-(-len(train_set) // cfg.batch_size))
     evaluation = EvalLog(model, eval_set, collate, cfg.batch_size, cfg.eval_every, last_step)
     evaluation.record(0)
