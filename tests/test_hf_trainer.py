@@ -97,6 +97,23 @@ def test_accelerate_prepare_trains_and_saves_a_lorakit_model(tmp_path):
         assert torch.equal(adapter_state(fresh)[key], value), key
 
 
+def trains_where_transformers_refuses(model, out, batch=4):
+    """transformers.Trainer refuses ``model`` as purely quantized; lorakit.hf.Trainer trains every lora_B."""
+    import transformers
+    from transformers import TrainingArguments
+
+    from lorakit.hf import Trainer
+
+    rows = [{"input_ids": row, "labels": row} for row in token_batch(batch=2 * batch, length=6)]
+    args = TrainingArguments(output_dir=str(out), max_steps=2, per_device_train_batch_size=batch,
+                             learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
+    with pytest.raises(ValueError, match="purely quantized"):
+        transformers.Trainer(model=model, args=args, train_dataset=rows)
+    before = adapter_state(model)
+    Trainer(model=model, args=args, train_dataset=rows).train()
+    assert all(not torch.equal(v, before[k]) for k, v in adapter_state(model).items() if "lora_B" in k)
+
+
 QUANTISED = {"8bit": (dict(load_in_8bit=True), "Linear8bitLt"),
              "4bit": (dict(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32), "Linear4bit")}
 
@@ -112,22 +129,9 @@ def quantised_llama(folder, kind):
 
 @pytest.mark.parametrize("kind", list(QUANTISED))
 def test_a_bitsandbytes_base_trains_where_transformers_trainer_refuses_it(tmp_path, kind):
-    import transformers
-    from transformers import TrainingArguments
-
-    from lorakit.hf import Trainer
-
     model = quantised_llama(write_tiny_llama(tmp_path / "tiny", hidden_size=64, intermediate_size=128), kind)
     assert model.is_quantized and type(model.model.layers[0].mlp.up_proj.base_layer).__name__ == QUANTISED[kind][1]
-    ids = token_batch(batch=8, length=6)
-    rows = [{"input_ids": row, "labels": row} for row in ids]
-    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=4,
-                             learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
-    with pytest.raises(ValueError, match="purely quantized"):
-        transformers.Trainer(model=model, args=args, train_dataset=rows)
-    before = adapter_state(model)
-    Trainer(model=model, args=args, train_dataset=rows).train()
-    assert all(not torch.equal(v, before[k]) for k, v in adapter_state(model).items() if "lora_B" in k)
+    trains_where_transformers_refuses(model, tmp_path / "run")
     assert not model._hf_peft_config_loaded  # the flag was set for the constructor only
 
 
@@ -141,17 +145,8 @@ def untrainable_mark(model):
 
 
 def test_a_gguf_load_dequantised_to_plain_weights_trains(tmp_path):
-    from transformers import TrainingArguments
-
-    from lorakit.hf import Trainer
-
     model = untrainable_mark(lk.inject(tiny_llama(), lk.LoRAConfig(rank=4, targets="all-linear")))
-    ids = token_batch(batch=4, length=6)
-    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=4,
-                             learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
-    before = adapter_state(model)
-    Trainer(model=model, args=args, train_dataset=[{"input_ids": r, "labels": r} for r in ids]).train()
-    assert all(not torch.equal(v, before[k]) for k, v in adapter_state(model).items() if "lora_B" in k)
+    trains_where_transformers_refuses(model, tmp_path / "run")
 
 
 def test_packed_weights_of_a_quantisation_transformers_cannot_train_through_are_refused(tmp_path):
@@ -169,22 +164,12 @@ def test_packed_weights_of_a_quantisation_transformers_cannot_train_through_are_
 @pytest.mark.integration
 def test_smollm2_loaded_from_its_gguf_trains_where_transformers_trainer_refuses_it(tmp_path):
     """transformers marks a GGUF load quantised (its quantiser says untrainable) though it dequantises the weights."""
-    import transformers
-    from transformers import AutoModelForCausalLM, TrainingArguments
+    from transformers import AutoModelForCausalLM
 
-    from lorakit.hf import Trainer
     from lorakit.models.llm import smollm2_gguf
 
     gguf = smollm2_gguf()
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     assert model.is_quantized
     lk.inject(model, lk.LoRAConfig(rank=4, alpha=8, targets=["q_proj", "v_proj"]))
-    ids = token_batch(batch=2, length=8)
-    rows = [{"input_ids": row, "labels": row} for row in ids]
-    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=1, per_device_train_batch_size=2,
-                             learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
-    with pytest.raises(ValueError, match="purely quantized"):
-        transformers.Trainer(model=model, args=args, train_dataset=rows)
-    before = adapter_state(model)
-    Trainer(model=model, args=args, train_dataset=rows).train()
-    assert all(not torch.equal(v, before[k]) for k, v in adapter_state(model).items() if "lora_B" in k)
+    trains_where_transformers_refuses(model, tmp_path / "run", batch=2)
