@@ -98,6 +98,8 @@ def test_leaving_the_block_restores_the_active_adapter(model):
     (["fr", "es"], r"unknown adapter names \['es'\].*'fr', 'de', 'it'"),
     ([], "non-empty list"),
     ("fr", "non-empty list"),
+    (5, "non-empty list"),
+    ([["fr"]], "non-empty list"),
 ])
 def test_unknown_names_are_refused_by_name_and_change_nothing(model, names, words):
     with pytest.raises(ValueError, match=words):

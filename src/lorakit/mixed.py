@@ -16,7 +16,6 @@ reaches (for beam search, repeat each name ``num_beams`` times).
 from __future__ import annotations
 
 import contextlib
-from typing import Sequence
 
 from torch import nn
 
@@ -59,7 +58,7 @@ def _refusal(model: nn.Module, names: list[str | None]) -> str | None:
 
 
 @contextlib.contextmanager
-def mixed_batch(model: nn.Module, adapter_names: Sequence[str | None]):
+def mixed_batch(model: nn.Module, adapter_names: list[str | None] | tuple[str | None, ...]):
     """Inside, row i of every batch uses LoRA adapter ``adapter_names[i]`` (``None``: the base model).
 
     Raises:
@@ -67,7 +66,7 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str | None]):
             batches (see the module docstring); nothing has changed then. Inside: a batch of another size.
     """
     inner = unwrap_model(model)
-    names = [] if isinstance(adapter_names, str) else list(adapter_names)
+    names = list(adapter_names) if isinstance(adapter_names, (list, tuple)) else []
     if not names or not all(n is None or isinstance(n, str) for n in names):
         raise ValueError(f"adapter_names must be a non-empty list of adapter names or None, got {adapter_names!r}")
     reason = _refusal(inner, names)
