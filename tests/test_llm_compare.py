@@ -8,7 +8,8 @@ import pytest
 from lorakit.cli import main
 from lorakit.data.text import WORDNET_NOUNS
 from lorakit.experiments import finetune, llm_compare_cells
-from lorakit.experiments.llm_compare_task import exact_match, instruction, stratified_subset
+from lorakit.experiments.llm_compare_task import (common_prefix, exact_match, generate_answers, instruction,
+                                                  stratified_subset)
 from tiny_llama import write_tiny_llama
 
 pytest.importorskip("peft")
@@ -91,10 +92,50 @@ def test_the_score_is_exact_match_after_stripping_white_space(generated, answer,
     assert exact_match(generated, answer) is right
 
 
-def test_the_instruction_gives_the_word_its_definition_and_the_categories():
-    text = instruction('cat: feline mammal usually having thick soft fur; "cats purr"', ["noun.animal", "noun.plant"])
-    assert "Word: cat\nGloss: feline mammal usually having thick soft fur" in text and "cats purr" not in text
-    assert "noun.animal, noun.plant" in text
+def test_the_instruction_gives_the_word_its_definition_and_only_the_zero_shot_row_the_categories():
+    example = 'cat: feline mammal usually having thick soft fur; "cats purr"'
+    for choices in (False, True):
+        text = instruction(example, ["noun.animal", "noun.plant"], choices)
+        assert "Word: cat\nGloss: feline mammal usually having thick soft fur" in text and "cats purr" not in text
+        assert ("noun.animal, noun.plant" in text) is choices
+
+
+@pytest.mark.parametrize("sequences, prefix", [
+    ([[1, 2, 3, 4], [1, 2, 3, 5, 6]], [1, 2]),  # one token less than shared: the shorter still has two of its own
+    ([[1, 2, 3], [1, 2, 3]], [1, 2]),
+    ([[1, 2], [3, 4]], []),
+    ([[7]], []),
+])
+def test_the_shared_prefix_leaves_every_prompt_a_token_of_its_own(sequences, prefix):
+    assert common_prefix(sequences) == prefix
+
+
+@pytest.mark.parametrize("implementation", ["base", "lorakit", "peft"])
+def test_generation_from_a_shared_prefix_equals_generation_of_each_whole_prompt(implementation):
+    """Prompts of different lengths after a common start, in a batch: the cached start, middle padding and the
+    positions counted from the mask give each prompt the greedy answer it gets alone (and left-padded)."""
+    import torch
+
+    import lorakit as lk
+    from tiny_llama import tiny_llama, tiny_tokenizer
+
+    model, tokenizer = tiny_llama(seed=5, initializer_range=0.5), tiny_tokenizer()
+    if implementation == "lorakit":
+        model = lk.inject(model, lk.LoRAConfig(rank=4, targets=["q_proj", "v_proj", "down_proj"]))
+    elif implementation == "peft":
+        import peft
+
+        model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                           init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    prompts = ["w1 w2 w3 w4", "w1 w2 w3 w9 w10 w11 w12", "w1 w2 w3 w20 w21", "w1 w2 w3 w30"]
+    alone = [generate_answers(model, tokenizer, [p], 5, share_prefix=False)[0] for p in prompts]
+    assert len(set(alone)) > 1  # the prompts' own tokens matter, so a wrong position or mask would show
+    assert generate_answers(model, tokenizer, prompts, 5, batch_size=3, share_prefix=False) == alone
+    assert generate_answers(model, tokenizer, prompts, 5, batch_size=3, share_prefix=True) == alone
 
 
 def test_the_test_subset_is_stratified_and_in_data_order():

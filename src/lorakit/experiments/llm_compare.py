@@ -81,14 +81,16 @@ def prepare(args, out) -> tuple[Setup, dict]:
 
 
 def sweep(setup: Setup, methods: list[str], grids: dict, seed: int) -> tuple[dict, list[dict]]:
-    """Each trained method's rate: the best validation accuracy of its lorakit row (ties: the first in the grid)."""
+    """Each trained method's rate: the best validation accuracy of its lorakit row (ties: the first in the grid).
+    The chosen cell is scored on test at once, so that a run stopped later need not keep its weights."""
     chosen, table = {}, []
     for method in methods:
         if method == "zero-shot":
             continue
-        records = [run_cell(setup, method, "lorakit", seed, lr) for lr in grids[method]]
+        records = [run_cell(setup, method, "lorakit", seed, lr, validate=True) for lr in grids[method]]
         best = max(records, key=lambda r: r["validation"]["accuracy"])  # max keeps the first of equals
         chosen[method] = best["lr"]
+        run_cell(setup, method, "lorakit", seed, best["lr"], test=True)
         table += [{"method": method, "lr": r["lr"], "validation_accuracy": r["validation"]["accuracy"],
                    "final_loss": r["losses"][-1] if r["losses"] else None, "chosen": r is best} for r in records]
         for r in records:

@@ -5,10 +5,12 @@ adapter (``full``: its model) into ``<out>/cells/<key>/``. A PEFT cell starts fr
 seeded initial adapter is saved in PEFT's layout and loaded by ``peft.PeftModel.from_pretrained``; it then trains
 with the same loop, loss, batches, optimizer and schedule (:func:`.finetune.train_config`), so the two per-step
 loss traces start from the same point. Each trained model is loaded back from its folder and scored on the
-validation split; the test split is scored only for the cells that make a row (never while choosing a rate).
+validation split when it takes part in choosing a rate, and on the test split when it makes a row of the table
+(never while choosing a rate).
 
 The record of a cell is ``<out>/cells/<key>.json`` (a :class:`~.harness.CellStore`), written after training and
-again once the test is scored; ``--resume`` reads it back, or continues the training from its saved state.
+again after each scoring; ``--resume`` reads it back, or continues the training from its saved state. A finished
+record needs nothing else: the trained weights in ``<out>/cells/<key>/`` are only read while the cell is scored.
 """
 from __future__ import annotations
 
@@ -128,8 +130,10 @@ def weights_bytes(folder: Path) -> int:
     return sum((folder / name).stat().st_size for name in WEIGHT_FILES if (folder / name).is_file())
 
 
-def run_cell(setup: Setup, method: str, implementation: str, seed: int, lr: float | None, test: bool = False) -> dict:
-    """Train (or read back) one cell and score it on validation, and on test when ``test``; returns its record."""
+def run_cell(setup: Setup, method: str, implementation: str, seed: int, lr: float | None, *, validate: bool = False,
+             test: bool = False) -> dict:
+    """Train (or read back) one cell, score it on validation when ``validate`` (choosing a rate) and on test when
+    ``test`` (a row of the table); returns its record, saved after each of these steps."""
     key = cell_key(method, implementation, seed, lr)
     store = setup.store
     record = setup.done.get(key) or store.load(key)
@@ -145,22 +149,25 @@ def run_cell(setup: Setup, method: str, implementation: str, seed: int, lr: floa
             record.update(sample_peak_rss(lambda: trained.update(trainer(cfg))))
             record.update(trained, weights_bytes=weights_bytes(folder),
                           step_seconds=trained["train_seconds"] / max(trained["steps"], 1))
-        record["validation"] = _score(setup, record, setup.validation, folder)
         record = store.save(key, record, write=parallel.is_main())
-    if test and "test" not in record:
-        record["test"] = _score(setup, record, setup.test, folder)
-        record = store.save(key, record, write=parallel.is_main())
-        print(f"[llm-compare] {key}: test {record['test']['accuracy']:.2f} %", flush=True)
+    for split, data, wanted in (("validation", setup.validation, validate), ("test", setup.test, test)):
+        if wanted and split not in record:
+            record[split] = _score(setup, record, data, folder)
+            record = store.save(key, record, write=parallel.is_main())
+            print(f"[llm-compare] {key}: {split} {record[split]['accuracy']:.2f} %", flush=True)
     setup.done[key] = record
     return record
 
 
 def _score(setup: Setup, record: dict, data, folder: Path) -> dict:
+    """Score a cell's saved model: the zero-shot row is told the categories, and a soft prompt (which comes before
+    the text) is run without the shared prefix (:func:`.llm_compare_task.generate_answers`)."""
     import time
 
     model, tokenizer = load_trained(setup, record["method"], record["implementation"], folder)
     started = time.perf_counter()
-    result = score(model, tokenizer, data, setup.eval_batch_size)
+    result = score(model, tokenizer, data, setup.eval_batch_size, choices=record["method"] == "zero-shot",
+                   share_prefix=record["method"] != "prompt")
     return {**result, "seconds": time.perf_counter() - started}
 
 

@@ -27,7 +27,6 @@ def summarise(records: dict, seeds: list[int]) -> list[dict]:
         summary.append({
             "method": method, "implementation": implementation, "n": len(mine), "seeds": [r["seed"] for r in mine],
             "accuracy_mean": mean, "accuracy_std": std, "lr": mine[0]["lr"],
-            "validation_accuracy_mean": mean_std([r["validation"]["accuracy"] for r in mine])[0],
             "trainable_parameters": mine[0].get("trainable_parameters", 0),
             "weights_bytes": mine[0].get("weights_bytes"), "step_seconds": step,
             "step_time_ratio": step / lora_step if step is not None and lora_step else None,
