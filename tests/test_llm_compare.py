@@ -7,7 +7,7 @@ import pytest
 
 from lorakit.cli import main
 from lorakit.data.text import WORDNET_NOUNS
-from lorakit.experiments import finetune, llm_compare_cells
+from lorakit.experiments import finetune, llm_compare_cells, llm_compare_timing
 from lorakit.experiments.llm_compare_task import (common_prefix, exact_match, generate_answers, instruction,
                                                   stratified_subset)
 from tiny_llama import write_tiny_llama
@@ -47,6 +47,10 @@ def test_the_whole_experiment_writes_its_report_with_every_row(run):
     assert all(len(s["examples"]) == 4 for s in results["summary"])  # five at most; four test examples here
     assert next(s for s in results["summary"] if s["method"] == "lora" and s["implementation"] == "lorakit")[
         "step_time_ratio"] == pytest.approx(1.0)
+    timed = results["step_times"]
+    assert timed["rounds"] == 5 and {(t["method"], t["implementation"]) for t in timed["rows"]} == rows - {
+        ("zero-shot", "base")}
+    assert all(t["median_seconds"] > 0 and t["ratio"] > 0 for t in timed["rows"])
     report = (run / "report.md").read_text()
     assert "AdapterHub" in report and "Seed 004's ordering" in report
     assert {(d["method"], d["n"]) for d in results["differences"]} == {("lora", 2), ("qlora", 2), ("prompt", 2)}
@@ -66,6 +70,7 @@ def test_resume_trains_and_scores_nothing_again(run, llama, monkeypatch):
     monkeypatch.setattr(finetune, "run_finetune", lambda cfg: calls.append(cfg) or {})
     monkeypatch.setattr(llm_compare_cells, "train_peft", lambda cfg: calls.append(cfg) or {})
     monkeypatch.setattr(llm_compare_cells, "score", lambda *a, **k: calls.append(a) or {})
+    monkeypatch.setattr(llm_compare_timing, "step_times", lambda *a: calls.append(a) or {})
     before = (run / "results.json").read_text()
     assert main(args(llama, run, "--resume")) == 0
     assert calls == []

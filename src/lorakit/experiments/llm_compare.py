@@ -8,7 +8,9 @@ adapter, lorakit (AdapterHub is not run: see ``ADAPTERHUB_REASON``); full fine-t
    validation split carved from the training data; the best picks the rate its lorakit and PEFT rows then use.
 2. **Cells.** Every (method, implementation, seed) trains for the same steps and batch and is scored once on test
    (:mod:`.llm_compare_cells`; one cell file each, ``--resume`` continues).
-3. **Report** (:mod:`.llm_compare_report`): accuracy mean ± std, paired lorakit - PEFT differences, per-step loss
+3. **Step times**: every trained row's model side by side in one process, one step each in turn, medians
+   (:mod:`.llm_compare_timing`).
+4. **Report** (:mod:`.llm_compare_report`): accuracy mean ± std, paired lorakit - PEFT differences, per-step loss
    traces from the same start, parameters, file sizes, step time, memory, example generations, seed 004 beside.
 """
 from __future__ import annotations
@@ -18,6 +20,7 @@ import os
 import time
 
 from . import output_dir
+from .. import parallel
 from .llm_compare_cells import ROWS, Setup, release_weights, run_cell
 from .llm_compare_task import stratified_subset, write_jsonl
 from .peft_compare import _lrs, _names
@@ -53,6 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bottleneck", type=int, default=16, help="adapter width, after each block's MLP")
     for method, grid in LR_GRIDS.items():
         parser.add_argument(f"--lr-{method}", default=grid, help=f"{method}: learning rates to sweep (one: no sweep)")
+    parser.add_argument("--timing-rounds", type=int, default=5,
+                        help="rounds of side-by-side training steps that time the rows (0: none)")
     parser.add_argument("--eval-batch-size", type=int, default=16, help="prompts generated at once")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--save-every", type=int, default=50, help="steps between saved training states (resume)")
@@ -99,6 +104,21 @@ def sweep(setup: Setup, methods: list[str], grids: dict, seed: int) -> tuple[dic
     return chosen, table
 
 
+def measure_step_times(setup: Setup, rows: list, chosen: dict, rounds: int) -> dict | None:
+    """The side-by-side step times (:mod:`.llm_compare_timing`), kept as the cell ``step-times``."""
+    from .llm_compare_timing import step_times
+
+    if rounds < 1 or not chosen:
+        return None
+    store = setup.store
+    record = store.load("step-times")
+    if record is None:
+        print(f"[llm-compare] step times: {rounds} rounds, every trained row in turn", flush=True)
+        record = store.save("step-times", {"settings": setup.settings, "rounds": rounds,
+                                           **step_times(setup, rows, chosen, rounds)}, write=parallel.is_main())
+    return record
+
+
 def main(args: argparse.Namespace) -> int:
     import torch
 
@@ -122,8 +142,9 @@ def main(args: argparse.Namespace) -> int:
             record = run_cell(setup, method, implementation, seed, chosen.get(method), test=True)
             records[(method, implementation, seed)] = record
             release_weights(setup, record)
+    timing = measure_step_times(setup, rows, chosen, args.timing_rounds)
     config = {k: v for k, v in vars(args).items() if k not in ("handler", "command", "experiment")}
-    write_outputs(out, config, setup.settings, data, seeds, chosen, sweep_table, records,
+    write_outputs(out, config, setup.settings, data, seeds, chosen, sweep_table, records, timing,
                   notes=[f"The bottleneck adapter's AdapterHub row is missing: {ADAPTERHUB_REASON}"],
                   wall_seconds=time.perf_counter() - started)
     return 0

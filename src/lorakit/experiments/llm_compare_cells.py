@@ -76,18 +76,23 @@ def train_lorakit(cfg: finetune.FinetuneConfig) -> dict:
             "trainable_parameters": results["parameters"]["trainable"]}
 
 
-def train_peft(cfg: finetune.FinetuneConfig) -> dict:
-    """PEFT's row from lorakit's initial adapter for ``cfg.seed``, trained by the same loop; saved in ``cfg.out``."""
+def lorakit_start(cfg: finetune.FinetuneConfig):
+    """``(model, tokenizer)``: the base with lorakit's seeded initial adapter for ``cfg``, as `lorakit finetune`
+    draws it (``full``: every weight trainable)."""
+    model, tokenizer = _load(cfg.model, cfg.method)
+    finetune.prepare_model(model, cfg)
+    return model, tokenizer
+
+
+def peft_start(cfg: finetune.FinetuneConfig):
+    """``(model, tokenizer)``: a PEFT model holding lorakit's initial adapter for ``cfg`` (saved in PEFT's layout,
+    read back by PEFT), so that both rows start from the same point."""
     import peft
     from safetensors.torch import load_file
 
     from .. import save_adapter
-    from ..data.chat import SFTCollator, SFTDataset, read_jsonl
-    from ..train import train
-    from ..train_state import discard_state
 
-    start, _ = _load(cfg.model, cfg.method)
-    finetune.prepare_model(start, cfg)  # lorakit's seeded initial adapter, as `lorakit finetune` draws it
+    start, _ = lorakit_start(cfg)
     with tempfile.TemporaryDirectory() as initial:
         save_adapter(start, initial, is_main_process=True)
         del start
@@ -96,6 +101,16 @@ def train_peft(cfg: finetune.FinetuneConfig) -> dict:
         config.inference_mode = False  # PEFT loads a prompt only frozen; so: a fresh PEFT model, then its weights
         model = peft.get_peft_model(base, config)
         peft.set_peft_model_state_dict(model, load_file(Path(initial) / "adapter_model.safetensors"))
+    return model, tokenizer
+
+
+def train_peft(cfg: finetune.FinetuneConfig) -> dict:
+    """PEFT's row from lorakit's initial adapter for ``cfg.seed``, trained by the same loop; saved in ``cfg.out``."""
+    from ..data.chat import SFTCollator, SFTDataset, read_jsonl
+    from ..train import train
+    from ..train_state import discard_state
+
+    model, tokenizer = peft_start(cfg)
     data = SFTDataset(read_jsonl(cfg.data), tokenizer, cfg.max_length)
     train_cfg = finetune.train_config(cfg)
     Path(cfg.out).mkdir(parents=True, exist_ok=True)

@@ -13,13 +13,13 @@ from .stats import format_mean_std, mean_std, paired_difference
 SEED_ORDER = ("adapter", "full", "lora", "prompt")  # seed 004: adapter >= full >= LoRA >= prompt
 
 
-def summarise(records: dict, seeds: list[int]) -> list[dict]:
-    """One row per (method, implementation): accuracy over seeds, sizes, time (ratio to lorakit-LoRA), memory."""
+def summarise(records: dict, seeds: list[int], timing: dict | None) -> list[dict]:
+    """One row per (method, implementation): accuracy over seeds, sizes, time (the side-by-side median as a ratio
+    to lorakit-LoRA's), memory."""
     rows = {}
     for (method, implementation, seed), r in records.items():
         rows.setdefault((method, implementation), []).append(r)
-    lora = rows.get(("lora", "lorakit"))
-    lora_step = statistics.fmean(r["step_seconds"] for r in lora) if lora else None
+    ratios = {(t["method"], t["implementation"]): t["ratio"] for t in (timing or {}).get("rows", [])}
     summary = []
     for (method, implementation), mine in rows.items():
         mean, std = mean_std([r["test"]["accuracy"] for r in mine])
@@ -29,7 +29,7 @@ def summarise(records: dict, seeds: list[int]) -> list[dict]:
             "accuracy_mean": mean, "accuracy_std": std, "lr": mine[0]["lr"],
             "trainable_parameters": mine[0].get("trainable_parameters", 0),
             "weights_bytes": mine[0].get("weights_bytes"), "step_seconds": step,
-            "step_time_ratio": step / lora_step if step is not None and lora_step else None,
+            "step_time_ratio": ratios.get((method, implementation)),
             "peak_memory_mb": max((r["peak_memory_mb"] for r in mine if "peak_memory_mb" in r), default=None),
             "training_memory_mb": max((r["training_memory_mb"] for r in mine if "training_memory_mb" in r),
                                       default=None),
@@ -80,6 +80,13 @@ def _row_cells(s: dict) -> list:
             None if ratio is None else f"{ratio:.3f}", s["peak_memory_mb"], reference]
 
 
+def _timing_note(timing: dict | None) -> str:
+    if timing is None:
+        return "not measured (--timing-rounds 0)."
+    return (f"the median of {timing['rounds']} training steps per row, the rows taking turns in one process on one "
+            "batch (after a warm-up round), divided by lorakit-LoRA's median of the same rounds.")
+
+
 def report_markdown(results: dict) -> str:
     st, order = results["settings"], results["seed_004_ordering"]
     table = markdown_table(["method", "implementation", "test accuracy % (mean ± std)", "n", "lr", "trainable params",
@@ -91,6 +98,7 @@ def report_markdown(results: dict) -> str:
              f"seeds {results['seeds']}; {st['steps']} steps of batch {st['batch_size']} for every trained row, "
              f"max length {st['max_length']}, AdamW at a constant rate chosen on validation. Scored by exact match of "
              "the greedy answer.", "", table, "",
+             f"- *step time*: {_timing_note(results['step_times'])}",
              "- *peak RSS*: the process's highest resident set size while the cell trained (cells run one after "
              "another in one process, so it is an upper bound).", "",
              "## lorakit - PEFT, paired by seed (95 % interval, pp)", "",
@@ -119,12 +127,14 @@ def report_markdown(results: dict) -> str:
 
 
 def write_outputs(out: Path, config: dict, settings: dict, data: dict, seeds: list[int], chosen: dict,
-                  sweep_table: list[dict], records: dict, notes: list[str], wall_seconds: float) -> dict:
-    summary = summarise(records, seeds)
+                  sweep_table: list[dict], records: dict, timing: dict | None, notes: list[str],
+                  wall_seconds: float) -> dict:
+    summary = summarise(records, seeds, timing)
     results = {
         "experiment": "llm-compare", "config": config, "settings": settings, "data": data, "seeds": seeds,
         "test_size": settings["test_size"], "train_size": settings["train_size"], "classes": settings["classes"],
         "chosen_lr": chosen, "sweep": sweep_table, "summary": summary,
+        "step_times": None if timing is None else {k: v for k, v in timing.items() if k != "settings"},
         "equivalence": equivalence(records, seeds), "differences": differences(records, seeds),
         "seed_004": {"accuracy": REFERENCE_004}, "seed_004_ordering": seed_ordering(summary),
         "rows": [{k: v for k, v in r.items() if k != "settings"} for r in records.values()],
