@@ -1,12 +1,17 @@
 """The experiments' harness: the cell store (round trip, resume only when asked, refusal of cells made otherwise,
-naming what differs) and the protocol check that a merged table was made the same way."""
+naming what differs), the protocol check that a merged table was made the same way, the list flags' parsing and the
+command that runs an experiment from its flags."""
 from __future__ import annotations
 
 import json
 
 import pytest
 
-from lorakit.experiments.harness import CellStore, check_same_protocol, protocol_differences
+import argparse
+from dataclasses import dataclass
+
+from lorakit.experiments.harness import (CellStore, check_same_protocol, parse_names, parse_rates, protocol_differences,
+                                       run_experiment)
 
 PROTOCOL = {"settings": {"max_length": 12, "rank": 2}, "train_config": {"lr": 0.01, "epochs": 2.0}}
 
@@ -51,3 +56,32 @@ def test_check_same_protocol_compares_as_json(tmp_path):
     check_same_protocol(tmp_path / "results.json", {"ranks": [16, 32]}, {"ranks": (16, 32)})  # a tuple is a list
     with pytest.raises(ValueError, match=r"ranks=\[16\] \(now \[16, 32\]\)"):
         check_same_protocol(tmp_path / "results.json", {"ranks": [16]}, {"ranks": [16, 32]})
+
+
+def test_parse_names_keeps_the_order_and_names_the_unknown():
+    assert parse_names(" lora, full ,", ("full", "lora", "prompt"), "methods") == ["lora", "full"]
+    with pytest.raises(ValueError, match=r"unknown or no methods \['prune'\]; choose from full, lora"):
+        parse_names("lora,prune", ("full", "lora"), "methods")
+    with pytest.raises(ValueError, match="unknown or no methods"):
+        parse_names(",", ("full",), "methods")
+
+
+@pytest.mark.parametrize("text, message", [("1e-3,x", "--lr-lora must be comma-separated numbers"),
+                                           ("1e-3,0", "--lr-lora needs positive learning rates"),
+                                           ("", "--lr-lora needs positive learning rates")])
+def test_parse_rates(text, message):
+    assert parse_rates("1e-3, 3e-3", "lora") == [1e-3, 3e-3]
+    with pytest.raises(ValueError, match=message):
+        parse_rates(text, "lora")
+
+
+def test_run_experiment_runs_the_config_of_the_flags_into_out(tmp_path, capsys):
+    @dataclass
+    class Config:
+        rank: int = 2
+
+    seen = []
+    args = argparse.Namespace(rank=4, out=str(tmp_path / "out"), handler=None)  # flags that are no field are left out
+    assert run_experiment(args, Config, "demo", lambda cfg, out: seen.append((cfg, out)) or {}, "results.json") == 0
+    assert seen == [(Config(rank=4), tmp_path / "out")]
+    assert capsys.readouterr().out == f"wrote {tmp_path / 'out'}/results.json\n"

@@ -36,15 +36,13 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .. import parallel
-from . import config_from_args, output_dir
 from ..data.vision import load_cifar10, load_fashion_mnist, to_float
 from ..models import vgg_small
 from ..train import TrainConfig, evaluate
 from .compress_cells import Fit, calibration_batches, comma_list, compressible_targets, run_cells
-from .harness import cached_model
+from .harness import add_out_argument, cached_model, run_experiment
 from .compress_task import CompressionConfig, add_compression_arguments, compression_rows
-from .compress_report import distill_note, result_sections, write_table
+from .compress_report import TABLE_FILES, distill_note, result_sections, write_table
 
 DESCRIPTION = "C-LoRA on a VGG-style conv net (Fashion-MNIST or CIFAR-10) against SVD + fine-tune at equal budget."
 
@@ -56,15 +54,9 @@ REFERENCE_NOTE = ("Seed 002 compressed an ImageNet-pretrained VGG16 (18.9M param
 
 @dataclass
 class CLoRAConvConfig(CompressionConfig):
-    """The common fields (:class:`~.compress_task.CompressionConfig`) with this experiment's defaults, and its own."""
+    """The images and vgg_small's shape; then the common fields (:class:`~.compress_task.CompressionConfig`) whose
+    defaults this experiment sizes for 2 CPU cores (the budget in the module docstring) or takes from the seed."""
 
-    ranks: list[int] = field(default_factory=lambda: [6, 11])
-    """Rank of every compressed layer: 6 gives ~7.8 % of the default net's parameters, 11 ~13.9 %."""
-    dense_epochs: float = 4.0
-    batch_size: int = 64
-    decay_start: float = 0.1
-    decay_end: float = 0.9
-    calibration_size: int = 512
     dataset: str = "fashion-mnist"
     """'fashion-mnist' or 'cifar10' (needs --data-dir, or LORAKIT_DATA, holding cifar-10-batches-py)."""
     data_dir: Optional[str] = None
@@ -76,6 +68,15 @@ class CLoRAConvConfig(CompressionConfig):
     """Channels of vgg_small's conv blocks (two 3x3 convs each, then a 2x2 max-pool)."""
     hidden: int = 128
     """Width of classifier.fc1."""
+    # A field redeclared here keeps its place in the common fields (and in results.json's config).
+    dense_epochs: float = 4.0
+    batch_size: int = 64
+    decay_start: float = 0.1
+    """The seed's VGG schedule: W decays from 10 % to 90 % of the steps."""
+    decay_end: float = 0.9
+    calibration_size: int = 512
+    ranks: list[int] = field(default_factory=lambda: [6, 11])
+    """Rank of every compressed layer: 6 gives ~7.8 % of the default net's parameters, 11 ~13.9 %."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -97,16 +98,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test-size", type=int, default=None, help="first N test images (default: all)")
     parser.add_argument("--widths", type=comma_list(int), default=d.widths, help="conv block widths, comma-separated")
     parser.add_argument("--hidden", type=int, default=d.hidden)
-    parser.add_argument("--out", default=None, help="output folder (default: runs/clora-conv-<time>)")
+    add_out_argument(parser, "clora-conv")
 
 
 def main(args: argparse.Namespace) -> int:
-    cfg = config_from_args(CLoRAConvConfig, args)
-    out = output_dir(args.out, "clora-conv")
-    run(cfg, out)
-    if parallel.is_main():
-        print(f"wrote {out}/results.json, report.md, accuracy_vs_ratio.png")
-    return 0
+    return run_experiment(args, CLoRAConvConfig, "clora-conv", run, TABLE_FILES)
 
 
 # -- the pieces -----------------------------------------------------------------------------------

@@ -23,8 +23,6 @@ import torch
 from torch import nn
 
 import lorakit as lk
-from .. import parallel
-from . import config_from_args, output_dir
 from .. import report
 from ..data.vision import load_fashion_mnist, to_float
 from ..models import fmnist_mlp
@@ -32,8 +30,8 @@ from ..train import TrainConfig, evaluate
 from .compress_cells import (CLORA_VARIANTS, CellsConfig, Fit, Key, add_cell_arguments,
                              calibration_batches, clora_cell, file_size, parameter_count, run_cells,
                              svd_cell)
-from .compress_report import clora_vs_svd, merged_runs, plot_accuracy_vs_ratio, summarize, summary_table
-from .harness import cached_model
+from .compress_report import TABLE_FILES, clora_vs_svd, merged_runs, plot_accuracy_vs_ratio, summarize, summary_table
+from .harness import add_out_argument, cached_model, run_experiment
 
 DESCRIPTION = "Reproduce and beat the seed's C-LoRA Fashion-MNIST table (C-LoRA variants, SVD baselines, dense)."
 
@@ -68,16 +66,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-head", action=argparse.BooleanOptionalAction, default=d.train_head)
     parser.add_argument("--train-size", type=int, default=d.train_size)
     parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--out", default=None, help="output folder (default: runs/clora-table-<time>)")
+    add_out_argument(parser, "clora-table")
 
 
 def main(args: argparse.Namespace) -> int:
-    cfg = config_from_args(CLoRATableConfig, args)
-    out = output_dir(args.out, "clora-table")
-    run(cfg, out)
-    if parallel.is_main():
-        print(f"wrote {out}/results.json, report.md, accuracy_vs_ratio.png")
-    return 0
+    return run_experiment(args, CLoRATableConfig, "clora-table", run, TABLE_FILES)
 
 
 # -- the pieces -----------------------------------------------------------------------------------

@@ -36,13 +36,11 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .. import parallel
 from ..data.text import TextCollator
 from ..train import TrainConfig, evaluate
-from . import config_from_args, output_dir
 from .compress_cells import Fit, compressible_targets, run_cells
-from .harness import cached_model
-from .compress_report import distill_note, result_sections, write_table
+from .harness import add_out_argument, cached_model, run_experiment
+from .compress_report import TABLE_FILES, distill_note, result_sections, write_table
 from .compress_task import CompressionConfig, add_compression_arguments, compression_rows
 from .text_task import BERT_TARGETS, HEAD, Examples, load_data, pretrained_classifier
 
@@ -57,17 +55,10 @@ REFERENCE_NOTE = ("Seed 002 (BERT on IMDB, Q, K, V and O compressed, 10 epochs):
 
 @dataclass
 class CLoRATransformerConfig(CompressionConfig):
-    """The common fields (:class:`~.compress_task.CompressionConfig`) with this experiment's defaults, and its own."""
+    """The model, the texts and the dense fine-tune; then the common fields
+    (:class:`~.compress_task.CompressionConfig`) whose defaults this experiment sizes for 2 CPU cores (the budget in
+    the module docstring)."""
 
-    ranks: list[int] = field(default_factory=lambda: [16, 64])
-    """Rank of Q, K, V and O in every layer: 16 is 8.6 % of those weights in MiniLM, 64 is 33.5 %."""
-    dense_epochs: float = 3.0
-    batch_size: int = 16
-    lr: float = 2e-3
-    """AdamW learning rate of C-LoRA and the SVD fine-tunes (peft-compare's sweep chose 2e-3 for C-LoRA)."""
-    calibration_size: int = 256
-    timing_rounds: int = 3
-    state_every: int = 50
     model: str = "minilm"
     """'minilm' or a Hugging Face model folder (BERT-like: query/key/value/attention.output.dense)."""
     dataset: str = "wordnet-supersense"
@@ -82,6 +73,16 @@ class CLoRATransformerConfig(CompressionConfig):
     """AdamW learning rate of the dense fine-tune (peft-compare's for full fine-tuning)."""
     warmup_steps: int = 10
     """Linear warmup, then linear decay to 0, in every training run."""
+    # A field redeclared here keeps its place in the common fields (and in results.json's config).
+    ranks: list[int] = field(default_factory=lambda: [16, 64])
+    """Rank of Q, K, V and O in every layer: 16 is 8.6 % of those weights in MiniLM, 64 is 33.5 %."""
+    lr: float = 2e-3
+    """AdamW learning rate of C-LoRA and the SVD fine-tunes (peft-compare's sweep chose 2e-3 for C-LoRA)."""
+    dense_epochs: float = 3.0
+    batch_size: int = 16
+    calibration_size: int = 256
+    timing_rounds: int = 3
+    state_every: int = 50
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -101,17 +102,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=int, default=d.max_length)
     parser.add_argument("--dense-lr", type=float, default=d.dense_lr)
     parser.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    parser.add_argument("--out", default=None, help="output folder (default: runs/clora-transformer-<time>)")
+    add_out_argument(parser, "clora-transformer")
 
 
 def main(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    cfg = config_from_args(CLoRATransformerConfig, args)
-    out = output_dir(args.out, "clora-transformer")
-    run(cfg, out)
-    if parallel.is_main():
-        print(f"wrote {out}/results.json, report.md, accuracy_vs_ratio.png")
-    return 0
+    return run_experiment(args, CLoRATransformerConfig, "clora-transformer", run, TABLE_FILES)
 
 
 class TransformerTask:

@@ -13,6 +13,7 @@ from .compress_cells import BASELINES, CLORA_VARIANTS
 from .stats import format_mean_std, mean_std
 
 FINETUNED = ("svd+finetune", "asvd+finetune")
+TABLE_FILES = "results.json, report.md, accuracy_vs_ratio.png"  # what a table run writes in OUT
 # Optional row fields summarised when every row of a group has them: field -> how seeds are combined.
 EXTRA_FIELDS = {"model_ratio": statistics.fmean, "inference_ratio": statistics.median}
 

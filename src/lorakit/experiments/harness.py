@@ -1,10 +1,12 @@
-"""What every experiment shares when it runs: the store of finished cells, the check that a saved cell or table was
-made the same way, the cache of dense and pre-trained models, and the hooks that make a C-LoRA run resumable."""
+"""What every experiment shares when it runs: the command (flags -> config -> run), the parsing of list flags, the
+store of finished cells, the check that a saved cell or table was made the same way, the cache of dense and
+pre-trained models, and the hooks that make a C-LoRA run resumable."""
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 from torch import nn
 
@@ -12,6 +14,46 @@ import lorakit as lk
 from .. import parallel
 from .._io import load_tensors, save_tensors, write_json
 from ..train_state import discard_state
+from . import config_from_args, output_dir
+
+
+# -- the command ----------------------------------------------------------------------------------------
+def add_out_argument(parser: argparse.ArgumentParser, experiment: str) -> None:
+    """``--out DIR``: where :func:`run_experiment` writes (default ``runs/<experiment>-<time>``)."""
+    parser.add_argument("--out", default=None, help=f"output folder (default: runs/{experiment}-<time>)")
+
+
+def run_experiment(args: argparse.Namespace, config_class: type, experiment: str,
+                   run: Callable[[Any, Path], dict], wrote: str) -> int:
+    """``main(args)`` of an experiment whose run succeeds once it finishes: its config from the flags, ``run(cfg,
+    out)`` into ``--out``, then (on rank 0) a line naming what it ``wrote`` there. Returns the exit code, 0."""
+    cfg = config_from_args(config_class, args)
+    out = output_dir(args.out, experiment)
+    run(cfg, out)
+    if parallel.is_main():
+        print(f"wrote {out}/{wrote}")
+    return 0
+
+
+def parse_names(text: str, known: Iterable[str], what: str) -> list[str]:
+    """``"a,b"`` -> ``["a", "b"]``, each one of ``known``; a ValueError names the unknown ones (``what``: "methods")."""
+    known = list(known)
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(known))
+    if unknown or not names:
+        raise ValueError(f"unknown or no {what} {unknown}; choose from {', '.join(known)}")
+    return names
+
+
+def parse_rates(text: str, method: str) -> list[float]:
+    """``"1e-3,3e-3"`` -> ``[0.001, 0.003]``: the learning rates of ``--lr-<method>``, each positive."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError as err:
+        raise ValueError(f"--lr-{method} must be comma-separated numbers, got {text!r}") from err
+    if not values or any(v <= 0 for v in values):
+        raise ValueError(f"--lr-{method} needs positive learning rates, got {text!r}")
+    return values
 
 
 # -- resuming -------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from . import output_dir
 from .. import parallel
 from .llm_compare_cells import ROWS, Setup, release_weights, run_cell
 from .llm_compare_task import stratified_subset, write_jsonl
-from .peft_compare import _lrs, _names
+from .harness import parse_names as _names, parse_rates as _lrs
 from .text_task import load_data, split_validation
 
 DESCRIPTION = ("seed 004 on a causal LM: zero-shot, LoRA, QLoRA, soft prompt, adapter and full fine-tuning of SmolLM2 "

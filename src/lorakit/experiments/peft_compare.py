@@ -40,6 +40,7 @@ from ..report import run_metadata, write_report, write_results
 from ..train import TrainConfig
 from . import output_dir
 from . import peft_compare_adapterhub as adapterhub
+from .harness import parse_names, parse_rates
 from .peft_compare_cells import CellContext, git_commit, run_cell
 from .peft_compare_measure import measure_memory, step_time_ratios
 from .peft_compare_models import LIBRARY, ROWS, REFERENCE_004, REFERENCE_004_PARAMS, build
@@ -99,24 +100,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="output folder (default runs/peft-compare-<time>)")
 
 
-def _names(text: str, known, what: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = sorted(set(names) - set(known))
-    if unknown or not names:
-        raise ValueError(f"unknown or no {what} {unknown}; choose from {', '.join(known)}")
-    return names
-
-
-def _lrs(text: str, method: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError as err:
-        raise ValueError(f"--lr-{method} must be comma-separated numbers, got {text!r}") from err
-    if not values or any(v <= 0 for v in values):
-        raise ValueError(f"--lr-{method} needs positive learning rates, got {text!r}")
-    return values
-
-
 @dataclass
 class _Plan:
     """What the command line asks for, checked before any work. ``rows`` loses, and ``missing`` names, a row that
@@ -170,10 +153,10 @@ def _plan(args: argparse.Namespace, cells: Path) -> _Plan:
     if cells.is_dir() and any(cells.glob("*.json")) and not args.resume:
         raise ValueError(f"{cells.parent} already holds finished cells; pass --resume to continue that run, "
                          "or another --out")
-    methods = _names(args.methods, METHODS, "methods")
-    implementations = _names(args.implementations, ("lorakit", "peft", "adapters"), "implementations")
+    methods = parse_names(args.methods, METHODS, "methods")
+    implementations = parse_names(args.implementations, ("lorakit", "peft", "adapters"), "implementations")
     seeds = [int(s) for s in args.seeds.split(",")]
-    lrs = {m: _lrs(getattr(args, f"lr_{m}"), m) for m in methods}
+    lrs = {m: parse_rates(getattr(args, f"lr_{m}"), m) for m in methods}
     if "peft" in implementations and importlib.util.find_spec("peft") is None:
         raise ValueError("the PEFT rows need peft: pip install peft (or leave 'peft' out of --implementations)")
     rows = [(m, i) for m, i in ROWS if m in methods and i in implementations]

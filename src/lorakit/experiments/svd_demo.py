@@ -20,11 +20,11 @@ import torch
 from matplotlib.figure import Figure
 
 import lorakit as lk
-from . import config_from_args, output_dir
 from .. import report
 from ..data.vision import MNIST_MEAN_STD, dataset
 from ..models import richboynet
 from ..train import TrainConfig, evaluate, train
+from .harness import add_out_argument, run_experiment
 
 DESCRIPTION = "The seeds' rank-2 SVD example, and the spectrum / rank-vs-error curve of a trained MNIST layer."
 LAYERS = ["linear1", "linear2"]
@@ -52,15 +52,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ranks", type=lambda s: [int(r) for r in s.split(",") if r], default=d.ranks)
     parser.add_argument("--threads", type=int, default=d.threads)
     parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--out", default=None, help="output folder (default: runs/svd-demo-<time>)")
+    add_out_argument(parser, "svd-demo")
 
 
 def main(args: argparse.Namespace) -> int:
-    cfg = config_from_args(SVDDemoConfig, args)
-    out = output_dir(args.out, "svd-demo")
-    run(cfg, out)
-    print(f"wrote {out}/results.json, report.md, spectrum.png, rank_vs_error.png")
-    return 0
+    return run_experiment(args, SVDDemoConfig, "svd-demo", run,
+                          "results.json, report.md, spectrum.png, rank_vs_error.png")
 
 
 def rank2_example(seed: int = 0) -> dict:
@@ -134,11 +131,7 @@ def _plot_spectrum(path: Path, layers: dict) -> None:
         s = layer["singular_values"]
         ax.plot(range(1, len(s) + 1), s, label=f"{name} {tuple(layer['shape'])}")
     ax.set_yscale("log")
-    ax.set_xlabel("index i")
-    ax.set_ylabel("singular value s_i")
-    ax.set_title("RichBoyNet on MNIST: singular-value spectrum")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    _label(ax, "index i", "singular value s_i", "RichBoyNet on MNIST: singular-value spectrum")
     report.save_figure(fig, path)
 
 
@@ -151,20 +144,21 @@ def _plot_rank_error(path: Path, layers: dict, accuracy: dict, dense_accuracy: f
         measured = layer["measured_relative_error"]
         left.scatter(list(measured), list(measured.values()), marker="x", zorder=3, label=f"{name}: measured")
     left.set_xscale("symlog", linthresh=1)
-    left.set_xlabel("rank r")
-    left.set_ylabel("relative Frobenius error")
-    left.set_title("Truncation error (Eckart–Young)")
-    left.grid(alpha=0.3)
-    left.legend(fontsize=8)
+    _label(left, "rank r", "relative Frobenius error", "Truncation error (Eckart–Young)", fontsize=8)
     right.plot(list(accuracy), list(accuracy.values()), marker="o", label="linear1 + linear2 at rank r")
     right.axhline(dense_accuracy, color="grey", linestyle="--", label=f"dense {dense_accuracy:.2f} %")
     right.set_xscale("log", base=2)
-    right.set_xlabel("rank r")
-    right.set_ylabel("test accuracy (%)")
-    right.set_title("MNIST accuracy after truncation (no fine-tune)")
-    right.grid(alpha=0.3)
-    right.legend(fontsize=8)
+    _label(right, "rank r", "test accuracy (%)", "MNIST accuracy after truncation (no fine-tune)", fontsize=8)
     report.save_figure(fig, path)
+
+
+def _label(ax, xlabel: str, ylabel: str, title: str, **legend) -> None:
+    """Axis labels, title, a light grid and the legend (``legend``: its options, e.g. ``fontsize``)."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(**legend)
 
 
 def render(results: dict) -> str:
