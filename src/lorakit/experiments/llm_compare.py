@@ -23,7 +23,7 @@ from . import output_dir
 from .. import parallel
 from .llm_compare_cells import ROWS, Setup, release_weights, run_cell
 from .llm_compare_task import stratified_subset, write_jsonl
-from .harness import parse_names as _names, parse_rates as _lrs
+from .harness import parse_names, parse_rates
 from .text_task import load_data, split_validation
 
 DESCRIPTION = ("seed 004 on a causal LM: zero-shot, LoRA, QLoRA, soft prompt, adapter and full fine-tuning of SmolLM2 "
@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test-size", type=int, default=1200, help="test examples scored, stratified per class")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds (the first one sweeps)")
-    parser.add_argument("--steps", type=int, default=300, help="optimizer steps, every trained row")
+    parser.add_argument("--steps", type=int, default=40, help="optimizer steps, every trained row")
     parser.add_argument("--batch-size", type=int, default=8, help="examples per step, every trained row")
     parser.add_argument("--max-length", type=int, default=192, help="tokens kept per example")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank, on every linear layer but the head")
@@ -60,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="rounds of side-by-side training steps that time the rows (0: none)")
     parser.add_argument("--eval-batch-size", type=int, default=16, help="prompts generated at once")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
-    parser.add_argument("--save-every", type=int, default=50, help="steps between saved training states (resume)")
+    parser.add_argument("--save-every", type=int, default=20, help="steps between saved training states (resume)")
     parser.add_argument("--resume", action="store_true", help="reuse finished cells in --out, continue stopped ones")
     parser.add_argument("--out", default=None, help="output folder (default runs/llm-compare-<time>)")
 
@@ -128,9 +128,9 @@ def main(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     torch.set_num_threads(args.threads)
     out = output_dir(args.out, "llm-compare")
-    methods = _names(args.methods, METHODS, "methods")
+    methods = parse_names(args.methods, METHODS, "methods")
     seeds = [int(s) for s in args.seeds.split(",")]
-    grids = {m: _lrs(getattr(args, f"lr_{m.replace('-', '_')}"), m) for m in methods if m != "zero-shot"}
+    grids = {m: parse_rates(getattr(args, f"lr_{m.replace('-', '_')}"), m) for m in methods if m != "zero-shot"}
     setup, data = prepare(args, out)
     chosen, sweep_table = sweep(setup, methods, grids, seeds[0])
     rows = [(m, i) for m, i in ROWS if m in methods]

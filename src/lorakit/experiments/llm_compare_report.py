@@ -7,7 +7,7 @@ from pathlib import Path
 from ..report import line_plot, markdown_table, run_metadata, write_report, write_results
 from .llm_compare_cells import LIBRARY
 from .peft_compare_models import REFERENCE_004
-from .peft_compare_report import _interval, _size, plot
+from .peft_compare_report import file_size, format_interval, plot
 from .stats import format_mean_std, mean_std, paired_difference
 
 SEED_ORDER = ("adapter", "full", "lora", "prompt")  # seed 004: adapter >= full >= LoRA >= prompt
@@ -76,7 +76,7 @@ def _row_cells(s: dict) -> list:
     reference = seed_004[0] if s["implementation"] == "lorakit" else seed_004[1]
     ratio = s["step_time_ratio"]
     return [s["method"], s["implementation"], format_mean_std(s["accuracy_mean"], s["accuracy_std"]), s["n"],
-            None if s["lr"] is None else f"{s['lr']:g}", s["trainable_parameters"], _size(s["weights_bytes"]),
+            None if s["lr"] is None else f"{s['lr']:g}", s["trainable_parameters"], file_size(s["weights_bytes"]),
             None if ratio is None else f"{ratio:.3f}", s["peak_memory_mb"], reference]
 
 
@@ -102,7 +102,7 @@ def report_markdown(results: dict) -> str:
              "- *peak RSS*: the process's highest resident set size while the cell trained (cells run one after "
              "another in one process, so it is an upper bound).", "",
              "## lorakit - PEFT, paired by seed (95 % interval, pp)", "",
-             *[f"- {d['method']}: {_interval(d)}" for d in results["differences"]], "",
+             *[f"- {d['method']}: {format_interval(d)}" for d in results["differences"]], "",
              "## Same start, same trajectory (per-step training loss)", "",
              markdown_table(["method", "against", "steps", "seeds", "max |diff|", "max relative diff"],
                             [[e["method"], e["against"], e["steps"], len(e["seeds"]), f"{e['max_abs_loss_diff']:.2e}",

@@ -10,13 +10,13 @@ from .peft_compare_models import REFERENCE_004, REFERENCE_004_PARAMS
 from .stats import at_least_verdict, format_mean_std, parity_verdict
 
 
-def _size(n: int | None) -> str | None:
+def file_size(n: int | None) -> str | None:
     if n is None:
         return None
     return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
 
 
-def _interval(d: dict) -> str:
+def format_interval(d: dict) -> str:
     if d["ci95_low_pp"] is None:
         return f"{d['mean_pp']:+.2f} (no interval, n = {d['n']})"
     return f"{d['mean_pp']:+.2f} [{d['ci95_low_pp']:+.2f}, {d['ci95_high_pp']:+.2f}]"
@@ -44,7 +44,7 @@ def main_table(results: dict) -> str:
         table.append([s["method"], s["implementation"], format_mean_std(s["accuracy_mean"], s["accuracy_std"]), s["n"],
                       s["best_val_accuracy_mean"], f"{s['lr']:g}", f"{s['trainable_parameters']:,}",
                       None if s.get("added_parameters") is None else f"{s['added_parameters']:,}",
-                      _size(s.get("checkpoint_bytes")), _timing(s), s.get("peak_memory_mb"),
+                      file_size(s.get("checkpoint_bytes")), _timing(s), s.get("peak_memory_mb"),
                       s.get("training_memory_mb"), _reference_004_cell(s["method"], s["implementation"])])
     return markdown_table(headers, table, floatfmt=".2f")
 
@@ -59,12 +59,12 @@ def verdict_lines(results: dict) -> list[str]:
                      f"**{'met' if ok else 'missed'}**")
     for d in results["differences"]:
         nominal = d["ci95_low_pp"] is not None and d["ci95_low_pp"] <= 0 <= d["ci95_high_pp"] and abs(d["mean_pp"]) <= 0.5
-        lines.append(f"- {d['method']}: accuracy lorakit - {d['against']} = {_interval(d)} pp (95 % interval, paired "
+        lines.append(f"- {d['method']}: accuracy lorakit - {d['against']} = {format_interval(d)} pp (95 % interval, paired "
                      f"by seed, n = {d['n']}). Target (0 inside the interval, |mean| <= 0.5 pp): "
                      f"**{'met' if nominal else 'missed'}**; what the interval allows: {parity_verdict(d, 0.5)}")
     gap = results.get("lora_vs_full")
     if gap:
-        lines.append(f"- LoRA - full fine-tuning = {_interval(gap)} pp (target: LoRA within 3 pp, i.e. >= -3): "
+        lines.append(f"- LoRA - full fine-tuning = {format_interval(gap)} pp (target: LoRA within 3 pp, i.e. >= -3): "
                      f"{at_least_verdict(gap, -3.0)}")
     by_row = {(s["method"], s["implementation"]): s for s in results["summary"]}
     peft_lora = by_row.get(("lora", "peft"))
