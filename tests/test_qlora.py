@@ -90,6 +90,20 @@ def test_a_peft_qlora_adapter_loads_with_peft_s_outputs_on_the_quantised_and_the
     torch.testing.assert_close(logits(float_model), logits(float_reference), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("quant", ["nf4-fp32", "fp4-fp32", "int8"])
+def test_the_dense_weight_is_the_same_after_an_eval_forward(folder, quant):
+    """On AVX512-BF16 CPUs bitsandbytes re-packs a 4-bit weight for its kernel at the first eval forward (its
+    scales rounded to bf16 on the way); reading the weight must undo that, as bitsandbytes' state_dict() does."""
+    from lorakit.layers.base import dense_weight
+
+    model = load(folder, quant)
+    layer = model.model.layers[0].self_attn.q_proj
+    before = dense_weight(layer).float().clone()
+    logits(model)
+    torch.testing.assert_close(dense_weight(layer).float(), before, atol=0, rtol=1e-2)
+    logits(model)  # and the layer still computes after being read
+
+
 def test_a_lorakit_adapter_on_a_4bit_base_loads_in_peft_with_the_same_outputs(folder, tmp_path):
     model = lk.inject(load(folder, "nf4-fp32"), lk.LoRAConfig(rank=8, alpha=16, targets="all-linear"))
     with torch.no_grad():
@@ -102,9 +116,11 @@ def test_a_lorakit_adapter_on_a_4bit_base_loads_in_peft_with_the_same_outputs(fo
 
 @pytest.mark.parametrize("quant", ["nf4-fp32", "int8"])
 def test_merge_requantises_with_a_warning_as_peft_does(folder, tmp_path, quant):
+    """Merged before any forward on both sides: bitsandbytes may re-pack a 4-bit weight at its first eval forward
+    (next test), after which PEFT's merge reads the packed bytes as if they were not."""
     reference = peft_adapter(folder, quant, tmp_path / "peft")
+    unmerged = logits(lk.load_adapter(load(folder, quant), tmp_path / "peft").eval())
     model = lk.load_adapter(load(folder, quant), tmp_path / "peft").eval()
-    unmerged = logits(model)
     with pytest.warns(UserWarning, match="quantises their weights again"):
         lk.merge(model)
     with warnings.catch_warnings():

@@ -68,13 +68,20 @@ def linear_features(module: nn.Module, transposed: bool = False) -> tuple[int, i
 
 
 def dense_weight(module: nn.Module) -> torch.Tensor:
-    """The weight as a dense float tensor shaped as a plain layer stores it (dequantised for bitsandbytes)."""
+    """The weight as a dense float tensor shaped as a plain layer stores it (dequantised for bitsandbytes).
+
+    On CPUs with AVX512-BF16, bitsandbytes (>= 0.49) re-packs a 4-bit weight into its CPU kernel's own layout at the
+    layer's first eval forward; that layout does not dequantise. As bitsandbytes' own ``state_dict()`` does, the
+    standard layout is restored first (in place, the same numbers; the next eval forward packs it again)."""
     weight, kind = module.weight, _weight_kind(module.weight)
     if kind == "plain":
         return weight
     import bitsandbytes.functional as bnb_f
 
     if kind == "bnb-4bit":
+        if getattr(weight.quant_state, "packing_format_for_cpu", False):
+            weight.data, weight.quant_state = bnb_f._convert_weight_packed_for_cpu_inverse(weight.data,
+                                                                                         weight.quant_state)
         return bnb_f.dequantize_4bit(weight.data, weight.quant_state)
     if kind == "bnb-8bit":  # the row scales move from the weight to the layer's state at its first forward
         scales = weight.SCB if weight.SCB is not None else module.state.SCB
