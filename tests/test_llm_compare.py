@@ -82,6 +82,11 @@ def test_resume_with_a_changed_setting_is_refused_naming_it(run, llama, capsys):
     assert "steps=3 (now 4)" in capsys.readouterr().err
 
 
+def test_negative_timing_rounds_are_refused_before_anything_runs(llama, tmp_path, capsys):
+    assert main([*args(llama, tmp_path / "out"), "--timing-rounds", "-1"]) == 1
+    assert "--timing-rounds must be 0" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
 def test_a_second_run_into_a_finished_folder_needs_resume(run, llama, capsys):
     assert main(args(llama, run)) == 1
     assert "--resume" in capsys.readouterr().err

@@ -104,7 +104,7 @@ def sweep(setup: Setup, methods: list[str], grids: dict, seed: int) -> tuple[dic
     return chosen, table
 
 
-def measure_step_times(setup: Setup, rows: list, chosen: dict, rounds: int) -> dict | None:
+def measure_step_times(setup: Setup, rows: list, chosen: dict, rounds: int, seed: int) -> dict | None:
     """The side-by-side step times (:mod:`.llm_compare_timing`), kept as the cell ``step-times``."""
     from .llm_compare_timing import step_times
 
@@ -114,8 +114,8 @@ def measure_step_times(setup: Setup, rows: list, chosen: dict, rounds: int) -> d
     record = store.load("step-times")
     if record is None:
         print(f"[llm-compare] step times: {rounds} rounds, every trained row in turn", flush=True)
-        record = store.save("step-times", {"settings": setup.settings, "rounds": rounds,
-                                           **step_times(setup, rows, chosen, rounds)}, write=parallel.is_main())
+        record = store.save("step-times", {"settings": setup.settings, **step_times(setup, rows, chosen, rounds, seed)},
+                            write=parallel.is_main())
     return record
 
 
@@ -130,6 +130,8 @@ def main(args: argparse.Namespace) -> int:
     out = output_dir(args.out, "llm-compare")
     methods = parse_names(args.methods, METHODS, "methods")
     seeds = [int(s) for s in args.seeds.split(",")]
+    if args.timing_rounds < 0:
+        raise ValueError(f"--timing-rounds must be 0 (no timing) or more, got {args.timing_rounds}")
     grids = {m: parse_rates(getattr(args, f"lr_{m.replace('-', '_')}"), m) for m in methods if m != "zero-shot"}
     setup, data = prepare(args, out)
     chosen, sweep_table = sweep(setup, methods, grids, seeds[0])
@@ -142,7 +144,7 @@ def main(args: argparse.Namespace) -> int:
             record = run_cell(setup, method, implementation, seed, chosen.get(method), test=True)
             records[(method, implementation, seed)] = record
             release_weights(setup, record)
-    timing = measure_step_times(setup, rows, chosen, args.timing_rounds)
+    timing = measure_step_times(setup, rows, chosen, args.timing_rounds, seeds[0])
     config = {k: v for k, v in vars(args).items() if k not in ("handler", "command", "experiment")}
     write_outputs(out, config, setup.settings, data, seeds, chosen, sweep_table, records, timing,
                   notes=[f"The bottleneck adapter's AdapterHub row is missing: {ADAPTERHUB_REASON}"],

@@ -29,16 +29,16 @@ def _step_function(model, batch: dict, lr: float):
     return step
 
 
-def step_times(setup: Setup, rows: list[tuple[str, str]], chosen: dict, rounds: int) -> dict:
-    """``{"rounds", "rows": [{method, implementation, median_seconds, ratio}]}`` for every trained row of ``rows``."""
+def step_times(setup: Setup, rows: list[tuple[str, str]], chosen: dict, rounds: int, seed: int) -> dict:
+    """``{"rounds", "rows": [{method, implementation, median_seconds, ratio}]}`` for every trained row of ``rows``,
+    each from its ``seed``'s start."""
     from ..data.chat import SFTCollator, SFTDataset, read_jsonl
 
-    trained = [(m, i) for m, i in rows if m != "zero-shot"]
+    examples = read_jsonl(setup.train_file)[:setup.settings["batch_size"]]
     steps = {}
-    for method, implementation in trained:
-        cfg = finetune_config(setup, method, 0, chosen[method], Path("unused"))
+    for method, implementation in [(m, i) for m, i in rows if m != "zero-shot"]:
+        cfg = finetune_config(setup, method, seed, chosen[method], Path("unused"))
         model, tokenizer = (lorakit_start if implementation == "lorakit" else peft_start)(cfg)
-        examples = read_jsonl(setup.train_file)[:setup.settings["batch_size"]]
         batch = SFTCollator(tokenizer.pad_token_id)([SFTDataset(examples, tokenizer, cfg.max_length)[i]
                                                      for i in range(len(examples))])
         steps[(method, implementation)] = _step_function(model, batch, chosen[method])
