@@ -21,11 +21,11 @@ from transformers.pytorch_utils import Conv1D
 import lorakit as lk
 from conftest import FACTORIES, lorakit_leftovers, perturb_adapters
 from lorakit.layers.lora import _FusedLoRALinear
-from lorakit.params import lora_added_parameters, lora_layer_parameters
+from lorakit.params import dora_layer_parameters, lora_added_parameters, lora_layer_parameters
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-ADAPTER_NAME = re.compile(r"(^|\.)lora_(A|B|embedding_A|embedding_B)(\.|$)")
+ADAPTER_NAME = re.compile(r"(^|\.)lora_(A|B|embedding_A|embedding_B|magnitude_vector)(\.|$)")
 TARGETS = ["layer", "head"]
 
 
@@ -60,6 +60,15 @@ CASES = [_case(model, mode) for model in FACTORIES for mode in ("module", "param
     _case("conv1d", dropout=0.3),
     _case("hf_conv1d", dropout=0.3),
     _case("embedding", dropout=0.3),
+    *[_case(model, mode, dora=True) for model in ("linear", "conv1d", "conv2d") for mode in ("module", "parametrize")],
+    _case("hf_conv1d", dora=True),
+    _case("conv2d_circular", dora=True),
+    _case("linear", dora=True, rslora=True, init="gaussian"),
+    _case("linear", dora=True, dropout=0.3),
+    _case("conv2d", dora=True, dropout=0.3),
+    _case("linear", lora_bias=True),
+    _case("conv1d", lora_bias=True),
+    _case("hf_conv1d", lora_bias=True, dropout=0.3),
     # parametrize mode refuses dropout > 0 (it never sees x): tests/test_base_layer.py::test_parametrize_refuses_dropout
 ]
 cases = pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
@@ -75,16 +84,18 @@ def build(case: Case):
     return base, model, base.example_input()
 
 
-def hand_count(module: nn.Module, rank: int) -> int:
-    """r (in + out) written out per layer type, independently of lorakit.params."""
+def hand_count(module: nn.Module, rank: int, dora: bool = False) -> int:
+    """r (in + out) written out per layer type, independently of lorakit.params; DoRA (or lora_bias) adds one per
+    output."""
     if isinstance(module, nn.Linear):
-        return rank * (module.in_features + module.out_features)
+        return rank * (module.in_features + module.out_features) + dora * module.out_features
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
-        return rank * (module.in_channels * math.prod(module.kernel_size) + module.out_channels)
+        return rank * (module.in_channels * math.prod(module.kernel_size) + module.out_channels) + \
+            dora * module.out_channels
     if isinstance(module, nn.Embedding):
         return rank * (module.num_embeddings + module.embedding_dim)
     if isinstance(module, Conv1D):
-        return rank * (module.nx + module.nf)
+        return rank * (module.nx + module.nf) + dora * module.nf
     raise AssertionError(type(module))
 
 
@@ -116,7 +127,7 @@ def test_only_adapter_parameters_trainable(case):
     _, model, _ = build(case)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     by_name = {n for n, _ in model.named_parameters() if ADAPTER_NAME.search(n)}
-    assert trainable == by_name and len(trainable) == 2 * len(TARGETS)
+    assert trainable == by_name and len(trainable) == (2 + case.cfg.dora + case.cfg.lora_bias) * len(TARGETS)
     layers = [model.get_submodule(t) for t in TARGETS]
     ids = set()
     for layer in layers:
@@ -131,8 +142,10 @@ def test_only_adapter_parameters_trainable(case):
 def test_parameter_counts(case):
     base, model, _ = build(case)
     count = lk.count_parameters(model)
-    hand = sum(hand_count(base.get_submodule(t), case.cfg.rank) for t in TARGETS)
-    closed = sum(lora_layer_parameters(base.get_submodule(t), case.cfg.rank) for t in TARGETS)
+    extra = case.cfg.dora or case.cfg.lora_bias  # DoRA's magnitude or lora_bias: one per output (never both)
+    hand = sum(hand_count(base.get_submodule(t), case.cfg.rank, extra) for t in TARGETS)
+    closed = sum(lora_layer_parameters(base.get_submodule(t), case.cfg.rank)
+                 + (dora_layer_parameters(base.get_submodule(t)) if extra else 0) for t in TARGETS)
     assert count.adapter == hand == closed == lora_added_parameters(base, case.cfg)
     assert count.trainable == count.adapter
     assert count.total == sum(p.numel() for p in base.parameters()) + count.adapter
@@ -180,7 +193,10 @@ def test_merge_equals_unmerged(case):
     close(model(x), adapted, atol=1e-5)
     with lk.disabled(model):
         close(model(x), base(x), atol=1e-5)
-    assert all(torch.equal(base_weights(model)[t], merged[t]) for t in TARGETS), "disabled() re-merges on exit"
+    for t in TARGETS:  # DoRA's g is computed again from the unmerged W, which is W within one rounding
+        again = base_weights(model)[t]
+        assert torch.equal(again, merged[t]) or (case.cfg.dora and torch.allclose(again, merged[t], atol=1e-6)), \
+            "disabled() re-merges on exit"
     close(model(x), adapted, atol=1e-5)
 
 

@@ -44,7 +44,25 @@ class Blocks(nn.Module):
         return torch.randn(4, 6, generator=torch.Generator().manual_seed(1))
 
 
-LINEAR, BLOCKS = FACTORIES["linear"], seeded(Blocks)
+class Nested(nn.Module):
+    """Blocks one level down (``model.blocks.<i>.layer``), where PEFT finds the block index without layers_pattern."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = nn.Module()
+        self.model.blocks = Blocks().layers
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        for block in self.model.blocks:
+            x = torch.tanh(block["layer"](x))
+        return self.head(x)
+
+    def example_input(self):
+        return torch.randn(4, 6, generator=torch.Generator().manual_seed(1))
+
+
+LINEAR, BLOCKS, NESTED = FACTORIES["linear"], seeded(Blocks), seeded(Nested)
 SAME, REFUSED = "same outputs", "refused"
 BASE = dict(r=2, lora_alpha=4, target_modules=["layer", "head"])
 
@@ -64,7 +82,9 @@ CASES: dict[str, list[tuple]] = {
     "lora_alpha": [(7.5, SAME, "peft", LINEAR, {})],
     "lora_dropout": [(0.3, SAME, "peft", LINEAR, {})],
     "fan_in_fan_out": [(True, SAME, "peft", FACTORIES["hf_conv1d"], {})],
-    "bias": [("all", REFUSED, "peft", LINEAR, {}), ("lora_only", REFUSED, "peft", LINEAR, {})],
+    "bias": [("all", SAME, "peft", LINEAR, {"target_modules": ["layer"]}),
+             ("lora_only", SAME, "peft", LINEAR, {"target_modules": ["layer"]}),
+             ("all", SAME, "peft", FACTORIES["conv2d"], {"lora_bias": True})],
     "use_rslora": [(True, SAME, "peft", LINEAR, {})],
     "modules_to_save": [(["head"], SAME, "peft", LINEAR, {"target_modules": ["layer"]})],
     "init_lora_weights": [(False, SAME, "peft", LINEAR, {}), ("gaussian", SAME, "peft", LINEAR, {}),
@@ -73,10 +93,15 @@ CASES: dict[str, list[tuple]] = {
                           ("pissa_niter_2", REFUSED, "peft", LINEAR, {}), ("olora", REFUSED, "peft", LINEAR, {}),
                           ("corda", REFUSED, "json", LINEAR, {}), ("loftq", REFUSED, "json", LINEAR, {}),
                           ("lora_ga", REFUSED, "json", LINEAR, {})],
-    "layers_to_transform": [(0, REFUSED, "peft", BLOCKS, {"target_modules": ["layer"], "layers_pattern": "layers"})],
-    "layers_pattern": [("layers", REFUSED, "peft", BLOCKS, {"target_modules": ["layer"], "layers_to_transform": [1]})],
-    "rank_pattern": [({"head": 4}, REFUSED, "peft", LINEAR, {})],
-    "alpha_pattern": [({"head": 16}, REFUSED, "peft", LINEAR, {})],
+    "layers_to_transform": [(0, SAME, "peft", BLOCKS, {"target_modules": ["layer"], "layers_pattern": "layers"}),
+                            ([1], SAME, "peft", NESTED, {"target_modules": ["layer"]}),
+                            ([0], SAME, "peft", NESTED, {"target_modules": ["layer", "model.blocks.1.layer"]})],
+    "layers_pattern": [("layers", SAME, "peft", BLOCKS, {"target_modules": ["layer"], "layers_to_transform": [1]}),
+                       (["blocks"], SAME, "peft", NESTED, {"target_modules": ["layer"], "layers_to_transform": [0]})],
+    "rank_pattern": [({"head": 4}, SAME, "peft", LINEAR, {}), ({"lay.*": 3, "layer": 1}, SAME, "peft", LINEAR, {}),
+                     ({"layer": 4}, SAME, "peft", LINEAR, {"init_lora_weights": "pissa"})],
+    "alpha_pattern": [({"head": 16}, SAME, "peft", LINEAR, {}),
+                      ({"head": 16}, SAME, "peft", LINEAR, {"use_rslora": True, "rank_pattern": {"layer": 4}})],
     "megatron_config": [({"tensor_model_parallel_size": 1}, REFUSED, "json", LINEAR, {})],
     "megatron_core": [("my.megatron", SAME, "peft", LINEAR, {})],
     "trainable_token_indices": [([0, 1], REFUSED, "json", FACTORIES["embedding"], {})],
@@ -84,7 +109,10 @@ CASES: dict[str, list[tuple]] = {
     "eva_config": [({"rho": 2.0}, SAME, "json", LINEAR, {})],
     "corda_config": [({"cache_file": None}, SAME, "json", LINEAR, {})],
     "lora_ga_config": [({"direction": "ArB2r"}, SAME, "json", LINEAR, {})],
-    "use_dora": [(True, REFUSED, "peft", LINEAR, {})],
+    "use_dora": [(True, SAME, "peft", LINEAR, {}), (True, SAME, "peft", FACTORIES["conv2d"], {}),
+                 (True, SAME, "peft", FACTORIES["conv1d"], {}), (True, SAME, "peft", FACTORIES["hf_conv1d"], {}),
+                 (True, SAME, "peft", LINEAR, {"use_rslora": True, "lora_dropout": 0.1}),
+                 (True, REFUSED, "peft", FACTORIES["embedding"], {})],
     "velora_config": [(VeloraConfig(num_groups=1), REFUSED, "peft", LINEAR, {})],
     "alora_invocation_tokens": [([1, 2], REFUSED, "json", LINEAR, {})],
     "use_qalora": [(True, REFUSED, "json", LINEAR, {})],
@@ -92,7 +120,9 @@ CASES: dict[str, list[tuple]] = {
     "monteclora_config": [({"monteclora_n": 4}, REFUSED, "json", LINEAR, {})],
     "layer_replication": [([[0, 2], [1, 2]], REFUSED, "json", BLOCKS, {"target_modules": ["layer"]})],
     "runtime_config": [({"ephemeral_gpu_offload": True}, SAME, "json", LINEAR, {})],
-    "lora_bias": [(True, REFUSED, "peft", LINEAR, {})],
+    "lora_bias": [(True, SAME, "peft", LINEAR, {}), (True, SAME, "peft", FACTORIES["conv2d"], {}),
+                  (True, SAME, "peft", FACTORIES["hf_conv1d"], {}),
+                  (True, REFUSED, "json", FACTORIES["embedding"], {"target_modules": ["layer"]})],
     "target_parameters": [(["layer.weight"], REFUSED, "peft", LINEAR, {"target_modules": None})],
     "use_bdlora": [(BdLoraConfig(target_modules_bd_a=["layer"], nblocks=2), REFUSED, "peft", BLOCKS,
                     {"target_modules": ["layer"]})],
@@ -101,7 +131,7 @@ CASES: dict[str, list[tuple]] = {
     "ensure_weight_tying": [(True, REFUSED, "peft", LINEAR, {})],
 }
 NOT_SET_BY_USERS = {"peft_type": "PEFT writes 'LORA' itself; other values are other methods (test_errors: other-peft-type)"}
-REFUSAL_NAMES = {"layers_pattern": "layers_to_transform"}  # the setting PEFT acts on when both are given
+REFUSAL_NAMES = {"use_dora": "dora=True is not supported on embeddings"}  # the setting PEFT acts on when both are given
 
 
 def test_the_table_lists_every_field_of_the_installed_peft():
@@ -226,6 +256,21 @@ OPTIONS = [
     ("init", "svd", LINEAR, {}, PEFT_LOADS),  # PiSSA: written as the plain rank-2r adapter on the original base
     ("init", "svd", FACTORIES["hf_conv1d"], {"rslora": True, "targets": ["layer"]}, PEFT_LOADS),
     ("rslora", True, LINEAR, {}, PEFT_LOADS),
+    ("bias", "all", LINEAR, {"targets": ["layer"]}, PEFT_LOADS),
+    ("bias", "lora_only", LINEAR, {"targets": ["layer"]}, PEFT_LOADS),
+    ("lora_bias", True, LINEAR, {}, PEFT_LOADS),
+    ("lora_bias", True, FACTORIES["conv2d"], {"bias": "lora_only"}, PEFT_LOADS),
+    ("rank_pattern", {"head": 4}, LINEAR, {}, PEFT_LOADS),
+    ("rank_pattern", {"head": 1}, LINEAR, {"init": "svd"}, PEFT_LOADS),
+    ("alpha_pattern", {"layer": 1.0}, LINEAR, {"rslora": True, "rank_pattern": {"head": 3}}, PEFT_LOADS),
+    ("layers_to_transform", [1], BLOCKS, {"targets": ["layer"], "layers_pattern": "layers"}, PEFT_LOADS),
+    ("layers_to_transform", 0, NESTED, {"targets": "all-linear"}, PEFT_LOADS),
+    ("layers_pattern", ["blocks"], NESTED, {"targets": ["layer"], "layers_to_transform": [1]}, PEFT_LOADS),
+    ("dora", True, LINEAR, {}, PEFT_LOADS),
+    ("dora", True, FACTORIES["conv2d"], {}, PEFT_LOADS),
+    ("dora", True, FACTORIES["hf_conv1d"], {}, PEFT_LOADS),
+    ("dora", True, FACTORIES["conv1d"], {"mode": "parametrize"}, PEFT_LOADS),
+    ("dora", True, LINEAR, {"mode": "parametrize"}, PEFT_LOADS),
     ("mode", "parametrize", FACTORIES["conv1d"], {}, PEFT_LOADS),
     ("target_parameter", "mix", seeded(Mixer), {"mode": "parametrize", "targets": ["mixer"]}, LORAKIT_FORMAT),
     ("modules_to_save", ["head"], LINEAR, {"targets": ["layer"]}, PEFT_LOADS),

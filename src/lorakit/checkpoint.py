@@ -24,7 +24,7 @@ from .checkpoint_config import (BIN_FILE, CONFIG_FILE, WEIGHTS_FILE, AdapterLoad
                                 peft_mismatch, prompt_mismatch, read_config)
 from .checkpoint_tensors import LEGACY_PROMPT_KEY, PREFIX, PROMPT_KEY, DTensor, adapter_tensors, check_tensors, describe, expected_tensors
 from .config import LoRAConfig, PromptConfig
-from .inject import adapter_layers, adapters, delete_adapter, inject, set_active
+from .inject import adapter_layers, adapters, delete_adapter, inject, parametrizations, set_active
 from .wrapped import reshard, unwrap_model
 
 __all__ = ["save_adapter", "load_adapter", "read_config", "read_weights", "adapter_tensors", "AdapterLoadError",
@@ -199,9 +199,10 @@ def _check_same_adapter(model: nn.Module, name: str, existing, file: FileConfig)
     if type(existing) is not type(cfg):
         raise AdapterLoadError(f"{where} is a {type(existing).__name__} but {file.path} holds a {type(cfg).__name__}{hint}")
     if isinstance(cfg, LoRAConfig):
-        if existing.rank == cfg.rank and existing.scale != cfg.scale:
-            raise AdapterLoadError(f"{where} has scale {existing.scale:g} but {file.path.parent} needs {cfg.scale:g} "
-                                   f"({describe(file)}){hint}")
+        for path, scale in _layer_scales(model, name):  # per layer: rank_pattern / alpha_pattern may differ
+            if existing.rank == cfg.rank and scale != cfg.for_layer(path).scale:
+                raise AdapterLoadError(f"{where} has scale {scale:g} at {path!r} but {file.path.parent} needs "
+                                       f"{cfg.for_layer(path).scale:g} there ({describe(file)}){hint}")
         if existing.init == "svd" and cfg.init != "svd" and cfg.rank == 2 * existing.rank:
             raise AdapterLoadError(f"{where} is PiSSA (rank {existing.rank}); {file.path.parent} holds a plain rank-"
                                    f"{cfg.rank} adapter whose second half is not this adapter's start [A0 ; -B0] "
@@ -219,6 +220,13 @@ def _check_same_adapter(model: nn.Module, name: str, existing, file: FileConfig)
         if getattr(existing, field) != getattr(cfg, field):
             raise AdapterLoadError(f"{where} has {field}={getattr(existing, field)!r} but {file.path} has "
                                    f"{field}={getattr(cfg, field)!r}{hint}")
+
+
+def _layer_scales(model: nn.Module, name: str) -> list[tuple[str, float]]:
+    """(module path, scale) of every layer and parametrized weight LoRA adapter ``name`` adapts."""
+    scales = [(path, layer.scaling[name]) for path, layer in adapter_layers(model)
+              if name in layer.adapter_names and isinstance(getattr(layer, "scaling", None), dict)]
+    return scales + [(path, lora.scale) for path, _, _, lora in parametrizations(model) if lora.adapter_name == name]
 
 
 def _merged_parts(model: nn.Module, name: str) -> list[tuple]:

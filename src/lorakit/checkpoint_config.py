@@ -28,7 +28,8 @@ from pathlib import Path
 from torch import nn
 
 from . import config as configs
-from .config import LoRAConfig, check_bool, check_choice, check_int, check_names, check_number, check_targets
+from .config import (LoRAConfig, check_bool, check_choice, check_int, check_layers, check_names, check_number,
+                     check_pattern, check_targets)
 from .inject import adapter_layers, candidate_modules, parametrizations
 from .layers.lora import is_hf_conv1d
 from .layers.modules_to_save import ModulesToSave
@@ -68,6 +69,19 @@ def _rank(key, value):
     check_int(key, value, 1)
 
 
+def _rank_pattern(key, value):
+    check_pattern(key, value, _rank)
+
+
+def _alpha_pattern(key, value):
+    check_pattern(key, value, check_number)
+
+
+def _layers_pattern(key, value):
+    if not isinstance(value, (str, list, NoneType)):
+        raise TypeError(f"{key}={value!r} has the wrong type; expected a name, a list of names, or null")
+
+
 READ = {  # PEFT key -> (LoRAConfig field, check(key, value)); these decide the outputs
     "r": ("rank", _rank),
     "lora_alpha": ("alpha", check_number),
@@ -75,20 +89,22 @@ READ = {  # PEFT key -> (LoRAConfig field, check(key, value)); these decide the 
     "target_modules": ("targets", check_targets),
     "exclude_modules": ("exclude", _exclude),
     "use_rslora": ("rslora", check_bool),
+    "use_dora": ("dora", check_bool),
+    "lora_bias": ("lora_bias", check_bool),
+    "bias": ("bias", lambda key, value: check_choice(key, value, {"none", "all", "lora_only"})),
     "modules_to_save": ("modules_to_save", check_names),
+    "rank_pattern": ("rank_pattern", _rank_pattern),
+    "alpha_pattern": ("alpha_pattern", _alpha_pattern),
+    "layers_to_transform": ("layers_to_transform", check_layers),
+    "layers_pattern": ("layers_pattern", _layers_pattern),
 }
+EMPTY_IS_UNSET = ("rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern")  # PEFT writes {} / [] / ""
 REQUIRED = ("r", "lora_alpha", "target_modules", "use_rslora")
 
 REFUSED_UNLESS = {  # PEFT key -> (the only value lorakit loads, what another value would change)
-    "bias": ("none", "PEFT then trains and saves the base layers' biases"),
-    "use_dora": (False, "DoRA adds a magnitude vector and rescales the weight"),
-    "rank_pattern": ({}, "per-layer ranks; a lorakit adapter has one rank"),
-    "alpha_pattern": ({}, "per-layer alphas; a lorakit adapter has one alpha"),
-    "layers_to_transform": (None, "it adapts only the blocks with these indices; use a target regex instead"),
     "layer_replication": (None, "it stacks replicated layers"),
     "target_parameters": (None, "PEFT's parameter LoRA has its own layout"),
     "use_qalora": (False, "QALoRA pools the input in groups"),
-    "lora_bias": (False, "it adds a bias to lora_B"),
     "trainable_token_indices": (None, "it trains single embedding rows"),
     "alora_invocation_tokens": (None, "aLoRA applies the adapter only after the invocation tokens"),
     "use_bdlora": (None, "BD-LoRA uses block-diagonal factors"),
@@ -105,7 +121,6 @@ METADATA = {  # keys that describe the file, not the outputs -> accepted types
     "task_type": _OPTIONAL_STR, "peft_version": _OPTIONAL_STR, "base_model_name_or_path": _OPTIONAL_STR,
     "revision": _OPTIONAL_STR, "inference_mode": bool, "auto_mapping": (dict, NoneType),
     "fan_in_fan_out": bool,  # PEFT sets it per layer from the layer type (Conv1D), as lorakit does
-    "layers_pattern": (str, list, NoneType),  # used only with layers_to_transform
     "megatron_core": _OPTIONAL_STR, "qalora_group_size": int, "loftq_config": dict,  # used only with their option
     "eva_config": (dict, NoneType), "corda_config": (dict, NoneType), "lora_ga_config": (dict, NoneType),
     "runtime_config": object,  # PEFT drops it when reading
@@ -173,8 +188,15 @@ def _from_peft(path: Path, raw: dict) -> LoRAConfig:
     except (TypeError, ValueError) as err:
         raise AdapterLoadError(f"{path}: {err}") from None
     _unknown(path, raw, {*READ, *REFUSED_UNLESS, *METADATA, "peft_type", "init_lora_weights", "lorakit_mode"})
-    kwargs = {ours: raw[key] for key, (ours, _) in READ.items() if raw.get(key) is not None}
-    return LoRAConfig(**kwargs, init=init, mode=raw.get("lorakit_mode", "module"))
+    kwargs = {ours: raw[key] for key, (ours, _) in READ.items() if key in raw and not _unset(key, raw[key])}
+    try:  # settings valid one by one may still not go together (DoRA with PiSSA)
+        return LoRAConfig(**kwargs, init=init, mode=raw.get("lorakit_mode", "module"))
+    except (TypeError, ValueError) as err:
+        raise AdapterLoadError(f"{path}: {err}") from None
+
+
+def _unset(key: str, value) -> bool:
+    return value is None or (key in EMPTY_IS_UNSET and isinstance(value, (dict, list, str)) and not value)
 
 
 def _type_names(types) -> str:
@@ -265,7 +287,9 @@ def lorakit_type(cls: type) -> str:
 
 KINDS = {lorakit_type(c): c for c in (configs.LoRAConfig, configs.AdapterConfig, configs.PromptConfig,
                                         configs.CLoRAConfig)}
-OPTIONAL_FIELDS = {"exclude", "modules_to_save", "adapter_dtype", "target_parameter", "init_text", "tokenizer"}  # a default that cannot mislead
+OPTIONAL_FIELDS = {"exclude", "modules_to_save", "adapter_dtype", "target_parameter", "init_text", "tokenizer",
+                   "dora", "bias", "lora_bias", "rank_pattern", "alpha_pattern", "layers_to_transform",
+                   "layers_pattern"}  # a default that cannot mislead (older files lack the newer fields)
 
 
 def _from_lorakit(path: Path, raw: dict, cls: type):
@@ -374,13 +398,18 @@ def config_to_json(model: nn.Module, cfg, name: str, reason: str | None) -> dict
         exact = dataclasses.replace(cfg, targets=targets, exclude=None, modules_to_save=saved or None)
         return {"peft_type": lorakit_type(LoRAConfig), **dataclasses.asdict(exact), "lorakit_reason": reason}
     rank, alpha = cfg.rank, cfg.alpha
+    ranks, alphas = dict(cfg.rank_pattern or {}), dict(cfg.alpha_pattern or {})
     if cfg.init == "svd":
-        rank, alpha = 2 * rank, alpha * (math.sqrt(2) if cfg.rslora else 2)
+        grow = math.sqrt(2) if cfg.rslora else 2
+        rank, alpha = 2 * rank, alpha * grow
+        ranks, alphas = {k: 2 * r for k, r in ranks.items()}, {k: a * grow for k, a in alphas.items()}
     paths = [p for p, layer in adapter_layers(model) if name in layer.adapter_names and not isinstance(layer, ModulesToSave)]
     conv1d = any(is_hf_conv1d(model.get_submodule(p).base_layer) for p in paths)
     conv1d |= any(is_hf_conv1d(m) for _, m, _, lora in parametrizations(model) if lora.adapter_name == name)
     return {"peft_type": "LORA", **model_metadata(model), "inference_mode": True,
             "r": rank, "lora_alpha": alpha, "lora_dropout": cfg.dropout, "target_modules": targets,
-            "use_rslora": cfg.rslora, "modules_to_save": saved or None, "fan_in_fan_out": conv1d, "bias": "none",
-            "init_lora_weights": True, "use_dora": False,
+            "use_rslora": cfg.rslora, "modules_to_save": saved or None, "fan_in_fan_out": conv1d, "bias": cfg.bias,
+            "lora_bias": cfg.lora_bias,
+            "init_lora_weights": True, "use_dora": cfg.dora, "rank_pattern": ranks, "alpha_pattern": alphas,
+            "layers_to_transform": None, "layers_pattern": None,  # target_modules lists the adapted layers exactly
             **({"lorakit_mode": cfg.mode} if cfg.mode != "module" else {})}

@@ -2,6 +2,7 @@
 file's tensors against them.
 
 Keys are PEFT's: ``base_model.model.<path>.lora_A.weight`` (rank, in), ``.lora_B.weight`` (out, rank),
+``.lora_magnitude_vector`` (DoRA's m: (out,), or (1, out, 1, ...) for a convolution),
 ``.lora_embedding_A`` (rank, num) / ``_B`` (dim, rank) for embeddings, ``base_model.model.<path>.<name>`` for a
 ``modules_to_save`` module's state. What a config *would* give a model is computed by injecting it into a
 **meta twin** of the model (:func:`meta_twin`: the same module classes and attributes, every tensor on the
@@ -17,7 +18,8 @@ import torch
 from torch import nn
 
 from .checkpoint_config import AdapterLoadError, FileConfig, peft_mismatch
-from .inject import adapter_layers, inject, parametrizations
+from .inject import adapter_layers, inject, parametrizations, trained_biases
+from .layers.dora import magnitude_shape
 from .layers.lora import is_hf_conv1d
 from .layers.prompt import ATTRIBUTE as PROMPT_ATTRIBUTE, SoftPrompt
 
@@ -45,6 +47,8 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, Entry]:
     for path, module, pname, lora in parametrizations(model):
         if lora.adapter_name == name:
             entries.update(_parametrized_entries(path, module, pname, lora))
+    for key, bias in trained_biases(model, getattr(model, "lorakit_configs", {}).get(name), name).items():
+        entries[f"{PREFIX}{key}"] = (bias, _writer(bias))  # bias='all' / 'lora_only': the base biases it trains
     return entries
 
 
@@ -74,8 +78,12 @@ def _parametrized_entries(path: str, module: nn.Module, pname: str, lora) -> dic
                 f"{key}.lora_B.weight": (a.t(), _writer(a, transpose=True))}
     a_shape = (a.shape[0], *shape[1:]) if len(shape) > 2 else a.shape
     b_shape = (b.shape[0], b.shape[1], *[1] * (len(shape) - 2))
-    return {f"{key}.lora_A.weight": (a.view(a_shape), _writer(a)),
-            f"{key}.lora_B.weight": (b.view(b_shape), _writer(b))}
+    entries = {f"{key}.lora_A.weight": (a.view(a_shape), _writer(a)),
+               f"{key}.lora_B.weight": (b.view(b_shape), _writer(b))}
+    m = lora.lora_magnitude_vector  # DoRA (never on an embedding or a Conv1D in this form: methods.py refuses it)
+    if m is not None:
+        entries[f"{key}.lora_magnitude_vector"] = (m.view(magnitude_shape(shape)), _writer(m))
+    return entries
 
 
 def layer_of(key: str) -> str:
@@ -83,7 +91,8 @@ def layer_of(key: str) -> str:
     if key == PROMPT_KEY:
         return "the soft prompt (num_tokens, embedding size)"
     path = key.removeprefix(PREFIX)
-    for suffix in (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B"):
+    for suffix in (".lora_A.weight", ".lora_B.weight", ".lora_B.bias", ".lora_embedding_A", ".lora_embedding_B",
+                   ".lora_magnitude_vector", ".base_layer.bias"):
         if path.endswith(suffix):
             return path[: -len(suffix)]
     return path.rpartition(".")[0]

@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -67,6 +68,27 @@ def check_names(name: str, value) -> None:
         raise TypeError(f"{name}={value!r} is not a list of module names; expected a list of non-empty strings or None")
 
 
+def check_pattern(name: str, value, check_value) -> None:
+    """None or {regex: value} (PEFT's ``rank_pattern`` / ``alpha_pattern``), each value passing ``check_value``."""
+    if value is None:
+        return
+    if not isinstance(value, dict) or not all(isinstance(k, str) and k for k in value):
+        raise TypeError(f"{name}={value!r} is not a pattern dict; expected {{module-name regex: value}} or None")
+    for key, item in value.items():
+        try:
+            re.compile(key)
+        except re.error as err:
+            raise ValueError(f"{name} key {key!r} is not a valid regular expression ({err})") from None
+        check_value(f"{name}[{key!r}]", item)
+
+
+def check_layers(name: str, value) -> None:
+    """None, a block index, or a list of block indices (PEFT's ``layers_to_transform``)."""
+    items = value if isinstance(value, list) else [value]
+    if value is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in items):
+        raise TypeError(f"{name}={value!r} is not a block index or a list of them; expected integers >= 0 or None")
+
+
 def check_identifier(name: str, value) -> None:
     if not isinstance(value, str) or not value.isidentifier():
         raise ValueError(f"{name}={value!r} is not a parameter name; expected a name such as 'weight'")
@@ -91,6 +113,10 @@ class LoRAConfig:
     """'kaiming' (A Kaiming-uniform, B = 0), 'gaussian' (A ~ N(0, 1), B = 0, as the seeds), 'svd' (PiSSA)."""
     rslora: bool = False
     """Rank-stabilised scale alpha / sqrt(rank)."""
+    dora: bool = False
+    """DoRA (PEFT's ``use_dora``): the weight becomes ``m / ||W + s B A|| * (W + s B A)`` with a trained magnitude m
+    per output (the norm over the input dimension, detached). Linear, Conv1d/2d and Conv1D layers; not with
+    init='svd'."""
     mode: str = "module"
     """'module': wrapper layers (fast path); 'parametrize': torch.nn.utils.parametrize on a named weight."""
     target_parameter: str = "weight"
@@ -99,6 +125,23 @@ class LoRAConfig:
     """Modules trained fully and saved with the adapter (e.g. a new classifier head)."""
     adapter_dtype: str = "float32"
     """dtype of the adapter's factors: 'float32' (as PEFT, also on a bf16/fp16 base) or 'base' (the base weight's)."""
+    rank_pattern: Optional[dict[str, int]] = None
+    """Per-layer ranks, {regex: rank}, PEFT's rule: a key matches a module path that ends in it after a dot (or is
+    it), ``re.match(rf"(.*\.)?({key})$", path)``; the first matching key wins, unmatched layers take ``rank``."""
+    alpha_pattern: Optional[dict[str, float]] = None
+    """Per-layer alphas, {regex: alpha}, matched as ``rank_pattern``."""
+    layers_to_transform: Optional[Union[int, list[int]]] = None
+    """Adapt only the targets inside these blocks (the index after ``layers_pattern`` in the path, e.g.
+    ``model.layers.3.mlp``). As PEFT: needs a list of ``targets`` (or None / 'all-linear'), not a regex."""
+    layers_pattern: Optional[Union[str, list[str]]] = None
+    """The name of the block list (``"layers"``, ``"h"``); None takes the first ``<name>.<index>.`` in the path."""
+    bias: str = "none"
+    """PEFT's ``bias``: 'all' also trains every bias of the model, 'lora_only' the adapted layers' biases; they are
+    saved with the adapter. They are the base's own, so ``disabled()`` and ``unload(merge=False)`` keep the trained
+    values (as in PEFT, which warns the same)."""
+    lora_bias: bool = False
+    """PEFT's ``lora_bias``: B gets a bias (zero at the start, scaled by s with B A); ``merge`` adds ``s * bias`` to
+    the layer's bias. Module mode, Linear/Conv/Conv1D layers; not with DoRA or init='svd'."""
 
     def __post_init__(self) -> None:
         check_int("rank", self.rank, 1)
@@ -108,14 +151,69 @@ class LoRAConfig:
         check_targets("exclude", self.exclude, allow_empty=True)
         check_choice("init", self.init, {"kaiming", "gaussian", "svd"})
         check_bool("rslora", self.rslora)
+        check_bool("dora", self.dora)
+        if self.dora and self.init == "svd":
+            raise ValueError("dora=True with init='svd' is not supported (PiSSA moves part of W into the factors, "
+                             "which the magnitude would measure twice); use init='kaiming' or 'gaussian' with DoRA")
         check_choice("mode", self.mode, {"module", "parametrize"})
         check_identifier("target_parameter", self.target_parameter)
         check_names("modules_to_save", self.modules_to_save)
         check_choice("adapter_dtype", self.adapter_dtype, DTYPE_CHOICES)
+        check_pattern("rank_pattern", self.rank_pattern, lambda key, v: check_int(key, v, 1))
+        check_pattern("alpha_pattern", self.alpha_pattern, check_number)
+        check_layers("layers_to_transform", self.layers_to_transform)
+        patterns = self.layers_pattern if isinstance(self.layers_pattern, list) else [self.layers_pattern]
+        if self.layers_pattern is not None and not all(isinstance(p, str) and p for p in patterns):
+            raise TypeError(f"layers_pattern={self.layers_pattern!r} is not a name or a list of names; expected "
+                            "e.g. 'layers', ['layers', 'h'], or None")
+        check_choice("bias", self.bias, {"none", "all", "lora_only"})
+        check_bool("lora_bias", self.lora_bias)
+        if self.lora_bias and (self.dora or self.init == "svd" or self.mode != "module"):
+            raise ValueError(f"lora_bias=True with dora={self.dora}, init={self.init!r}, mode={self.mode!r} is not "
+                             "supported (as in PEFT); use lora_bias with dora=False, init='kaiming' or 'gaussian' "
+                             "and mode='module'")
+        if self.bias != "none" and self.modules_to_save:
+            raise ValueError(f"bias={self.bias!r} with modules_to_save={self.modules_to_save!r} is not supported "
+                             "(PEFT would save the module's copy and its original's biases apart); train the module's "
+                             "bias through modules_to_save, or use bias='none'")
+        if self.layers_pattern is not None and self.layers_to_transform is None:
+            raise ValueError(f"layers_pattern={self.layers_pattern!r} without layers_to_transform selects nothing; "
+                             "give layers_to_transform the block indices too, or leave layers_pattern None")
+        if self.layers_to_transform is not None and isinstance(self.targets, str) and self.targets != "all-linear":
+            raise ValueError(f"layers_to_transform={self.layers_to_transform!r} with the regex targets="
+                             f"{self.targets!r}: as in PEFT, a regex already says which blocks it takes; put the "
+                             "block indices into the regex, or give targets as a list of names")
 
     @property
     def scale(self) -> float:
         return self.alpha / (self.rank ** 0.5 if self.rslora else self.rank)
+
+    def for_layer(self, path: str) -> "LoRAConfig":
+        """This config with the rank and alpha that ``rank_pattern`` / ``alpha_pattern`` give module ``path``."""
+        rank = _pattern_value(self.rank_pattern, path, self.rank)
+        alpha = _pattern_value(self.alpha_pattern, path, self.alpha)
+        if (rank, alpha) == (self.rank, self.alpha):
+            return self
+        return dataclasses.replace(self, rank=rank, alpha=alpha, rank_pattern=None, alpha_pattern=None)
+
+
+def _pattern_value(pattern: Optional[dict], path: str, default):
+    """PEFT's ``get_pattern_key``: the value of the first key that matches the end of ``path`` after a dot."""
+    for key, value in (pattern or {}).items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return default
+
+
+def block_index(path: str, layers_pattern) -> Optional[int]:
+    """The block a module path lies in, by PEFT's rule: the first ``<pattern>.<index>.`` (any name for None)."""
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+    regexes = [r".*?\.[^.]*\.(?P<idx>\d+)\."] if not patterns else [rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\." for p in patterns]
+    for regex in regexes:
+        found = re.match(regex, path)
+        if found is not None:
+            return int(found.group("idx"))
+    return None
 
 
 @dataclass

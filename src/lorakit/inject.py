@@ -21,11 +21,13 @@ each operation below is written once. Every public function accepts a model wrap
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .config import LoRAConfig
 from .layers.base import quantisation, warn_requantising
 from .layers.modules_to_save import ModulesToSave
 from .layers.parametrize import LoRAParametrization, ParametrizedWeight
@@ -78,6 +80,8 @@ def inject(model: nn.Module, cfg, name: str = "default") -> nn.Module:
         if not configs:  # the first adapter: the base is frozen once; later calls leave base parameters alone
             for p in before:
                 p.requires_grad_(False)
+        for bias in trained_biases(model, cfg, name).values():  # PEFT's bias='all' / 'lora_only'
+            bias.requires_grad_(True)
         set_active(model, name)
     except BaseException:  # roll back: the adapter out of every layer, the attributes and flags as they were
         _remove_from_layers(model, name)
@@ -116,17 +120,24 @@ def _add_at_sites(model: nn.Module, cfg, name: str, method: Method, sites: list[
         cls = method.wrapper_for(base_of(module))
         if is_adapter_layer(module) and not isinstance(module, cls):
             raise ValueError(f"layer {site.path!r} already holds a {type(module).__name__}; one kind of adapter per layer")
-        plan.append((module, module if isinstance(module, cls) else cls(module)))
+        plan.append((module, module if isinstance(module, cls) else cls(module), _layer_config(cfg, site.path)))
     loras = []
     for site in (s for s in sites if s.param is not None):
         module = model.get_submodule(site.path)
-        loras.append((module, site.param, LoRAParametrization(getattr(module, site.param), cfg, name)))
-    for module, wrapper in plan:
+        layer_cfg = _layer_config(cfg, site.path)
+        loras.append((module, site.param, LoRAParametrization(getattr(module, site.param), layer_cfg, name)))
+    for module, wrapper, layer_cfg in plan:
         if wrapper is not module:
             replace_everywhere(model, module, wrapper)  # a shared module: every path gets the one wrapper
-        wrapper.add_adapter(name, cfg)
+        wrapper.add_adapter(name, layer_cfg)
     for module, pname, lora in loras:
         parametrize.register_parametrization(module, pname, lora, unsafe=True)
+
+
+def _layer_config(cfg, path: str):
+    """The config layer ``path`` gets: a LoRA config's ``rank_pattern`` / ``alpha_pattern`` applied."""
+    for_layer = getattr(cfg, "for_layer", None)
+    return for_layer(path) if callable(for_layer) else cfg
 
 
 # -- walking the adapters -------------------------------------------------------------------------
@@ -150,6 +161,29 @@ def adapters(model: nn.Module) -> list[tuple[str, object]]:
     weights = [(path if pname == "weight" else f"{path}.{pname}", ParametrizedWeight(module, pname, lora))
                for path, module, pname, lora in parametrizations(model)]
     return adapter_layers(model) + weights
+
+
+def trained_biases(model: nn.Module, cfg, name: str) -> dict[str, nn.Parameter]:
+    """The base biases adapter ``name`` trains (its config's ``bias``), under PEFT's names: ``<path>.base_layer.bias``
+    for a layer the adapter adapts, ``<path>.bias`` for any other module (``bias='all'`` only)."""
+    mode = cfg.bias if isinstance(cfg, LoRAConfig) else "none"  # (C-LoRA's bias is its own vector C)
+    if mode == "none":
+        return {}
+    adapted = {}
+    for path, layer in adapters(model):
+        if name in layer.adapter_names and not isinstance(layer, ModulesToSave):
+            module = layer.base_layer if hasattr(layer, "base_layer") else layer.module  # wrapper / parametrized
+            adapted.setdefault(id(module), path.removesuffix(f".{getattr(layer, 'pname', 'weight')}"))
+    found = {}
+    for path, module in model.named_modules():
+        bias = module._parameters.get("bias")
+        if bias is None or ".lora_" in f".{path}" or ".modules_to_save." in f".{path}.":
+            continue  # an adapter's own bias (lora_bias) is saved with its factors
+        if id(module) in adapted:
+            found[f"{adapted[id(module)]}.base_layer.bias"] = bias
+        elif mode == "all":
+            found[f"{path}.bias" if path else "bias"] = bias
+    return found
 
 
 def _require(model: nn.Module, name: str) -> None:
@@ -285,6 +319,11 @@ def disabled(model: nn.Module):
     inner = unwrap_model(model)
     layers = [layer for _, layer in adapters(inner)]
     merged = [layer for layer in layers if getattr(layer, "merged_adapter", None) is not None]
+    trained = [n for n, c in getattr(inner, "lorakit_configs", {}).items() if isinstance(c, LoRAConfig) and c.bias != "none"]
+    if trained:
+        warnings.warn(f"adapters {trained} train the base's biases (bias='all' or 'lora_only'): inside disabled() the "
+                      "model computes the base with the trained biases, not the original base (as in PEFT)",
+                      stacklevel=3)
     unmerge(inner)
     for layer in layers:
         layer.disabled = True

@@ -54,7 +54,28 @@ def _refuse_quantised(model: nn.Module, sites: list[Site], what: str) -> None:
                              "mode='module' and init='kaiming' or 'gaussian' on quantised layers")
 
 
+def _check_dora(model: nn.Module, sites: list[Site]) -> None:
+    """DoRA's norm is over each output's inputs: refused where lorakit's layer would take it over another axis."""
+    for site in sites:
+        module = base_of(model.get_submodule(site.path))
+        if isinstance(module, nn.Embedding):
+            raise ValueError(f"dora=True is not supported on embeddings ({site.path!r}); exclude it, or target only "
+                             "Linear, Conv1d/2d and Conv1D layers with DoRA")
+        if is_hf_conv1d(module) and site.param is not None:
+            raise ValueError(f"dora=True on the Conv1D {site.path!r} needs mode='module' (its weight is stored "
+                             "(in, out), so the parametrize form would take the norm over the outputs)")
+
+
 def _check_lora(model: nn.Module, sites: list[Site], cfg: LoRAConfig) -> None:
+    if cfg.dora:
+        _check_dora(model, sites)
+    if cfg.lora_bias:
+        for site in sites:
+            module = base_of(model.get_submodule(site.path))
+            if isinstance(module, nn.Embedding) or site.param is not None:
+                raise ValueError(f"lora_bias=True needs a wrapped Linear, Conv or Conv1D layer; {site.path!r} is "
+                                 f"{'an embedding' if isinstance(module, nn.Embedding) else 'adapted in parametrize form'}"
+                                 "; exclude it or use lora_bias=False")
     if cfg.mode == "parametrize":
         _refuse_quantised(model, sites, "LoRA mode='parametrize'")
     for site in (s for s in sites if s.param is None):
@@ -76,10 +97,10 @@ def _check_lora(model: nn.Module, sites: list[Site], cfg: LoRAConfig) -> None:
     bad = [p for p, m in wrapped if not (isinstance(m, nn.Linear) or is_hf_conv1d(m))]
     if bad:
         raise ValueError(f"init='svd' supports Linear and Conv1D layers only; {bad[0]!r} is not one")
-    small = [(p, min(m.weight.shape)) for p, m in wrapped if min(m.weight.shape) < cfg.rank]
+    small = [(p, min(m.weight.shape)) for p, m in wrapped if min(m.weight.shape) < cfg.for_layer(p).rank]
     if small:
         raise ValueError(f"init='svd' needs rank <= min(in, out); layer {small[0][0]!r} allows at most "
-                         f"{small[0][1]}, got rank={cfg.rank}")
+                         f"{small[0][1]}, got rank={cfg.for_layer(small[0][0]).rank}")
     _tied_refusal(model, sites, "init='svd' (which leaves the residual in W)")
 
 

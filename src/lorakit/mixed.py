@@ -7,7 +7,8 @@ matrix products (``torch.bmm``). That is the single-adapter computation with per
 sub-batches, so a forward or a ``generate()`` step costs about what one adapter costs. The factors are read on
 entering the block; leave and enter again after changing them.
 
-Supported: LoRA in module mode on Linear, Hugging Face Conv1D and Embedding layers, in eval mode, unmerged.
+Supported: LoRA in module mode on Linear, Hugging Face Conv1D and Embedding layers, in eval mode, unmerged; DoRA
+adapters too (each row's ``m / ||W + s B A||`` scales its ``W x`` and is folded into its B).
 Refused by name, before anything changes: prompts, bottleneck adapters and C-LoRA; LoRA on convolutions, in
 parametrize mode, with a PiSSA start or with ``modules_to_save``; a model in training mode or with a merged
 adapter. Inside the block a batch whose size is not ``len(adapter_names)`` is refused by the first layer it

@@ -11,6 +11,7 @@ from .config import LoRAConfig
 from .inject import adapter_layers, find_targets, is_adapter_layer, parametrizations
 from .layers.base import linear_features, logical_numel
 from .layers.lora import is_hf_conv1d, lora_wrapper_for
+from .targets import in_blocks
 from .wrapped import unwrap_model
 
 
@@ -55,6 +56,13 @@ def lora_layer_parameters(module: nn.Module, rank: int) -> int:
     return rank * sum(linear_features(module, is_hf_conv1d(module)))
 
 
+def dora_layer_parameters(module: nn.Module) -> int:
+    """What DoRA (the magnitude) or ``lora_bias`` (B's bias) adds to a LoRA layer: one per output."""
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        return module.out_channels
+    return linear_features(module, is_hf_conv1d(module))[1]
+
+
 def _is_matrix(value) -> bool:
     """What parametrize mode adapts: a tensor with >= 2 dimensions (not a LayerNorm's vector)."""
     return isinstance(value, torch.Tensor) and value.dim() >= 2
@@ -63,12 +71,21 @@ def _is_matrix(value) -> bool:
 def lora_added_parameters(model: nn.Module, cfg: LoRAConfig) -> int:
     """What ``inject(model, cfg)`` will add, computed from the shapes alone (no injection)."""
     if cfg.mode == "parametrize":
-        paths = find_targets(model, cfg.targets, cfg.exclude,
-                             lambda m: _is_matrix(getattr(m, cfg.target_parameter, None)))
-        weights = [getattr(model.get_submodule(p), cfg.target_parameter) for p in paths]
-        return sum(cfg.rank * (w.shape[0] + w[0].numel()) for w in weights)
-    paths = find_targets(model, cfg.targets, cfg.exclude, lambda m: lora_wrapper_for(m) is not None)
-    return sum(lora_layer_parameters(model.get_submodule(p), cfg.rank) for p in paths)
+        paths = in_blocks(find_targets(model, cfg.targets, cfg.exclude,
+                                       lambda m: _is_matrix(getattr(m, cfg.target_parameter, None))), cfg)
+        weights = [(getattr(model.get_submodule(p), cfg.target_parameter), cfg.for_layer(p).rank) for p in paths]
+        return sum(rank * (w.shape[0] + w[0].numel()) + cfg.dora * w.shape[0] for w, rank in weights)  # no lora_bias here
+    total = 0
+    for path in _lora_paths(model, cfg):
+        module = model.get_submodule(path)
+        per_output = dora_layer_parameters(module) if not isinstance(module, nn.Embedding) else 0
+        total += lora_layer_parameters(module, cfg.for_layer(path).rank) + per_output * (cfg.dora + cfg.lora_bias)
+    return total
+
+
+def _lora_paths(model: nn.Module, cfg: LoRAConfig) -> list[str]:
+    """The modules a module-mode LoRA config wraps (targets, exclude, layers_to_transform)."""
+    return in_blocks(find_targets(model, cfg.targets, cfg.exclude, lambda m: lora_wrapper_for(m) is not None), cfg)
 
 
 # -- listings like the seeds print them -----------------------------------------------------------
@@ -167,18 +184,15 @@ def formula(model: nn.Module, cfg) -> str:
         b = cfg.bottleneck
         return _grouped([f"({d}*{b} + {b} + {b}*{d} + {d})" for d in _adapter_widths(model, cfg)])
     if isinstance(cfg, LoRAConfig) and cfg.mode == "module":
-        paths = find_targets(model, cfg.targets, cfg.exclude, lambda m: lora_wrapper_for(m) is not None)
         terms = []
-        for path in paths:
-            module = getattr(model.get_submodule(path), "base_layer", model.get_submodule(path))
+        for path in _lora_paths(model, cfg):
+            module, rank = getattr(model.get_submodule(path), "base_layer", model.get_submodule(path)), cfg.for_layer(path).rank
             per_rank = lora_layer_parameters(module, 1)
             if isinstance(module, nn.Embedding):
-                terms.append(f"{cfg.rank} x ({module.num_embeddings} + {module.embedding_dim})")
-            elif isinstance(module, (nn.Conv1d, nn.Conv2d)):
-                terms.append(f"{cfg.rank} x ({per_rank - module.out_channels} + {module.out_channels})")
-            else:
-                out_f = module.weight.shape[1] if is_hf_conv1d(module) else module.weight.shape[0]
-                terms.append(f"{cfg.rank} x ({per_rank - out_f} + {out_f})")
+                terms.append(f"{rank} x ({module.num_embeddings} + {module.embedding_dim})")
+                continue
+            out_f = dora_layer_parameters(module)
+            terms.append(f"{rank} x ({per_rank - out_f} + {out_f})" + (f" + {out_f}" if cfg.dora else ""))
         return _grouped(terms)
     return f"{added_parameters(model, cfg):,}"
 

@@ -27,6 +27,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
+from .config import block_index
 from .layers.lora import is_hf_conv1d
 from .layers.parametrize import LoRAParametrization
 from .sharing import module_paths
@@ -154,7 +155,7 @@ def lora_sites(model: nn.Module, cfg, wrapper_for, skip: Sequence[str] = ()) -> 
         return wrapper_for(base_of(module)) is not None
 
     sites: list[Site] = []
-    for path in find_targets(model, cfg.targets, cfg.exclude, supports, skip):
+    for path in in_blocks(find_targets(model, cfg.targets, cfg.exclude, supports, skip), cfg):
         module = model.get_submodule(path)
         if isinstance(module, nn.MultiheadAttention) and pname == "weight":
             sites += [Site(path, p) for p in attention_parameters(module)] + [Site(f"{path}.out_proj", "weight")]
@@ -163,6 +164,25 @@ def lora_sites(model: nn.Module, cfg, wrapper_for, skip: Sequence[str] = ()) -> 
         else:
             sites.append(Site(path))
     return list(dict.fromkeys(sites))  # an attention module and its out_proj both named: out_proj once
+
+
+def in_blocks(paths: list[str], cfg) -> list[str]:
+    """The paths inside the blocks ``cfg.layers_to_transform`` names (all of them when it is None).
+
+    PEFT's rule, quirks included: a path listed in ``targets`` as it is (not by its suffix) is kept whatever its block.
+    """
+    wanted = cfg.layers_to_transform
+    if wanted is None:
+        return paths
+    wanted = [wanted] if isinstance(wanted, int) else wanted
+    listed = cfg.targets if isinstance(cfg.targets, (list, tuple)) else []
+    kept = [p for p in paths if p in listed or block_index(p, cfg.layers_pattern) in wanted]
+    if not kept:
+        found = sorted({i for p in paths if (i := block_index(p, cfg.layers_pattern)) is not None})
+        raise ValueError(f"layers_to_transform={cfg.layers_to_transform!r} (layers_pattern={cfg.layers_pattern!r}) "
+                         f"keeps none of the {len(paths)} targeted modules; their blocks are {found or 'none'} "
+                         f"(e.g. {paths[0]!r})")
+    return kept
 
 
 def wrapper_sites(model: nn.Module, cfg, wrapper_for, skip: Sequence[str] = ()) -> list[Site]:

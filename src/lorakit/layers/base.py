@@ -15,6 +15,7 @@ Only the bitsandbytes kinds are tested (as PEFT tests them, on the CPU backend).
 """
 from __future__ import annotations
 
+import copy
 import warnings
 
 import torch
@@ -72,17 +73,18 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
 
     On CPUs with AVX512-BF16, bitsandbytes (>= 0.49) re-packs a 4-bit weight into its CPU kernel's own layout at the
     layer's first eval forward; that layout does not dequantise. As bitsandbytes' own ``state_dict()`` does, the
-    standard layout is restored first (in place, the same numbers; the next eval forward packs it again)."""
+    standard layout is recovered first, here from a copy of its state: the layer itself is never changed by a
+    read (DoRA reads W at every training step; undoing the packing in place made later forwards differ)."""
     weight, kind = module.weight, _weight_kind(module.weight)
     if kind == "plain":
         return weight
     import bitsandbytes.functional as bnb_f
 
     if kind == "bnb-4bit":
-        if getattr(weight.quant_state, "packing_format_for_cpu", False):
-            weight.data, weight.quant_state = bnb_f._convert_weight_packed_for_cpu_inverse(weight.data,
-                                                                                         weight.quant_state)
-        return bnb_f.dequantize_4bit(weight.data, weight.quant_state)
+        data, state = weight.data, weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):  # the inverse rewrites the state it is given
+            data, state = bnb_f._convert_weight_packed_for_cpu_inverse(data, copy.deepcopy(state))
+        return bnb_f.dequantize_4bit(data, state)
     if kind == "bnb-8bit":  # the row scales move from the weight to the layer's state at its first forward
         scales = weight.SCB if weight.SCB is not None else module.state.SCB
         return bnb_f.int8_vectorwise_dequant(weight.data, scales)

@@ -29,7 +29,8 @@ from torch import nn
 
 from ..config import LoRAConfig
 from ._fused import FusedLoRALinear, fused_linear, fused_path_applies
-from .base import add_to_weight, check_mergeable, dense_weight, linear_features
+from .base import add_to_weight, check_mergeable, dense_weight, linear_features, quantisation
+from .dora import DoRALayer, magnitude_shape
 from .precision import factory_kwargs, merge_dtype
 
 _FusedLoRALinear = FusedLoRALinear  # the name the tests and benchmarks know
@@ -41,7 +42,7 @@ def is_hf_conv1d(module: nn.Module) -> bool:
     return is_conv1d and hasattr(module, "nf") and module.weight.dim() == 2
 
 
-class LoRAWrapper(nn.Module):
+class LoRAWrapper(DoRALayer, nn.Module):
     """What every LoRA wrapper shares: named adapters, the active one, merge/unmerge, PEFT tensors."""
 
     mixed: dict | None = None
@@ -55,6 +56,7 @@ class LoRAWrapper(nn.Module):
         self.active_adapter: str | None = None
         self.merged_adapter: str | None = None
         self.disabled = False
+        self._init_dora()
         self.train(base_layer.training)  # a model put in eval() before inject stays in eval
 
     # -- adapters ---------------------------------------------------------------------------------
@@ -67,6 +69,11 @@ class LoRAWrapper(nn.Module):
         self.scaling[name] = cfg.scale
         self.lora_dropout[name] = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self._init_factors(name, cfg.init)
+        if cfg.lora_bias:  # PEFT's lora_bias: B gets a bias, zero at the start, scaled with B A
+            like = factory_kwargs(self.base_layer.weight, cfg.adapter_dtype)
+            self.lora_B[name].bias = nn.Parameter(torch.zeros(self.lora_B[name].weight.shape[0], **like))
+        if cfg.dora:
+            self._add_magnitude(name)
         self.active_adapter = name
         self.train(self.training)  # the new factors and dropout follow the wrapper's train/eval mode
 
@@ -76,6 +83,9 @@ class LoRAWrapper(nn.Module):
         self._restore_pissa_start(name)
         for store in self._factor_stores():
             del store[name]
+        if name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[name]
+        self._norms.drop(name)
         del self.lora_dropout[name]
         del self.scaling[name]
         if self.active_adapter == name:
@@ -93,7 +103,7 @@ class LoRAWrapper(nn.Module):
         for store in self._factor_stores():
             for item in (store[n] for n in names):
                 params += list(item.parameters()) if isinstance(item, nn.Module) else [item]
-        return params
+        return params + [self.lora_magnitude_vector[n] for n in names if n in self.lora_magnitude_vector]
 
     # -- merging ----------------------------------------------------------------------------------
     def merge(self) -> None:
@@ -104,18 +114,35 @@ class LoRAWrapper(nn.Module):
         A bitsandbytes base is dequantised, added to and quantised again, with a warning (see ``layers/base.py``).
         """
         if self.merged_adapter is None and self.active_adapter is not None:
-            add_to_weight(self.base_layer, self.delta_weight(self.active_adapter))
+            add_to_weight(self.base_layer, self.merge_delta(self.active_adapter))
+            self._shift_bias(self.active_adapter, 1.0)
             self.merged_adapter = self.active_adapter
 
     def unmerge(self) -> None:
         if self.merged_adapter is not None:
-            add_to_weight(self.base_layer, -self.delta_weight(self.merged_adapter))
+            add_to_weight(self.base_layer, self.unmerge_delta(self.merged_adapter))
+            self._shift_bias(self.merged_adapter, -1.0)
             self.merged_adapter = None
+
+    def lora_bias(self, name: str) -> torch.Tensor | None:
+        """B's bias of adapter ``name`` (``lora_bias=True``), else None."""
+        lora_b = getattr(self, "lora_B", {})
+        return lora_b[name].bias if name in lora_b else None
+
+    def _shift_bias(self, name: str, sign: float) -> None:
+        """Merging a ``lora_bias`` adapter adds ``s * bias`` to the base layer's bias; unmerging takes it out."""
+        extra = self.lora_bias(name)
+        if extra is not None:
+            with torch.no_grad():
+                self.base_layer.bias.add_(extra.to(self.base_layer.bias.dtype), alpha=sign * self.scaling[name])
 
     def check_mergeable(self) -> None:
         """Refuse a merge into a quantised weight lorakit cannot write back (see ``layers/base.py``)."""
         if self.active_adapter is not None and self.merged_adapter is None:
             check_mergeable(self.base_layer)
+            if self.lora_bias(self.active_adapter) is not None and getattr(self.base_layer, "bias", None) is None:
+                raise ValueError(f"adapter {self.active_adapter!r} has lora_bias=True, but its layer has no bias to "
+                                 "merge it into; keep it unmerged, or train it with lora_bias=False")
 
     def _uses_adapter(self) -> bool:
         return self.active_adapter is not None and not self.disabled and self.merged_adapter is None
@@ -136,8 +163,13 @@ class LoRAWrapper(nn.Module):
 
     # -- PEFT's tensors ---------------------------------------------------------------------------
     def peft_state(self, name: str) -> dict[str, torch.Tensor]:
-        """This adapter's tensors under PEFT's key suffixes (``lora_A.weight`` ...)."""
-        return {key: tensor for key, tensor in self._peft_items(name)}
+        """This adapter's tensors under PEFT's key suffixes (``lora_A.weight`` ..., ``lora_magnitude_vector``)."""
+        state = {key: tensor for key, tensor in self._peft_items(name)}
+        if self.lora_bias(name) is not None:
+            state["lora_B.bias"] = self.lora_bias(name)
+        if name in self.lora_magnitude_vector:
+            state["lora_magnitude_vector"] = self.lora_magnitude_vector[name]
+        return state
 
     # -- mixed batches (lorakit.mixed_batch) -------------------------------------------------------
     def set_mixed(self, names: list[str | None] | None) -> None:
@@ -145,6 +177,8 @@ class LoRAWrapper(nn.Module):
 
         Stacks the factors once: ``a`` (k+1, r_max, in), ``b`` (k+1, out, r_max) with the scale folded in, slot k
         (and ranks below r_max) zero; ``rows`` (batch,) is each row's slot. Linear and Embedding layers only.
+        With DoRA adapters, ``g`` (k+1, out) holds each slot's ``m / ||W + s B A||`` (1 for LoRA and the base),
+        folded into ``b`` and applied to the row's ``W x``; else None.
         """
         if names is None:
             self.mixed = None
@@ -158,10 +192,19 @@ class LoRAWrapper(nn.Module):
         rank, (a0, b0) = max(a.shape[0] for a, _ in pairs), pairs[0]
         a_stack = a0.new_zeros(len(used) + 1, rank, a0.shape[1])
         b_stack = a0.new_zeros(len(used) + 1, b0.shape[0], rank)
+        gains = a0.new_ones(len(used) + 1, b0.shape[0]) if any(n in self.lora_magnitude_vector for n in used) else None
         for slot, (name, (a, b)) in enumerate(zip(used, pairs)):
+            if name in self.lora_magnitude_vector:  # DoRA: g scales the row's W x, and is folded into its B
+                gains[slot] = self.dora_scale(name).detach().reshape(-1).to(a0.dtype)
             a_stack[slot, : a.shape[0]] = a
-            b_stack[slot, :, : a.shape[0]] = b * self.scaling[name]
-        self.mixed = {"rows": rows.to(a0.device), "a": a_stack, "b": b_stack}
+            b_stack[slot, :, : a.shape[0]] = b * self.scaling[name] * (1 if gains is None else gains[slot, :, None])
+        biases = None
+        if any(self.lora_bias(n) is not None for n in used):  # lora_bias: each slot's s * bias (0 for the rest)
+            biases = a0.new_zeros(len(used) + 1, b0.shape[0])
+            for slot, name in enumerate(used):
+                if self.lora_bias(name) is not None:
+                    biases[slot] = self.lora_bias(name).detach() * self.scaling[name]
+        self.mixed = {"rows": rows.to(a0.device), "a": a_stack, "b": b_stack, "g": gains, "c": biases}
 
     def _mixed_rows(self, batch: int) -> torch.Tensor:
         rows = self.mixed["rows"]
@@ -170,9 +213,18 @@ class LoRAWrapper(nn.Module):
                              "give one name per row (for beam search, each name num_beams times)")
         return rows
 
+    def _mixed_gain(self, out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """``out`` with each DoRA row's ``W x`` scaled by its g (the bias stays as it is)."""
+        g = self.mixed["g"][rows].view(out.shape[0], *[1] * (out.dim() - 2), out.shape[-1])
+        bias = getattr(self.base_layer, "bias", None)
+        plain = out if bias is None else out - bias.to(out.dtype)
+        return out + ((g - 1) * plain).to(out.dtype)
+
     def _mixed_up(self, h: torch.Tensor, rows: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """``out`` plus each row's ``s B h``; ``h`` is (batch, tokens, r_max), already projected by the row's A."""
         up = self.mixed["b"][rows].transpose(1, 2)  # (batch, r_max, out)
+        if self.mixed.get("c") is not None:
+            out = out + self.mixed["c"][rows].view(out.shape[0], *[1] * (out.dim() - 2), -1).to(out.dtype)
         if out.dtype == up.dtype and out.is_contiguous() and not torch.is_grad_enabled():
             out.view(h.shape[0], -1, out.shape[-1]).baddbmm_(h, up)  # in place, as the fused path adds
             return out
@@ -266,16 +318,46 @@ class LoRALinear(LoRAWrapper):
         yield "lora_A.weight", self.lora_A[name].weight
         yield "lora_B.weight", self.lora_B[name].weight
 
+    def _factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_A[name].weight, self.lora_B[name].weight
+
+    def _dense_matrix(self) -> torch.Tensor:
+        return self._weight()
+
+    def _weight_times(self, a: torch.Tensor) -> torch.Tensor:
+        """``W A^T`` (out, r), from the dense (dequantised) weight."""
+        return self._without_bias(a).t()
+
+    def _without_bias(self, x: torch.Tensor) -> torch.Tensor:
+        """``W x`` in x's dtype (the base layer's own forward is not used: bitsandbytes' CPU kernel keeps state
+        between calls of other shapes, and hooks would see lorakit's internal products)."""
+        return F.linear(x, self._weight().to(x.dtype))
+
+    def _weight_key(self) -> tuple:
+        """A quantised weight changes when a merge replaces it, or when bitsandbytes re-packs it for its CPU kernel at
+        the first eval forward (its block scales rounded to bf16)."""
+        weight = self.base_layer.weight
+        if quantisation(self.base_layer) is None:
+            return super()._weight_key()
+        return id(weight), bool(getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False))
+
+    def _magnitude_shape(self) -> tuple[int, ...]:
+        return (self.out_features,)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mixed is not None and not self.disabled:
             return self._mixed_forward(x)
         if not self._uses_adapter():
             out = self.base_layer(x)
+        elif self.active_adapter in self.lora_magnitude_vector:
+            a, b = self.lora_A[self.active_adapter].weight, self.lora_B[self.active_adapter].weight
+            out = self._dora_forward(x, self.active_adapter, lambda h: F.linear(F.linear(h, a), b), self._without_bias)
         else:
             name, base = self.active_adapter, self.base_layer
             a, b, s = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
             weight, bias = base.weight, getattr(base, "bias", None)
-            if fused_path_applies(base, x, weight, bias, a, b, self._dropout_active(name)):
+            low_bias = self.lora_B[name].bias
+            if low_bias is None and fused_path_applies(base, x, weight, bias, a, b, self._dropout_active(name)):
                 weight = weight.t() if self.fan_in_fan_out else weight
                 if torch.is_grad_enabled():
                     out = FusedLoRALinear.apply(x, weight, bias, a, b, s)
@@ -283,7 +365,7 @@ class LoRALinear(LoRAWrapper):
                     out = fused_linear(x, weight, bias, a, b, s)[0]
             else:
                 out = self.base_layer(x)
-                low = F.linear(F.linear(self.lora_dropout[name](x.to(a.dtype)), a), b)  # (..., r) -> (..., out)
+                low = F.linear(F.linear(self.lora_dropout[name](x.to(a.dtype)), a), b, low_bias)  # (..., out)
                 out = out + (low * s).to(out.dtype)
         if len(self.pissa_start):
             out = self._add_pissa_starts(x, out)
@@ -293,6 +375,8 @@ class LoRALinear(LoRAWrapper):
         out, rows, a = self.base_layer(x), self._mixed_rows(x.shape[0]), self.mixed["a"]
         if a is None:
             return out
+        if self.mixed["g"] is not None:
+            out = self._mixed_gain(out, rows)
         x3 = x.to(a.dtype).reshape(x.shape[0], -1, x.shape[-1])
         h_t = torch.bmm(a[rows], x3.transpose(1, 2))  # (batch, r, N): the rank-r side first, as the fused path
         return self._mixed_up(h_t.transpose(1, 2), rows, out)
@@ -348,11 +432,26 @@ class LoRAConv(LoRAWrapper):
         yield "lora_A.weight", self.lora_A[name].weight
         yield "lora_B.weight", self.lora_B[name].weight
 
+    def _factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_A[name].weight.flatten(1), self.lora_B[name].weight.flatten(1)
+
+    def _dense_matrix(self) -> torch.Tensor:
+        return self.base_layer.weight.flatten(1)
+
+    def _weight_times(self, a: torch.Tensor) -> torch.Tensor:
+        return self.base_layer.weight.flatten(1).to(a.dtype) @ a.t()
+
+    def _magnitude_shape(self) -> tuple[int, ...]:
+        return magnitude_shape(self.base_layer.weight.shape)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
+        name, base = self.active_adapter, self.base_layer
+        if self._uses_adapter() and name in self.lora_magnitude_vector:
+            return self._dora_forward(x, name, lambda h: self.lora_B[name](self.lora_A[name](h)),
+                                      lambda h: base._conv_forward(h, base.weight.to(h.dtype), None))
+        out = base(x)
         if not self._uses_adapter():
             return out
-        name = self.active_adapter
         dtype = self.lora_A[name].weight.dtype
         low = self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x.to(dtype))))
         return out + (low * self.scaling[name]).to(out.dtype)

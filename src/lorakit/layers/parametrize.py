@@ -18,11 +18,13 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..config import LoRAConfig
+from .dora import base_squares, merged_delta, unmerged_delta
 from .precision import factory_kwargs, merge_dtype
 
 
 class LoRAParametrization(nn.Module):
-    """``W -> W + s * (B A).view_as(W)`` while enabled and not merged."""
+    """``W -> W + s * (B A).view_as(W)`` while enabled and not merged; with DoRA each row of that is scaled by
+    ``m / ||row||`` (the norm detached), m one trained entry per row (``lora_magnitude_vector``)."""
 
     def __init__(self, weight: torch.Tensor, cfg: LoRAConfig, adapter_name: str) -> None:
         super().__init__()
@@ -47,20 +49,50 @@ class LoRAParametrization(nn.Module):
         self.adapter_name = adapter_name
         self.enabled = True
         self.merged = False
+        self.lora_magnitude_vector = None
+        self._merged_scale: torch.Tensor | None = None
+        if cfg.dora:  # m = ||W|| (B = 0): the outputs start unchanged
+            self.lora_magnitude_vector = nn.Parameter(base_squares(weight.detach().flatten(1)).sqrt().to(like["dtype"]))
 
     def delta(self, shape: torch.Size) -> torch.Tensor:
         """``s B A`` viewed as ``shape``, in float32 (or wider), for merging: one in-place add rounds it into W."""
         dtype = merge_dtype(self.lora_A.dtype)
         return (self.lora_B.to(dtype) @ self.lora_A.to(dtype)).view(shape) * self.scale
 
+    def gain(self, adapted: torch.Tensor) -> torch.Tensor:
+        """DoRA's ``m / ||row||`` for the adapted weight ``W + s B A``, shaped to scale its rows."""
+        g = self.lora_magnitude_vector / base_squares(adapted.detach().flatten(1)).sqrt().to(self.lora_magnitude_vector.dtype)
+        return g.view(-1, *[1] * (adapted.dim() - 1))
+
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.enabled or self.merged:
             return weight
         low = (self.lora_B @ self.lora_A).view(weight.shape) * self.scale  # adapter dtype (autocast: its dtype)
-        return weight + low.to(weight.dtype)
+        adapted = weight + low.to(weight.dtype)
+        if self.lora_magnitude_vector is None:
+            return adapted
+        return (adapted * self.gain(adapted)).to(weight.dtype)
+
+    def merge_delta(self, weight: torch.Tensor) -> torch.Tensor:
+        """What a merge adds to the original weight: ``s B A``, or DoRA's ``g (W + s B A) - W``."""
+        delta = self.delta(weight.shape)
+        if self.lora_magnitude_vector is None:
+            return delta
+        w = weight.detach().to(delta.dtype)
+        self._merged_scale = self.gain(w + delta).detach().to(delta.dtype)
+        return merged_delta(w, delta, self._merged_scale)
+
+    def unmerge_delta(self, weight: torch.Tensor) -> torch.Tensor:
+        """What an unmerge adds to the merged weight: ``-s B A``, or DoRA's ``W' / g - s B A - W'``."""
+        delta = self.delta(weight.shape)
+        if self.lora_magnitude_vector is None:
+            return -delta
+        g, self._merged_scale = self._merged_scale, None
+        return unmerged_delta(weight.detach().to(delta.dtype), delta, g)
 
     def adapter_parameters(self, name: str | None = None) -> list[nn.Parameter]:
-        return [self.lora_A, self.lora_B]
+        extra = [] if self.lora_magnitude_vector is None else [self.lora_magnitude_vector]
+        return [self.lora_A, self.lora_B, *extra]
 
 
 class ParametrizedWeight:
@@ -117,14 +149,14 @@ class ParametrizedWeight:
         if not self.lora.merged:
             with torch.no_grad():
                 original = self._plist.original
-                original += self.lora.delta(original.shape)
+                original += self.lora.merge_delta(original)
             self.lora.merged = True
 
     def unmerge(self) -> None:
         if self.lora.merged:
             with torch.no_grad():
                 original = self._plist.original
-                original -= self.lora.delta(original.shape)
+                original += self.lora.unmerge_delta(original)
             self.lora.merged = False
 
     def delete_adapter(self, name: str) -> None:
