@@ -2,11 +2,11 @@
 
 Training step (forward, loss, backward, Adam/AdamW, no dropout) with DoRA against PEFT's DoRA (``use_dora=True``,
 same rank and targets) and against lorakit's plain LoRA:
-  seed MLP    784-1000-2000-10, r=8 on the three Linears, batch 64;
+  seed MLP    784-1000-2000-10, r=8 on the three Linears, batch 256;
   SmolLM2     SmolLM2-135M-Instruct, r=16 all-linear, 4 x 128 tokens of WordNet glosses, causal-LM loss.
 Inference (no grad, eval, trained-looking adapters): lorakit DoRA merged and unmerged against the base model,
 and PEFT's DoRA unmerged against the base (PEFT's default, no ``ENABLE_DORA_CACHING``): the seed MLP at batch
-64, SmolLM2's forward of 4 x 128 tokens.
+256, SmolLM2's forward of 4 x 128 tokens.
 
 Run: python benchmarks/dora_step.py [--repeats 9] [--threads 2] [--no-write] [--skip-llm]
 """
@@ -90,11 +90,11 @@ def ratios(train: dict, infer: dict) -> str:
 def mlp_row(repeats: int) -> str:
     torch.manual_seed(0)
     base = richboynet()
-    x, y = torch.randn(64, 784), torch.randint(0, 10, (64,))
+    x, y = torch.randn(256, 784), torch.randint(0, 10, (256,))
     train = interleaved({k: mlp_step(m, x, y) for k, m in variants(base, 8, 16, MLP_TARGETS).items()}, repeats, 5)
     with torch.no_grad():
         infer = interleaved(inference_cases(base, 8, 16, MLP_TARGETS, lambda m: (lambda: m(x))), repeats, 20)
-    return f"| seed MLP, batch 64, r=8 | {ratios(train, infer)} |"
+    return f"| seed MLP, batch 256, r=8 | {ratios(train, infer)} |"
 
 
 def llm_row(repeats: int) -> str:

@@ -130,9 +130,14 @@ class DoRALayer:
         return self._norms.get("norm", name, key, lambda: self._compute_norm(name))
 
     def dora_scale(self, name: str) -> torch.Tensor:
-        """``g = m / ||W + s B A||`` shaped like m; the gradient reaches m only (the norm is detached)."""
+        """``g = m / ||W + s B A||`` shaped like m; the gradient reaches m only (the norm is detached). In eval mode
+        without autograd, g itself is kept until W, A, B or m change."""
         m = self.lora_magnitude_vector[name]
-        return m / self._norm(name).view(m.shape).to(m.dtype)
+        if self.training or torch.is_grad_enabled():
+            return m / self._norm(name).view(m.shape).to(m.dtype)
+        key = (*self._weight_key(), *version_key(self.lora_A[name].weight, self.lora_B[name].weight, m),
+               self.scaling[name])
+        return self._norms.get("gain", name, key, lambda: m / self._norm(name).view(m.shape).to(m.dtype))
 
     def _dora_forward(self, x: torch.Tensor, name: str, low_of, plain_of) -> torch.Tensor:
         """``base(x) + (g - 1) (W x) + g s B A x`` (PEFT's form of ``g (W x + s B A x) + bias``).
@@ -148,6 +153,13 @@ class DoRALayer:
             bias = getattr(self.base_layer, "bias", None)
             plain = out if bias is None else out - bias.view(g.shape).to(out.dtype)
         return out + ((g - 1) * plain + g * (low_of(xd) * self.scaling[name])).to(out.dtype)
+
+    def _dora_output(self, lora_out: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """``g (W x + s B A x) + bias`` from LoRA's output ``W x + bias + s B A x``: two passes over the output, so
+        the LoRA part keeps its fused path (without dropout; with dropout see :meth:`_dora_forward`)."""
+        bias = getattr(self.base_layer, "bias", None)
+        out = g * lora_out
+        return (out if bias is None else out + (1 - g) * bias.view(g.shape)).to(lora_out.dtype)
 
     def _oriented_scale(self, g: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """g shaped to scale the rows of the stored weight (its columns for a Conv1D, stored (in, out))."""

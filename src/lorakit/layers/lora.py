@@ -349,10 +349,10 @@ class LoRALinear(LoRAWrapper):
             return self._mixed_forward(x)
         if not self._uses_adapter():
             out = self.base_layer(x)
-        elif self.active_adapter in self.lora_magnitude_vector:
+        elif self.active_adapter in self.lora_magnitude_vector and self._dropout_active(self.active_adapter):
             a, b = self.lora_A[self.active_adapter].weight, self.lora_B[self.active_adapter].weight
             out = self._dora_forward(x, self.active_adapter, lambda h: F.linear(F.linear(h, a), b), self._without_bias)
-        else:
+        else:  # LoRA, fused where it can be; DoRA without dropout rescales that output (see _dora_output)
             name, base = self.active_adapter, self.base_layer
             a, b, s = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
             weight, bias = base.weight, getattr(base, "bias", None)
@@ -367,6 +367,8 @@ class LoRALinear(LoRAWrapper):
                 out = self.base_layer(x)
                 low = F.linear(F.linear(self.lora_dropout[name](x.to(a.dtype)), a), b, low_bias)  # (..., out)
                 out = out + (low * s).to(out.dtype)
+            if name in self.lora_magnitude_vector:
+                out = self._dora_output(out, self.dora_scale(name))
         if len(self.pissa_start):
             out = self._add_pissa_starts(x, out)
         return out
@@ -446,7 +448,7 @@ class LoRAConv(LoRAWrapper):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         name, base = self.active_adapter, self.base_layer
-        if self._uses_adapter() and name in self.lora_magnitude_vector:
+        if self._uses_adapter() and name in self.lora_magnitude_vector and self._dropout_active(name):
             return self._dora_forward(x, name, lambda h: self.lora_B[name](self.lora_A[name](h)),
                                       lambda h: base._conv_forward(h, base.weight.to(h.dtype), None))
         out = base(x)
@@ -454,7 +456,8 @@ class LoRAConv(LoRAWrapper):
             return out
         dtype = self.lora_A[name].weight.dtype
         low = self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x.to(dtype))))
-        return out + (low * self.scaling[name]).to(out.dtype)
+        out = out + (low * self.scaling[name]).to(out.dtype)
+        return self._dora_output(out, self.dora_scale(name)) if name in self.lora_magnitude_vector else out
 
 
 class LoRAEmbedding(LoRAWrapper):
