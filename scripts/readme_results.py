@@ -46,7 +46,7 @@ def report_section(experiment: str, title: str) -> list[str]:
 def report_block(experiment: str, heading: str) -> list[str]:
     """The ``## heading`` section of a committed report.md, as a bold paragraph title and its lines."""
     path = ROOT / "results" / experiment / "report.md"
-    found = re.search(rf"^## {heading}\n(.*?)(?=^## |\Z)", path.read_text(), re.M | re.S) if path.exists() else None
+    found = re.search(rf"^## {re.escape(heading)}\n(.*?)(?=^## |\Z)", path.read_text(), re.M | re.S) if path.exists() else None
     return [f"**{heading}** (from the report):", found.group(1).strip(), ""] if found else []
 
 
@@ -90,6 +90,16 @@ def main() -> None:
                            "still had 3). This is the third configuration tried on this task; all three are committed.",
                            ""] if longer else []) + longer[2:] + report_block("clora-transformer-distill-4ep", "Targets")
     body += report_section("peft-compare", "methods side by side on MiniLM") + report_block("peft-compare", "Verdicts")
+    llm = report_section("llm-compare", "seed 004 on SmolLM2-135M-Instruct, answers by generation")
+    body += llm[:2] + (["SmolLM2 instruction-tuned on WordNet supersenses (1,080 training glosses, 40 steps of batch 8 for "
+                        "every row), scored by exact match of the greedy answer on 1,200 test glosses; rates chosen on "
+                        "validation. The PEFT prompt row is PEFT's generate(): its trained prompt is bit-identical to "
+                        "lorakit's (same per-step losses), and a greedy loop over PEFT's own forward answers "
+                        "correctly, but PeftModel.generate (PEFT 0.21.2, transformers 5.25) does not use the prompt "
+                        "as its forward does (cf. PEFT issues #1391, #2123); its +52.9 pp gap is that, not training.",
+                        ""] if llm else []) + llm[2:]
+    body += report_block("llm-compare", "lorakit - PEFT, paired by seed (95 % interval, pp)")
+    body += report_block("llm-compare", "Seed 004's ordering")
     readme = ROOT / "README.md"
     text = readme.read_text()
     new = re.sub(r"<!-- results -->.*?<!-- /results -->", lambda _: "<!-- results -->\n" + "\n".join(body) + "<!-- /results -->",
