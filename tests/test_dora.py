@@ -201,3 +201,20 @@ def test_a_4bit_base_starts_at_the_base_trains_and_repeats_itself(tmp_path):
     a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     exact = (dense_weight(layer.base_layer) + layer.scaling["default"] * b @ a).norm(dim=1)
     torch.testing.assert_close(layer._norm("default"), exact.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_a_fused_optimiser_step_between_evals_is_seen(tmp_path):
+    """Fused AdamW writes A, B and m without bumping their version counters; eval() must not reuse old norms."""
+    model = lk.inject(FACTORIES["linear"](), lk.LoRAConfig(rank=2, targets=TARGETS, dora=True))
+    perturb_adapters(model)
+    x = model.example_input()
+    with torch.no_grad():
+        model.eval()(x)  # fills the eval cache
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1, fused=True)
+    model.train()(x).square().sum().backward()
+    optimizer.step()
+    with torch.no_grad():
+        after = model.eval()(x)
+    lk.save_adapter(model, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(after, lk.load_adapter(FACTORIES["linear"](), tmp_path).eval()(x))

@@ -71,7 +71,7 @@ def reloaded_eval_loss(llama, out, method) -> float:
     return finetune.mean_loss(model, data, SFTCollator(tokenizer.pad_token_id), 4)
 
 
-@pytest.mark.parametrize("method", ["lora", "qlora", "prompt", "adapter", "full"])
+@pytest.mark.parametrize("method", ["lora", "dora", "qlora", "prompt", "adapter", "full"])
 def test_each_method_writes_its_outputs_and_they_load_back_to_the_trained_loss(tmp_path, llama, data, method,
                                                                               single_thread):
     if method == "qlora":

@@ -25,7 +25,7 @@ def llama(tmp_path_factory):
 def args(llama, out, *extra):
     return ["run", "llm-compare", "--model", str(llama), "--classes", "noun.animal,noun.plant", "--per-class-train",
             "6", "--per-class-val", "2", "--test-size", "4", "--seeds", "0,1", "--steps", "3", "--batch-size", "2",
-            "--max-length", "128", "--threads", "1", "--lr-lora", "1e-3,1e-2", "--lr-qlora", "1e-3",
+            "--max-length", "128", "--threads", "1", "--lr-lora", "1e-3,1e-2", "--lr-dora", "1e-3", "--lr-qlora", "1e-3",
             "--lr-prompt", "1e-2", "--lr-adapter", "1e-3", "--lr-full", "1e-4", "--out", str(out), *extra]
 
 
@@ -53,7 +53,10 @@ def test_the_whole_experiment_writes_its_report_with_every_row(run):
     assert all(t["median_seconds"] > 0 and t["ratio"] > 0 for t in timed["rows"])
     report = (run / "report.md").read_text()
     assert "AdapterHub" in report and "Seed 004's ordering" in report
-    assert {(d["method"], d["n"]) for d in results["differences"]} == {("lora", 2), ("qlora", 2), ("prompt", 2)}
+    assert {(d["method"], d["n"]) for d in results["differences"]} == {("lora", 2), ("dora", 2), ("qlora", 2),
+                                                                         ("prompt", 2)}
+    assert [(c["method"], c["against"], c["n"]) for c in results["contrasts"]] == [("dora", "lora", 2)]
+    assert "dora - lora:" in report
 
 
 def test_lorakit_and_peft_follow_the_same_loss_trace_from_the_same_start(run):

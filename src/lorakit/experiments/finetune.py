@@ -3,8 +3,9 @@
     lorakit finetune --model smollm2 --data train.jsonl --eval eval.jsonl --method lora --steps 200 --out runs/ft
 
 The data are TRL's chat or prompt/completion lines (:mod:`lorakit.data.chat`); the loss is on the answers only.
-Methods: ``lora`` (every linear layer but the output head, by default), ``qlora`` (the same on a 4-bit NF4 base),
-``adapter`` (a bottleneck adapter after each block's MLP), ``prompt`` (a soft prompt) and ``full`` (every weight).
+Methods: ``lora`` (every linear layer but the output head, by default), ``dora`` (DoRA on the same layers),
+``qlora`` (LoRA on a 4-bit NF4 base), ``adapter`` (a bottleneck adapter after each block's MLP), ``prompt`` (a soft
+prompt) and ``full`` (every weight).
 Training is the one loop, :func:`lorakit.train.train` (progress bar, NaN stop, resumable state); the loss of a
 batch is the mean over its examples of each example's mean loss per answer token, so the slices of a batch under
 ``torchrun ... --parallel ddp|fsdp`` add up to the whole batch's loss.
@@ -31,8 +32,8 @@ from ..data.chat import IGNORE, SFTCollator, SFTDataset, read_jsonl
 from .params_command import method_config, parse_targets
 
 DESCRIPTION = "fine-tune a causal LM on a JSONL file (chat or prompt/completion) and write the adapter"
-METHODS = ("lora", "qlora", "prompt", "adapter", "full")
-DEFAULT_LR = {"lora": 2e-4, "qlora": 2e-4, "adapter": 5e-4, "prompt": 3e-2, "full": 2e-5}
+METHODS = ("lora", "dora", "qlora", "prompt", "adapter", "full")
+DEFAULT_LR = {"lora": 2e-4, "dora": 2e-4, "qlora": 2e-4, "adapter": 5e-4, "prompt": 3e-2, "full": 2e-5}
 STATE_FILE, SETTINGS_FILE = "train_state.pt", "finetune_state.json"
 FREE_FIELDS = ("out", "resume", "save_every")  # a resumed run may change these: they leave the numbers alone
 
@@ -50,7 +51,7 @@ class FinetuneConfig:
     eval: str | None = None
     """JSONL file whose loss is reported (at the end, and every ``eval_every`` steps)."""
     method: str = "lora"
-    """One of lora, qlora, prompt, adapter, full."""
+    """One of lora, dora, qlora, prompt, adapter, full."""
     rank: int = 8
     """LoRA rank."""
     alpha: float = 16.0

@@ -1,8 +1,8 @@
 """``lorakit run llm-compare``: seed 004's question on a generative model. SmolLM2 (or any causal-LM folder) learns
 WordNet supersenses by instruction tuning, scored by exact match of its greedy answer (:mod:`.llm_compare_task`).
 
-Rows: zero-shot; LoRA and QLoRA (4-bit NF4 base), lorakit and PEFT; soft prompt, lorakit and PEFT; bottleneck
-adapter, lorakit (AdapterHub is not run: see ``ADAPTERHUB_REASON``); full fine-tuning, lorakit.
+Rows: zero-shot; LoRA, DoRA and QLoRA (4-bit NF4 base), lorakit and PEFT; soft prompt, lorakit and PEFT;
+bottleneck adapter, lorakit (AdapterHub is not run: see ``ADAPTERHUB_REASON``); full fine-tuning, lorakit.
 
 1. **Sweep.** Each method's lorakit row trains at every rate of its grid (the first seed) and is scored on the
    validation split carved from the training data; the best picks the rate its lorakit and PEFT rows then use.
@@ -28,9 +28,9 @@ from .text_task import load_data, split_validation
 
 DESCRIPTION = ("seed 004 on a causal LM: zero-shot, LoRA, QLoRA, soft prompt, adapter and full fine-tuning of SmolLM2 "
                "on WordNet supersenses by generation, lorakit beside PEFT")
-METHODS = ("zero-shot", "lora", "qlora", "prompt", "adapter", "full")
-LR_GRIDS = {"lora": "3e-4,1e-3", "qlora": "3e-4,1e-3", "prompt": "3e-2,1e-1", "adapter": "3e-4,1e-3",
-            "full": "2e-5,5e-5"}
+METHODS = ("zero-shot", "lora", "dora", "qlora", "prompt", "adapter", "full")
+LR_GRIDS = {"lora": "3e-4,1e-3", "dora": "3e-4,1e-3", "qlora": "3e-4,1e-3", "prompt": "3e-2,1e-1",
+            "adapter": "3e-4,1e-3", "full": "2e-5,5e-5"}
 ADAPTERHUB_REASON = ("AdapterHub (`adapters`) pins transformers 4.57, so it runs only in its own environment "
                      "(`make adapters-env`), driven by peft-compare's bridge `scripts/adapterhub_row.py`, which trains "
                      "a sequence classifier; it has no causal-LM job (chat-template data, answer-only loss, greedy "
@@ -112,6 +112,9 @@ def measure_step_times(setup: Setup, rows: list, chosen: dict, rounds: int, seed
         return None
     store = setup.store
     record = store.load("step-times")
+    timed = [(m, i) for m, i in rows if m != "zero-shot"]
+    if record is not None and [(t["method"], t["implementation"]) for t in record["rows"]] != timed:
+        record = None  # measured before rows were added (or with others): all rows again, side by side
     if record is None:
         print(f"[llm-compare] step times: {rounds} rounds, every trained row in turn", flush=True)
         record = store.save("step-times", {"settings": setup.settings, **step_times(setup, rows, chosen, rounds, seed)},

@@ -25,9 +25,11 @@ from .harness import CellStore
 from .llm_compare_task import score
 from .peft_compare_measure import sample_peak_rss
 
-ROWS = [("zero-shot", "base"), ("lora", "lorakit"), ("lora", "peft"), ("qlora", "lorakit"), ("qlora", "peft"),
-        ("prompt", "lorakit"), ("prompt", "peft"), ("adapter", "lorakit"), ("full", "lorakit")]
-LIBRARY = {"lora": "peft", "qlora": "peft", "prompt": "peft"}  # the library row each method is paired with
+ROWS = [("zero-shot", "base"), ("lora", "lorakit"), ("lora", "peft"), ("dora", "lorakit"), ("dora", "peft"),
+        ("qlora", "lorakit"), ("qlora", "peft"), ("prompt", "lorakit"), ("prompt", "peft"), ("adapter", "lorakit"),
+        ("full", "lorakit")]
+LIBRARY = {"lora": "peft", "dora": "peft", "qlora": "peft", "prompt": "peft"}  # the library row each is paired with
+CONTRASTS = [("dora", "lora")]  # lorakit rows compared seed by seed: does the variant beat its base method?
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_config.json", "model.safetensors", "config.json")
 
 

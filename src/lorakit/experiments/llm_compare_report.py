@@ -5,7 +5,7 @@ import statistics
 from pathlib import Path
 
 from ..report import line_plot, markdown_table, run_metadata, write_report, write_results
-from .llm_compare_cells import LIBRARY
+from .llm_compare_cells import CONTRASTS, LIBRARY
 from .peft_compare_models import REFERENCE_004
 from .peft_compare_report import file_size, format_interval, plot
 from .stats import format_mean_std, mean_std, paired_difference
@@ -62,6 +62,16 @@ def differences(records: dict, seeds: list[int]) -> list[dict]:
             for m, lib in LIBRARY.items() if (m, "lorakit") in accuracy and (m, lib) in accuracy]
 
 
+def contrasts(records: dict) -> list[dict]:
+    """Each variant's lorakit row minus its base method's lorakit row (DoRA - LoRA), paired by seed."""
+    accuracy = {}
+    for (method, implementation, seed), r in records.items():
+        if implementation == "lorakit":
+            accuracy.setdefault(method, {})[seed] = r["test"]["accuracy"]
+    return [{"method": m, "against": base, **paired_difference(accuracy[m], accuracy[base])}
+            for m, base in CONTRASTS if m in accuracy and base in accuracy]
+
+
 def seed_ordering(summary: list[dict]) -> dict:
     """Does seed 004's ordering (adapter >= full >= LoRA >= prompt) hold for the lorakit rows' mean accuracies?"""
     means = {s["method"]: s["accuracy_mean"] for s in summary if s["implementation"] == "lorakit"}
@@ -103,6 +113,8 @@ def report_markdown(results: dict) -> str:
              "another in one process, so it is an upper bound).", "",
              "## lorakit - PEFT, paired by seed (95 % interval, pp)", "",
              *[f"- {d['method']}: {format_interval(d)}" for d in results["differences"]], "",
+             "## Variants against their base method (lorakit rows, paired by seed, 95 % interval, pp)", "",
+             *[f"- {d['method']} - {d['against']}: {format_interval(d)}" for d in results["contrasts"]], "",
              "## Same start, same trajectory (per-step training loss)", "",
              markdown_table(["method", "against", "steps", "seeds", "max |diff|", "max relative diff"],
                             [[e["method"], e["against"], e["steps"], len(e["seeds"]), f"{e['max_abs_loss_diff']:.2e}",
@@ -136,6 +148,7 @@ def write_outputs(out: Path, config: dict, settings: dict, data: dict, seeds: li
         "chosen_lr": chosen, "sweep": sweep_table, "summary": summary,
         "step_times": None if timing is None else {k: v for k, v in timing.items() if k != "settings"},
         "equivalence": equivalence(records, seeds), "differences": differences(records, seeds),
+        "contrasts": contrasts(records),
         "seed_004": {"accuracy": REFERENCE_004}, "seed_004_ordering": seed_ordering(summary),
         "rows": [{k: v for k, v in r.items() if k != "settings"} for r in records.values()],
         "missing_rows": [{"method": "adapter", "implementation": "adapters", "reason": notes[0]}] if notes else [],

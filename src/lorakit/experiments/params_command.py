@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         choices=["base", "causal-lm", "seq2seq-lm", "sequence-classification"],
                         help="which head to build for a model folder (T5 always gets its LM head)")
     parser.add_argument("--num-labels", type=int, default=2, help="classes, for --task sequence-classification")
-    parser.add_argument("--method", default="lora", choices=["full", "lora", "adapter", "prompt"])
+    parser.add_argument("--method", default="lora", choices=["full", "lora", "dora", "adapter", "prompt"])
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank r")
     parser.add_argument("--bottleneck", type=int, default=8, help="adapter bottleneck size b")
     parser.add_argument("--num-tokens", type=int, default=10, help="soft prompt length")
@@ -89,11 +89,13 @@ def method_config(method: str, model: torch.nn.Module, rank: int = 8, bottleneck
         return PromptConfig(num_tokens=num_tokens)
     if targets is None:
         model_type = getattr(getattr(model, "config", None), "model_type", "")
-        targets = TASK_TARGETS.get(task, {}).get(method) or DEFAULT_TARGETS[method].get(model_type)
+        kind = "lora" if method == "dora" else method  # DoRA adapts what LoRA adapts
+        targets = TASK_TARGETS.get(task, {}).get(kind) or DEFAULT_TARGETS[kind].get(model_type)
         if targets is None:
             raise ValueError(f"no default {method} targets for a {model_type or type(model).__name__} model; pass --targets")
-    if method == "lora":
-        return LoRAConfig(rank=rank, alpha=2.0 * rank if alpha is None else alpha, targets=targets)
+    if method in ("lora", "dora"):
+        return LoRAConfig(rank=rank, alpha=2.0 * rank if alpha is None else alpha, targets=targets,
+                          dora=method == "dora")
     return AdapterConfig(bottleneck=bottleneck, targets=targets)
 
 

@@ -9,8 +9,9 @@ new adapter leaves the outputs unchanged.
 The norm is computed without forming ``W + s B A``:
 ``||W_i + s (BA)_i||^2 = ||W_i||^2 + 2 s B_i . (A W_i^T) + s^2 B_i (A A^T) B_i^T``.
 ``||W||^2`` is computed once per version of W (W is frozen); the rest costs one (out, in) x (in, r) product per
-step, and no (out, in) temporary. In eval mode an unchanged adapter's norm is not recomputed either (the cache
-is keyed on the tensors' identities and version counters, which every in-place write bumps).
+step, and no (out, in) temporary. In eval mode an unchanged adapter's norm is not recomputed either: the cache is
+keyed on the tensors' identities and version counters (``load_adapter`` and in-place writes bump them) and starts
+afresh at every ``train()`` / ``eval()``, since a fused optimiser step changes A, B and m without bumping them.
 """
 from __future__ import annotations
 
@@ -68,6 +69,11 @@ class NormCache:
     def drop(self, name: str) -> None:
         self.entries = {k: v for k, v in self.entries.items() if k[1] != name}
 
+    def drop_adapter_values(self) -> None:
+        """Forget the norms and gains (not ``||W||^2``): the optimiser may have changed A, B or m in place without
+        bumping their version counters (fused AdamW does not)."""
+        self.entries = {k: v for k, v in self.entries.items() if k[0] == "square"}
+
 
 def magnitude_shape(weight_shape: torch.Size) -> tuple[int, ...]:
     """PEFT's shape of ``lora_magnitude_vector``: (out,) for a Linear, (1, out, 1, ...) for a convolution."""
@@ -104,6 +110,12 @@ class DoRALayer:
         self.lora_magnitude_vector = torch.nn.ParameterDict()
         self._norms = NormCache()
         self._merged_scale: torch.Tensor | None = None  # g at the time of the merge, which unmerge divides out
+
+    def train(self, mode: bool = True):
+        """Switching between train and eval starts the eval cache afresh (as PEFT clears its DoRA cache)."""
+        if hasattr(self, "_norms"):
+            self._norms.drop_adapter_values()
+        return super().train(mode)
 
     def _add_magnitude(self, name: str) -> None:
         """m = ||W + s B A|| at the start, so the new adapter leaves the outputs unchanged."""
