@@ -61,15 +61,13 @@ def test_inject_gives_each_layer_its_pattern_s_rank_and_scale():
     assert count == lk.params.lora_added_parameters(tiny_llama(), model.lorakit_configs["default"])
 
 
-def test_adapters_of_other_ranks_per_layer_share_a_mixed_batch():
-    model = tiny_llama()
-    lk.inject(model, lk.LoRAConfig(rank=2, targets="all-linear", rank_pattern={"o_proj": 5}), name="a")
-    lk.inject(model, lk.LoRAConfig(rank=3, targets=["o_proj"], rank_pattern={"layers.0.self_attn.o_proj": 1}), name="b")
+def assert_rows_match_alone(model, names: list) -> None:
+    """Random factors; then each row of a mixed batch equals that row alone with its adapter (None: the base)."""
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_" in n:
                 p.normal_(0, 0.2)
-    ids, names = token_batch(3, 5), ["a", "b", None]
+    ids = token_batch(len(names), 5)
     with torch.no_grad(), lk.mixed_batch(model, names):
         mixed = model(ids).logits
     with torch.no_grad():
@@ -81,6 +79,13 @@ def test_adapters_of_other_ranks_per_layer_share_a_mixed_batch():
                 lk.set_active(model, name)
                 alone = model(ids[i:i + 1]).logits
             torch.testing.assert_close(mixed[i:i + 1], alone, atol=1e-5, rtol=0)
+
+
+def test_adapters_of_other_ranks_per_layer_share_a_mixed_batch():
+    model = tiny_llama()
+    lk.inject(model, lk.LoRAConfig(rank=2, targets="all-linear", rank_pattern={"o_proj": 5}), name="a")
+    lk.inject(model, lk.LoRAConfig(rank=3, targets=["o_proj"], rank_pattern={"layers.0.self_attn.o_proj": 1}), name="b")
+    assert_rows_match_alone(model, ["a", "b", None])
 
 
 @pytest.mark.parametrize("kwargs, error, words", [
@@ -106,22 +111,7 @@ def test_lora_bias_merges_into_the_layer_bias_and_runs_in_mixed_batches():
     with pytest.raises(ValueError, match="lora_bias=True, but its layer has no bias"):
         lk.set_active(model, "b")
         lk.merge(model)  # Llama's projections have no bias
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_" in n:
-                p.normal_(0, 0.2)
-    ids, names = token_batch(3, 5), ["b", "plain", None]
-    with torch.no_grad(), lk.mixed_batch(model, names):
-        mixed = model(ids).logits
-    with torch.no_grad():
-        for i, name in enumerate(names):
-            if name is None:
-                with lk.disabled(model):
-                    alone = model(ids[i:i + 1]).logits
-            else:
-                lk.set_active(model, name)
-                alone = model(ids[i:i + 1]).logits
-            torch.testing.assert_close(mixed[i:i + 1], alone, atol=1e-5, rtol=0)
+    assert_rows_match_alone(model, ["b", "plain", None])
     net = lk.inject(torch.nn.Sequential(torch.nn.Linear(4, 3)), lk.LoRAConfig(rank=1, targets=["0"], lora_bias=True))
     with torch.no_grad():
         net[0].lora_B["default"].bias.fill_(0.5)
