@@ -102,6 +102,20 @@ class EmbeddingNet(nn.Module):
         return torch.randint(0, 10, (2, 5), generator=torch.Generator().manual_seed(1))
 
 
+class TokenNet(nn.Module):
+    """A plain torch model with PEFT's default embedding name (for trainable token rows)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed_tokens, self.proj, self.head = nn.Embedding(10, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.proj(self.embed_tokens(x))))
+
+    def example_input(self):
+        return torch.randint(0, 10, (2, 5), generator=torch.Generator().manual_seed(1))
+
+
 class Conv1DNet(nn.Module):
     """Hugging Face's GPT-2 style Conv1D (weight stored (in, out)) followed by a Linear."""
 

@@ -48,6 +48,7 @@ BAD_FIELDS = [
     (lk.LoRAConfig, "dora", "yes", TypeError, r"dora='yes' is not a boolean"),
     (lk.LoRAConfig, "bias", "some", ValueError, r"bias='some' is not supported; choose one of \['all', 'lora_only', 'none'\]"),
     (lk.LoRAConfig, "lora_bias", 1, TypeError, r"lora_bias=1 is not a boolean"),
+    (lk.LoRAConfig, "trainable_token_indices", [2, 2], ValueError, r"trainable_token_indices=\[2, 2\] repeats an index"),
     (lk.LoRAConfig, "rank_pattern", {"q": 1.5}, TypeError, r"rank_pattern\['q'\]=1.5 is not an integer"),
     (lk.LoRAConfig, "alpha_pattern", {"q": float("nan")}, ValueError, r"alpha_pattern\['q'\]=nan is out of range"),
     (lk.LoRAConfig, "layers_to_transform", "0", TypeError, r"layers_to_transform='0' is not a block index"),

@@ -22,7 +22,7 @@ from peft.tuners.lora.config import BdLoraConfig, VeloraConfig
 from torch import nn
 
 import lorakit as lk
-from conftest import FACTORIES, Conv2dNet, assert_same_state, perturb_adapters, seeded, state_snapshot
+from conftest import FACTORIES, Conv2dNet, TokenNet, assert_same_state, perturb_adapters, seeded, state_snapshot
 
 pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.filterwarnings("ignore")]
 
@@ -62,7 +62,7 @@ class Nested(nn.Module):
         return torch.randn(4, 6, generator=torch.Generator().manual_seed(1))
 
 
-LINEAR, BLOCKS, NESTED = FACTORIES["linear"], seeded(Blocks), seeded(Nested)
+LINEAR, BLOCKS, NESTED, TOKENS = FACTORIES["linear"], seeded(Blocks), seeded(Nested), seeded(TokenNet)
 SAME, REFUSED = "same outputs", "refused"
 BASE = dict(r=2, lora_alpha=4, target_modules=["layer", "head"])
 
@@ -104,7 +104,9 @@ CASES: dict[str, list[tuple]] = {
                       ({"head": 16}, SAME, "peft", LINEAR, {"use_rslora": True, "rank_pattern": {"layer": 4}})],
     "megatron_config": [({"tensor_model_parallel_size": 1}, REFUSED, "json", LINEAR, {})],
     "megatron_core": [("my.megatron", SAME, "peft", LINEAR, {})],
-    "trainable_token_indices": [([0, 1], REFUSED, "json", FACTORIES["embedding"], {})],
+    "trainable_token_indices": [([0, 3], SAME, "peft", TOKENS, {"target_modules": ["proj"]}),
+                                ({"embed_tokens": [1]}, SAME, "peft", TOKENS, {"target_modules": ["head"]}),
+                                ([96], REFUSED, "json", TOKENS, {"target_modules": ["proj"]})],
     "loftq_config": [({"loftq_bits": 4}, SAME, "json", LINEAR, {})],
     "eva_config": [({"rho": 2.0}, SAME, "json", LINEAR, {})],
     "corda_config": [({"cache_file": None}, SAME, "json", LINEAR, {})],
@@ -266,6 +268,8 @@ OPTIONS = [
     ("layers_to_transform", [1], BLOCKS, {"targets": ["layer"], "layers_pattern": "layers"}, PEFT_LOADS),
     ("layers_to_transform", 0, NESTED, {"targets": "all-linear"}, PEFT_LOADS),
     ("layers_pattern", ["blocks"], NESTED, {"targets": ["layer"], "layers_to_transform": [1]}, PEFT_LOADS),
+    ("trainable_token_indices", [1, 4], TOKENS, {"targets": ["proj"]}, PEFT_LOADS),
+    ("trainable_token_indices", {"head": [0]}, TOKENS, {"targets": ["proj"]}, LORAKIT_FORMAT),  # PEFT drops the bias
     ("dora", True, LINEAR, {}, PEFT_LOADS),
     ("dora", True, FACTORIES["conv2d"], {}, PEFT_LOADS),
     ("dora", True, FACTORIES["hf_conv1d"], {}, PEFT_LOADS),

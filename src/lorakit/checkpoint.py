@@ -25,6 +25,7 @@ from .checkpoint_config import (BIN_FILE, CONFIG_FILE, WEIGHTS_FILE, AdapterLoad
 from .checkpoint_tensors import LEGACY_PROMPT_KEY, PREFIX, PROMPT_KEY, DTensor, adapter_tensors, check_tensors, describe, expected_tensors
 from .config import LoRAConfig, PromptConfig
 from .inject import adapter_layers, adapters, delete_adapter, inject, parametrizations, set_active
+from .layers.trainable_tokens import tied_modules, token_modules, token_rows
 from .wrapped import reshard, unwrap_model
 
 __all__ = ["save_adapter", "load_adapter", "read_config", "read_weights", "adapter_tensors", "AdapterLoadError",
@@ -210,6 +211,14 @@ def _check_same_adapter(model: nn.Module, name: str, existing, file: FileConfig)
         if (existing.init == "svd") != (cfg.init == "svd"):
             raise AdapterLoadError(f"{where} has init={existing.init!r} but {file.path} has init={cfg.init!r}: a PiSSA "
                                    f"start and a plain one give other outputs from the same factors{hint}")
+        try:
+            planned = token_modules(model, cfg.trainable_token_indices)
+            planned = {p: list(rows) for p, rows in planned.items() if p not in tied_modules(model, planned)}
+        except ValueError as err:
+            raise AdapterLoadError(f"{file.path}: {err}") from None
+        if planned != token_rows(model, name):
+            raise AdapterLoadError(f"{where} trains the token rows {token_rows(model, name) or 'none'} but "
+                                   f"{file.path} has trainable_token_indices for {planned or 'none'}{hint}")
         reason = peft_mismatch(model, name) if file.peft_format else None
         if reason is not None:
             raise AdapterLoadError(f"adapter in {file.path.parent} is PEFT's LoRA, and PEFT computes it differently "

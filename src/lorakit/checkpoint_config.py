@@ -29,10 +29,11 @@ from torch import nn
 
 from . import config as configs
 from .config import (LoRAConfig, check_bool, check_choice, check_int, check_layers, check_names, check_number,
-                     check_pattern, check_targets)
+                     check_pattern, check_targets, check_token_indices)
 from .inject import adapter_layers, candidate_modules, parametrizations
 from .layers.lora import is_hf_conv1d
 from .layers.modules_to_save import ModulesToSave
+from .layers.trainable_tokens import SIDE_LAYERS, TrainableTokens, token_rows
 from .sharing import module_paths
 from .targets import parent_reading
 
@@ -97,6 +98,7 @@ READ = {  # PEFT key -> (LoRAConfig field, check(key, value)); these decide the 
     "alpha_pattern": ("alpha_pattern", _alpha_pattern),
     "layers_to_transform": ("layers_to_transform", check_layers),
     "layers_pattern": ("layers_pattern", _layers_pattern),
+    "trainable_token_indices": ("trainable_token_indices", check_token_indices),
 }
 EMPTY_IS_UNSET = ("rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern")  # PEFT writes {} / [] / ""
 REQUIRED = ("r", "lora_alpha", "target_modules", "use_rslora")
@@ -105,7 +107,6 @@ REFUSED_UNLESS = {  # PEFT key -> (the only value lorakit loads, what another va
     "layer_replication": (None, "it stacks replicated layers"),
     "target_parameters": (None, "PEFT's parameter LoRA has its own layout"),
     "use_qalora": (False, "QALoRA pools the input in groups"),
-    "trainable_token_indices": (None, "it trains single embedding rows"),
     "alora_invocation_tokens": (None, "aLoRA applies the adapter only after the invocation tokens"),
     "use_bdlora": (None, "BD-LoRA uses block-diagonal factors"),
     "arrow_config": (None, "Arrow routes among several adapters"),
@@ -289,7 +290,7 @@ KINDS = {lorakit_type(c): c for c in (configs.LoRAConfig, configs.AdapterConfig,
                                         configs.CLoRAConfig)}
 OPTIONAL_FIELDS = {"exclude", "modules_to_save", "adapter_dtype", "target_parameter", "init_text", "tokenizer",
                    "dora", "bias", "lora_bias", "rank_pattern", "alpha_pattern", "layers_to_transform",
-                   "layers_pattern"}  # a default that cannot mislead (older files lack the newer fields)
+                   "layers_pattern", "trainable_token_indices"}  # a default that cannot mislead (older files lack the newer fields)
 
 
 def _from_lorakit(path: Path, raw: dict, cls: type):
@@ -346,7 +347,11 @@ def peft_mismatch(model: nn.Module, name: str) -> str | None:
     """Why PEFT would compute other outputs than lorakit for LoRA adapter ``name`` on ``model``, else None."""
     aliases = module_paths(model)
     for path, layer in adapter_layers(model):
-        if name in layer.adapter_names and not isinstance(layer, ModulesToSave):
+        if isinstance(layer, TrainableTokens) and name in layer.adapter_names:
+            reason = _tokens_mismatch(model, path, layer)
+            if reason:
+                return reason
+        if name in layer.adapter_names and not isinstance(layer, SIDE_LAYERS):
             if len(aliases[id(layer)]) > 1:
                 return f"layer {path!r} is shared with {aliases[id(layer)][1]!r}; PEFT would adapt one path only"
             reason = _conv_mismatch(layer.base_layer)
@@ -369,10 +374,23 @@ def peft_mismatch(model: nn.Module, name: str) -> str | None:
     return None
 
 
+def _tokens_mismatch(model: nn.Module, path: str, layer: TrainableTokens) -> str | None:
+    bias = getattr(layer.base_layer, "bias", None)
+    if isinstance(layer.base_layer, nn.Linear) and bias is not None:
+        return f"trainable tokens on the Linear {path!r}, whose bias PEFT's trainable tokens drop"
+    if layer.owner is not layer:
+        getter = getattr(model, "get_input_embeddings", None)
+        tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False) is True
+        if not (tied and callable(getter) and getter() is layer.owner):
+            return (f"{path!r} shares its weight with trainable-token rows; PEFT ties them only to a Hugging Face "
+                    "model's input embeddings with tie_word_embeddings=True")
+    return None
+
+
 def _exact_targets(model: nn.Module, name: str) -> tuple[object, list[str]]:
     """The adapted layers as PEFT target_modules (a list, or an exact regex where a list would match more),
     and the modules_to_save paths."""
-    layers = [p for p, layer in adapter_layers(model) if name in layer.adapter_names and not isinstance(layer, ModulesToSave)]
+    layers = [p for p, layer in adapter_layers(model) if name in layer.adapter_names and not isinstance(layer, SIDE_LAYERS)]
     layers += [p for p, _, _, lora in parametrizations(model) if lora.adapter_name == name]
     saved = [p for p, layer in adapter_layers(model) if isinstance(layer, ModulesToSave) and name in layer.adapter_names]
     targets = sorted(set(layers))
@@ -395,7 +413,8 @@ def config_to_json(model: nn.Module, cfg, name: str, reason: str | None) -> dict
         return {**own, "lorakit_reason": reason} if reason is not None else own
     targets, saved = _exact_targets(model, name)
     if reason is not None:
-        exact = dataclasses.replace(cfg, targets=targets, exclude=None, modules_to_save=saved or None)
+        exact = dataclasses.replace(cfg, targets=targets, exclude=None, modules_to_save=saved or None,
+                                    trainable_token_indices=token_rows(model, name) or None)
         return {"peft_type": lorakit_type(LoRAConfig), **dataclasses.asdict(exact), "lorakit_reason": reason}
     rank, alpha = cfg.rank, cfg.alpha
     ranks, alphas = dict(cfg.rank_pattern or {}), dict(cfg.alpha_pattern or {})
@@ -403,13 +422,13 @@ def config_to_json(model: nn.Module, cfg, name: str, reason: str | None) -> dict
         grow = math.sqrt(2) if cfg.rslora else 2
         rank, alpha = 2 * rank, alpha * grow
         ranks, alphas = {k: 2 * r for k, r in ranks.items()}, {k: a * grow for k, a in alphas.items()}
-    paths = [p for p, layer in adapter_layers(model) if name in layer.adapter_names and not isinstance(layer, ModulesToSave)]
+    paths = [p for p, layer in adapter_layers(model) if name in layer.adapter_names and not isinstance(layer, SIDE_LAYERS)]
     conv1d = any(is_hf_conv1d(model.get_submodule(p).base_layer) for p in paths)
     conv1d |= any(is_hf_conv1d(m) for _, m, _, lora in parametrizations(model) if lora.adapter_name == name)
     return {"peft_type": "LORA", **model_metadata(model), "inference_mode": True,
             "r": rank, "lora_alpha": alpha, "lora_dropout": cfg.dropout, "target_modules": targets,
             "use_rslora": cfg.rslora, "modules_to_save": saved or None, "fan_in_fan_out": conv1d, "bias": cfg.bias,
-            "lora_bias": cfg.lora_bias,
+            "lora_bias": cfg.lora_bias, "trainable_token_indices": token_rows(model, name) or None,
             "init_lora_weights": True, "use_dora": cfg.dora, "rank_pattern": ranks, "alpha_pattern": alphas,
             "layers_to_transform": None, "layers_pattern": None,  # target_modules lists the adapted layers exactly
             **({"lorakit_mode": cfg.mode} if cfg.mode != "module" else {})}

@@ -4,8 +4,8 @@ file's tensors against them.
 Keys are PEFT's: ``base_model.model.<path>.lora_A.weight`` (rank, in), ``.lora_B.weight`` (out, rank),
 ``.lora_magnitude_vector`` (DoRA's m: (out,), or (1, out, 1, ...) for a convolution),
 ``.lora_embedding_A`` (rank, num) / ``_B`` (dim, rank) for embeddings, ``base_model.model.<path>.<name>`` for a
-``modules_to_save`` module's state. What a config *would* give a model is computed by injecting it into a
-**meta twin** of the model (:func:`meta_twin`: the same module classes and attributes, every tensor on the
+``modules_to_save`` module's state, ``.token_adapter.trainable_tokens_delta`` (rows, dim) for trainable tokens.
+What a config *would* give a model is computed by injecting it into a **meta twin** of the model (:func:`meta_twin`: the same module classes and attributes, every tensor on the
 ``meta`` device, no storage), so the one code path that builds adapters also says what a file must hold, and
 the real model is not touched.
 """
@@ -92,7 +92,7 @@ def layer_of(key: str) -> str:
         return "the soft prompt (num_tokens, embedding size)"
     path = key.removeprefix(PREFIX)
     for suffix in (".lora_A.weight", ".lora_B.weight", ".lora_B.bias", ".lora_embedding_A", ".lora_embedding_B",
-                   ".lora_magnitude_vector", ".base_layer.bias"):
+                   ".lora_magnitude_vector", ".base_layer.bias", ".token_adapter.trainable_tokens_delta"):
         if path.endswith(suffix):
             return path[: -len(suffix)]
     return path.rpartition(".")[0]

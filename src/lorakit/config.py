@@ -89,6 +89,22 @@ def check_layers(name: str, value) -> None:
         raise TypeError(f"{name}={value!r} is not a block index or a list of them; expected integers >= 0 or None")
 
 
+def check_token_indices(name: str, value) -> None:
+    """None, a list of row indices, or {module name: list of row indices} (PEFT's ``trainable_token_indices``)."""
+    if value is None:
+        return
+    expected = "expected a list of distinct token indices >= 0, {module name: such a list}, or None"
+    lists = value.items() if isinstance(value, dict) else [(None, value)]
+    if not lists or any(key is not None and not (isinstance(key, str) and key) for key, _ in lists):
+        raise TypeError(f"{name}={value!r} is not a token-index spec; {expected}")
+    for _, indices in lists:
+        if not isinstance(indices, (list, tuple)) or not indices \
+                or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in indices):
+            raise TypeError(f"{name}={value!r} is not a token-index spec; {expected}")
+        if len(set(indices)) != len(indices):
+            raise ValueError(f"{name}={value!r} repeats an index; {expected}")
+
+
 def check_identifier(name: str, value) -> None:
     if not isinstance(value, str) or not value.isidentifier():
         raise ValueError(f"{name}={value!r} is not a parameter name; expected a name such as 'weight'")
@@ -142,6 +158,10 @@ class LoRAConfig:
     lora_bias: bool = False
     """PEFT's ``lora_bias``: B gets a bias (zero at the start, scaled by s with B A); ``merge`` adds ``s * bias`` to
     the layer's bias. Module mode, Linear/Conv/Conv1D layers; not with DoRA or init='svd'."""
+    trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = None
+    """PEFT's ``trainable_token_indices``: these rows of the input embedding (a list), or of the modules a dict
+    names (a key matches every module path ending with it), train as new values; a head tied to the embedding
+    follows them. A wrapper in both modes (``layers/trainable_tokens.py``)."""
 
     def __post_init__(self) -> None:
         check_int("rank", self.rank, 1)
@@ -168,6 +188,7 @@ class LoRAConfig:
                             "e.g. 'layers', ['layers', 'h'], or None")
         check_choice("bias", self.bias, {"none", "all", "lora_only"})
         check_bool("lora_bias", self.lora_bias)
+        check_token_indices("trainable_token_indices", self.trainable_token_indices)
         if self.lora_bias and (self.dora or self.init == "svd" or self.mode != "module"):
             raise ValueError(f"lora_bias=True with dora={self.dora}, init={self.init!r}, mode={self.mode!r} is not "
                              "supported (as in PEFT); use lora_bias with dora=False, init='kaiming' or 'gaussian' "

@@ -31,6 +31,7 @@ from .config import LoRAConfig
 from .layers.base import quantisation, warn_requantising
 from .layers.modules_to_save import ModulesToSave
 from .layers.parametrize import LoRAParametrization, ParametrizedWeight
+from .layers.trainable_tokens import SIDE_LAYERS, attach_trainable_tokens, token_modules
 from .methods import METHODS, Method
 from .pretrained import sync_save_pretrained
 from .sharing import refuse_tied, replace_everywhere, tied_partners, weight_owners
@@ -46,7 +47,8 @@ __all__ = ["inject", "set_active", "delete_adapter", "merge", "unmerge", "disabl
 def inject(model: nn.Module, cfg, name: str = "default") -> nn.Module:
     """Add adapter ``name`` described by ``cfg`` to ``model`` in place and make it the active one.
 
-    The first adapter freezes the base model; the new adapter (and its ``modules_to_save`` copies) trains.
+    The first adapter freezes the base model; the new adapter (and its ``modules_to_save`` copies and trainable
+    token rows) trains.
     Everything is checked before the model is touched, and any later error rolls back: the model is unchanged.
     """
     outer, model = model, unwrap_model(model)
@@ -76,6 +78,8 @@ def inject(model: nn.Module, cfg, name: str = "default") -> nn.Module:
                 replace_everywhere(model, module, wrapper)
                 module = wrapper
             module.add_adapter(name)
+        tokens = getattr(cfg, "trainable_token_indices", None)  # after the layers: an adapted one is refused
+        attach_trainable_tokens(model, token_modules(model, tokens), name)
         model.lorakit_configs = {**configs, name: cfg}
         if not configs:  # the first adapter: the base is frozen once; later calls leave base parameters alone
             for p in before:
@@ -171,7 +175,7 @@ def trained_biases(model: nn.Module, cfg, name: str) -> dict[str, nn.Parameter]:
         return {}
     adapted = {}
     for path, layer in adapters(model):
-        if name in layer.adapter_names and not isinstance(layer, ModulesToSave):
+        if name in layer.adapter_names and not isinstance(layer, SIDE_LAYERS):
             module = layer.base_layer if hasattr(layer, "base_layer") else layer.module  # wrapper / parametrized
             adapted.setdefault(id(module), path.removesuffix(f".{getattr(layer, 'pname', 'weight')}"))
     found = {}

@@ -10,7 +10,7 @@ entering the block; leave and enter again after changing them.
 Supported: LoRA in module mode on Linear, Hugging Face Conv1D and Embedding layers, in eval mode, unmerged; DoRA
 adapters too (each row's ``m / ||W + s B A||`` scales its ``W x`` and is folded into its B).
 Refused by name, before anything changes: prompts, bottleneck adapters and C-LoRA; LoRA on convolutions, in
-parametrize mode, with a PiSSA start or with ``modules_to_save``; a model in training mode or with a merged
+parametrize mode, with a PiSSA start, ``modules_to_save`` or trainable tokens; a model in training mode or with a merged
 adapter. Inside the block a batch whose size is not ``len(adapter_names)`` is refused by the first layer it
 reaches (for beam search, repeat each name ``num_beams`` times).
 """
@@ -36,10 +36,11 @@ def _refusal(model: nn.Module, names: list[str | None]) -> str | None:
         cfg = configs[name]
         if not isinstance(cfg, LoRAConfig):
             return f"adapter {name!r} is a {type(cfg).__name__}; mixed batches take LoRA adapters only"
-        if cfg.mode != "module" or cfg.init == "svd" or cfg.modules_to_save:
+        if cfg.mode != "module" or cfg.init == "svd" or cfg.modules_to_save or cfg.trainable_token_indices:
             return (f"LoRA adapter {name!r} has mode={cfg.mode!r}, init={cfg.init!r}, modules_to_save="
-                    f"{cfg.modules_to_save!r}; mixed batches take mode='module' adapters without a PiSSA start "
-                    "(init='svd') or modules_to_save")
+                    f"{cfg.modules_to_save!r}, trainable_token_indices={cfg.trainable_token_indices!r}; mixed "
+                    "batches take mode='module' adapters without a PiSSA start (init='svd'), modules_to_save or "
+                    "trainable tokens")
     if model.training:
         return "the model is in training mode; mixed batches are for inference: call model.eval() first"
     if parametrizations(model):

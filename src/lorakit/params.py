@@ -11,6 +11,7 @@ from .config import LoRAConfig
 from .inject import adapter_layers, find_targets, is_adapter_layer, parametrizations
 from .layers.base import linear_features, logical_numel
 from .layers.lora import is_hf_conv1d, lora_wrapper_for
+from .layers.trainable_tokens import tied_modules, token_modules
 from .targets import in_blocks
 from .wrapped import unwrap_model
 
@@ -22,7 +23,7 @@ class ParamCount:
     trainable: int
     """Parameters with ``requires_grad``."""
     adapter: int
-    """Parameters lorakit added (every adapter's factors and ``modules_to_save`` copies)."""
+    """Parameters lorakit added (every adapter's factors, ``modules_to_save`` copies and trainable token rows)."""
 
     @property
     def base(self) -> int:
@@ -74,13 +75,21 @@ def lora_added_parameters(model: nn.Module, cfg: LoRAConfig) -> int:
         paths = in_blocks(find_targets(model, cfg.targets, cfg.exclude,
                                        lambda m: _is_matrix(getattr(m, cfg.target_parameter, None))), cfg)
         weights = [(getattr(model.get_submodule(p), cfg.target_parameter), cfg.for_layer(p).rank) for p in paths]
-        return sum(rank * (w.shape[0] + w[0].numel()) + cfg.dora * w.shape[0] for w, rank in weights)  # no lora_bias here
-    total = 0
+        factors = sum(rank * (w.shape[0] + w[0].numel()) + cfg.dora * w.shape[0] for w, rank in weights)
+        return factors + sum(k * dim for k, dim in _token_rows(model, cfg))  # (no lora_bias in this mode)
+    total = sum(k * dim for k, dim in _token_rows(model, cfg))
     for path in _lora_paths(model, cfg):
         module = model.get_submodule(path)
         per_output = dora_layer_parameters(module) if not isinstance(module, nn.Embedding) else 0
         total += lora_layer_parameters(module, cfg.for_layer(path).rank) + per_output * (cfg.dora + cfg.lora_bias)
     return total
+
+
+def _token_rows(model: nn.Module, cfg: LoRAConfig) -> list[tuple[int, int]]:
+    """(rows, width) per module whose rows train (``trainable_token_indices``); a tied head shares its embedding's."""
+    plan = token_modules(model, cfg.trainable_token_indices)
+    ties = tied_modules(model, plan)
+    return [(len(rows), model.get_submodule(p).weight.shape[1]) for p, rows in plan.items() if p not in ties]
 
 
 def _lora_paths(model: nn.Module, cfg: LoRAConfig) -> list[str]:
@@ -193,7 +202,7 @@ def formula(model: nn.Module, cfg) -> str:
                 continue
             out_f = dora_layer_parameters(module)
             terms.append(f"{rank} x ({per_rank - out_f} + {out_f})" + (f" + {out_f}" if cfg.dora else ""))
-        return _grouped(terms)
+        return _grouped(terms + [f"{k} x {dim}" for k, dim in _token_rows(model, cfg)])
     return f"{added_parameters(model, cfg):,}"
 
 
