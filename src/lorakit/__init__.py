@@ -1,6 +1,6 @@
 """lorakit: low-rank adaptation and compression for PyTorch models."""
 from .checkpoint import AdapterLoadError, load_adapter, save_adapter
-from .compress import DecaySchedule, compress, svd_compress
+from .compress import ALSConfig, DecaySchedule, compress, svd_compress
 from .config import AdapterConfig, CLoRAConfig, LoRAConfig, PromptConfig
 from .inject import delete_adapter, disabled, inject, merge, set_active, unload, unmerge
 from .layers.lowrank import LowRankConv2d, LowRankLinear
@@ -13,5 +13,5 @@ __all__ = [
     "LoRAConfig", "AdapterConfig", "PromptConfig", "CLoRAConfig",
     "inject", "merge", "unmerge", "unload", "disabled", "set_active", "delete_adapter", "mixed_batch",
     "count_parameters", "ParamCount", "save_adapter", "load_adapter", "AdapterLoadError",
-    "compress", "svd_compress", "DecaySchedule", "LowRankLinear", "LowRankConv2d",
+    "compress", "svd_compress", "ALSConfig", "DecaySchedule", "LowRankLinear", "LowRankConv2d",
 ]

@@ -20,6 +20,7 @@ from torch import nn
 from ..inject import find_targets
 from ..layers.lowrank import LowRankConv2d, LowRankLinear
 from ..sharing import set_module
+from .als import ALSConfig, als_factors
 
 FineTune = Callable[[nn.Module, list], Any]
 
@@ -140,13 +141,19 @@ def _supported(module: nn.Module) -> bool:
 
 def svd_compress(model: nn.Module, rank: Optional[int] = None, targets=None, calibration: Optional[Iterable] = None,
                  energy: Optional[float] = None, finetune: Optional[FineTune] = None, exclude=None,
-                 max_calibration_batches: Optional[int] = None) -> nn.Module:
+                 max_calibration_batches: Optional[int] = None, solver: str = "svd", als: Optional[ALSConfig] = None,
+                 warm_start: Optional[nn.Module] = None) -> nn.Module:
     """Replace target Linear/Conv2d layers by low-rank layers from a truncated SVD of their weights; in place.
 
     Give ``rank`` (the same for every layer; must be < min(out, in) of each explicitly targeted layer) or
     ``energy`` in (0, 1] (per layer, the smallest rank keeping that share of ``sum(s^2)``; a layer where that
     rank would not compress stays dense). With ``calibration`` (a loader of model inputs) the truncation is
     activation-aware. ``targets=None`` takes every Linear/Conv2d the rank can compress.
+
+    ``solver="als"`` reaches the same optimum by alternating least squares (:mod:`lorakit.compress.als`; needs
+    ``rank``; ``als`` sets its tolerance and sweep limit). ``warm_start``: a model holding, at every target's path, a
+    low-rank layer of this rank (from an earlier ``svd_compress`` or C-LoRA's ``compress`` of the same model, e.g.
+    under other calibration data); ALS starts from its A instead of a random one.
 
     ``finetune(model, params)``, if given, trains the new factors and biases ``params`` after compression
     (e.g. ``lambda m, p: lorakit.train.train(m, data, cfg, params=p)``). Every check, and the fine-tune, is
@@ -155,6 +162,7 @@ def svd_compress(model: nn.Module, rank: Optional[int] = None, targets=None, cal
     """
     if (rank is None) == (energy is None):
         raise ValueError("give exactly one of rank (e.g. rank=16) or energy (e.g. energy=0.9)")
+    _check_solver(solver, energy, als, warm_start)
     if energy is not None:
         _check_energy(energy)
     if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
@@ -174,10 +182,14 @@ def svd_compress(model: nn.Module, rank: Optional[int] = None, targets=None, cal
     if missing:
         raise ValueError(f"the calibration data never reached layer {missing[0]!r}; cannot whiten it")
 
+    starts = _warm_starts(warm_start, paths, model, rank) if warm_start is not None else {}
     replacements = []
     for path in paths:
         module = model.get_submodule(path)
-        new = _compressed(module, rank, energy, grams.get(path))
+        try:
+            new = _compressed(module, rank, energy, grams.get(path), solver, als or ALSConfig(), starts.get(path))
+        except ValueError as err:
+            raise type(err)(f"layer {path!r}: {err}") from None
         if new is not None:
             replacements.append((path, module, new))
     for path, _, new in replacements:
@@ -192,8 +204,41 @@ def svd_compress(model: nn.Module, rank: Optional[int] = None, targets=None, cal
     return model
 
 
-def _compressed(module: nn.Module, rank: Optional[int], energy: Optional[float],
-                gram: Optional[torch.Tensor]) -> Optional[nn.Module]:
+def _check_solver(solver: str, energy, als, warm_start) -> None:
+    """Arguments that only ALS reads are refused with the SVD solver (never silently ignored)."""
+    if solver not in ("svd", "als"):
+        raise ValueError(f"solver={solver!r} is not supported; choose 'svd' or 'als'")
+    if solver == "als" and energy is not None:
+        raise ValueError("solver='als' needs rank= (ALS fits a given rank; energy= chooses it from the SVD's spectrum)")
+    if solver == "svd" and (als is not None or warm_start is not None):
+        raise ValueError("als= and warm_start= are settings of solver='als'; pass solver='als' too")
+    if als is not None and not isinstance(als, ALSConfig):
+        raise TypeError(f"als={als!r} is not an ALSConfig; expected lorakit.ALSConfig(tol=..., max_sweeps=...)")
+
+
+def _warm_starts(previous: nn.Module, paths: list[str], model: nn.Module, rank: int) -> dict[str, torch.Tensor]:
+    """The (r, in) A of ``previous``'s low-rank layer at every path, checked against the layers they start."""
+    starts = {}
+    for path in paths:
+        try:
+            layer = previous.get_submodule(path)
+        except AttributeError:
+            layer = None
+        if not isinstance(layer, (LowRankLinear, LowRankConv2d)):
+            raise ValueError(f"warm_start has no low-rank layer at {path!r} (found {type(layer).__name__}); expected "
+                             "the model an earlier svd_compress or compress() returned")
+        a = layer.A.detach().flatten(1)
+        expected = (rank, model.get_submodule(path).weight.flatten(1).shape[1])
+        if tuple(a.shape) != expected:
+            raise ValueError(f"warm_start's layer {path!r} has A of shape {tuple(a.shape)}; rank={rank} here needs "
+                             f"{expected}")
+        starts[path] = a
+    return starts
+
+
+def _compressed(module: nn.Module, rank: Optional[int], energy: Optional[float], gram: Optional[torch.Tensor],
+                solver: str = "svd", als: ALSConfig = ALSConfig(), start: Optional[torch.Tensor] = None
+                ) -> Optional[nn.Module]:
     """The low-rank layer replacing ``module``, or None when the energy rank would not compress it."""
     weight = module.weight.detach().flatten(1)  # (out, in * k * k)
     if rank is None:
@@ -201,7 +246,11 @@ def _compressed(module: nn.Module, rank: Optional[int], energy: Optional[float],
         rank = choose_rank(s, energy)
         if rank * sum(weight.shape) >= weight.numel():
             return None
-    a, b = whitened_svd(weight, gram, rank) if gram is not None else truncated_svd(weight, rank)
+    if solver == "als":
+        fit = als_factors(weight, rank, gram, start, als)
+        a, b = fit.a, fit.b
+    else:
+        a, b = whitened_svd(weight, gram, rank) if gram is not None else truncated_svd(weight, rank)
     bias = module.bias.detach() if module.bias is not None else None
     if isinstance(module, nn.Conv2d):
         return LowRankConv2d.from_factors(module, a, b, bias)

@@ -6,6 +6,8 @@
    layers, the relative error ``||W - W_r||_F / ||W||_F`` against the rank r (Eckart–Young: the tail of the
    spectrum, checked against the measured error at a few ranks), and test accuracy when both hidden layers
    are truncated to rank r.
+3. ALS beside SVD (:mod:`.svd_als`): convergence to both optima, the warm start after a data shift, time at equal
+   error, and the compressed model's accuracy by solver.
 """
 from __future__ import annotations
 
@@ -24,7 +26,9 @@ from .. import report
 from ..data.vision import MNIST_MEAN_STD, dataset
 from ..models import richboynet
 from ..train import TrainConfig, evaluate, train
+from . import svd_als
 from .harness import add_out_argument, run_experiment
+from .stream_data import black
 
 DESCRIPTION = "The seeds' rank-2 SVD example, and the spectrum / rank-vs-error curve of a trained MNIST layer."
 LAYERS = ["linear1", "linear2"]
@@ -39,8 +43,31 @@ class SVDDemoConfig:
     lr: float = 1e-3
     ranks: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128, 256, 512])
     """Ranks at which the error is measured and the truncated network is evaluated."""
+    als_ranks: list[int] = field(default_factory=lambda: [16, 64])
+    """Ranks of the ALS convergence and warm-start rows (each hidden layer)."""
+    als_sweeps: int = 100
+    """Sweeps per ALS curve."""
+    calibration_size: int = 2000
+    """Training images whose layer inputs make the calibration Gram matrices."""
+    shift_degrees: float = 30.0
+    """The data shift of the warm start: the calibration images rotated by this angle."""
+    within: float = 1e-3
+    """"Reached the optimum": error at most (1 + within) x the optimum's."""
+    cold_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    """Random starts of the cold-start ALS after the shift."""
+    timing_rank: int = 16
+    timing_repeats: int = 3
+    large_size: int = 4096
+    """The large matrix of the timing rows (large_size x large_size)."""
+    fmnist_epochs: float = 5.0
+    """Training of clora-table's MLP on Fashion-MNIST before it is compressed by each solver."""
+    fmnist_ranks: list[int] = field(default_factory=lambda: [16, 32, 64])
     threads: int = 1
     data_dir: Optional[str] = None
+
+
+def _ints(text: str) -> list[int]:
+    return [int(r) for r in text.split(",") if r]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,7 +76,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=float, default=d.epochs)
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
     parser.add_argument("--lr", type=float, default=d.lr)
-    parser.add_argument("--ranks", type=lambda s: [int(r) for r in s.split(",") if r], default=d.ranks)
+    parser.add_argument("--ranks", type=_ints, default=d.ranks)
+    parser.add_argument("--als-ranks", type=_ints, default=d.als_ranks)
+    parser.add_argument("--als-sweeps", type=int, default=d.als_sweeps)
+    parser.add_argument("--calibration-size", type=int, default=d.calibration_size)
+    parser.add_argument("--shift-degrees", type=float, default=d.shift_degrees)
+    parser.add_argument("--within", type=float, default=d.within)
+    parser.add_argument("--cold-seeds", type=_ints, default=d.cold_seeds)
+    parser.add_argument("--timing-rank", type=int, default=d.timing_rank)
+    parser.add_argument("--timing-repeats", type=int, default=d.timing_repeats)
+    parser.add_argument("--large-size", type=int, default=d.large_size)
+    parser.add_argument("--fmnist-epochs", type=float, default=d.fmnist_epochs)
+    parser.add_argument("--fmnist-ranks", type=_ints, default=d.fmnist_ranks)
     parser.add_argument("--threads", type=int, default=d.threads)
     parser.add_argument("--data-dir", default=None)
     add_out_argument(parser, "svd-demo")
@@ -57,7 +95,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     return run_experiment(args, SVDDemoConfig, "svd-demo", run,
-                          "results.json, report.md, spectrum.png, rank_vs_error.png")
+                          "results.json, report.md, spectrum.png, rank_vs_error.png, als_convergence.png")
 
 
 def rank2_example(seed: int = 0) -> dict:
@@ -112,15 +150,30 @@ def run(cfg: SVDDemoConfig, out: Path) -> dict:
                                                     model.get_submodule(name).bias.detach())
                 setattr(truncated, name, low)
             accuracy[r] = evaluate(truncated, test_set).accuracy
+    als = run_als(cfg, model, train_set.tensors[0][:cfg.calibration_size])
     results = {"experiment": "svd-demo", "config": asdict(cfg), "rank2_example": example,
                "model": "richboynet", "train": history.to_dict(), "dense_accuracy": dense_accuracy,
-               "layers": layers, "accuracy_by_rank": accuracy, "seconds": round(time.perf_counter() - start, 1)}
+               "layers": layers, "accuracy_by_rank": accuracy, "als": als, "seconds": round(time.perf_counter() - start, 1)}
     out.mkdir(parents=True, exist_ok=True)
     report.write_results(out, results)
     _plot_spectrum(out / "spectrum.png", layers)
     _plot_rank_error(out / "rank_vs_error.png", layers, accuracy, dense_accuracy)
+    svd_als.plot(out / "als_convergence.png", als["convergence"])
     report.write_report(out, render(results))
     return results
+
+
+def run_als(cfg: SVDDemoConfig, model: torch.nn.Module, images: torch.Tensor) -> dict:
+    """The ALS rows (:mod:`.svd_als`): convergence and the warm start, timing, accuracy by solver."""
+    weights = [model.get_submodule(n).weight.detach() for n in LAYERS]
+    matrices = weights + [svd_als.large_matrix(cfg.large_size, cfg.seed)]
+    return {"shift_degrees": cfg.shift_degrees, "timing_repeats": cfg.timing_repeats,
+            "convergence": svd_als.convergence(model, LAYERS, images, cfg.als_ranks, cfg.als_sweeps, cfg.shift_degrees,
+                                               cfg.within, cfg.cold_seeds, black(MNIST_MEAN_STD)),
+            "timing": [svd_als.time_at_equal_error(w, cfg.timing_rank, cfg.within, cfg.timing_repeats)
+                       for w in matrices],
+            "accuracy": svd_als.solver_accuracy(cfg.fmnist_ranks, cfg.fmnist_epochs, cfg.calibration_size, cfg.seed,
+                                                cfg.data_dir)}
 
 
 def _plot_spectrum(path: Path, layers: dict) -> None:
@@ -180,5 +233,6 @@ def render(results: dict) -> str:
                                     rows, floatfmt=".4g"), "",
               f"Dense linear1 + linear2 weights: {sum(n * m for n, m in (results['layers'][k]['shape'] for k in LAYERS)):,} "
               "numbers. The measured errors equal the tails of the spectra (`rank_vs_error.png`, crosses on the "
-              "curves); the spectrum is in `spectrum.png`.", "", f"Wall time {results['seconds']} s."]
+              "curves); the spectrum is in `spectrum.png`.", ""]
+    lines += svd_als.render(results, cfg["within"]) + [f"Wall time {results['seconds']} s."]
     return "\n".join(lines)
