@@ -99,7 +99,14 @@ def main() -> None:
                         "as its forward does (cf. PEFT issues #1391, #2123); its +52.9 pp gap is that, not training.",
                         ""] if llm else []) + llm[2:]
     body += report_block("llm-compare", "lorakit - PEFT, paired by seed (95 % interval, pp)")
+    body += report_block("llm-compare", "Variants against their base method (lorakit rows, paired by seed, 95 % interval, pp)")
     body += report_block("llm-compare", "Seed 004's ordering")
+    als = report_block("svd-demo", "ALS beside SVD")
+    body += (["## Results: ALS beside SVD (`results/svd-demo/report.md`)", "",
+              "Seed 003's other solver on the seed MLP (RichBoyNet, 1 epoch of MNIST): convergence to the truncated "
+              "SVD's optimum (plain) and the whitened one (calibration: 2,000 training images), a warm start after the "
+              "calibration images are rotated, time at equal error, and clora-table's MLP compressed by each solver.",
+              ""] + als) if als else []
     readme = ROOT / "README.md"
     text = readme.read_text()
     new = re.sub(r"<!-- results -->.*?<!-- /results -->", lambda _: "<!-- results -->\n" + "\n".join(body) + "<!-- /results -->",

@@ -26,14 +26,14 @@ def images():
 
 
 def test_convergence_rows_reach_both_optima_and_the_warm_start_starts_from_the_earlier_optimum():
-    found = svd_als.convergence(tiny(), ["1", "3"], images(), ranks=[3], sweeps=200, shift_degrees=20.0,
+    found = svd_als.convergence(tiny(), ["1", "3"], images(), ranks=[3], sweeps=200, shifts=[20.0],
                                 within=1e-3, seeds=[0, 1], fill=0.0)
     assert set(found) == {"1 r=3", "3 r=3"}
     for row in found.values():
         for kind in ("plain", "calibrated"):
             assert row[kind]["sweeps_within"] is not None and abs(row[kind]["final_excess"]) < 1e-6
             assert row[kind]["errors"][-1] >= row[kind]["optimum"] * (1 - 1e-9), "nothing beats the optimum"
-        shift = row["shift"]
+        shift = row["shifts"]["20.0"]
         assert len(shift["cold_sweeps"]) == 2 and shift["warm"][-1] == pytest.approx(shift["optimum"], rel=1e-6)
     model = tiny()
     w = model[1].weight.detach().double()
@@ -44,7 +44,7 @@ def test_convergence_rows_reach_both_optima_and_the_warm_start_starts_from_the_e
     start = whitened_svd(w, old, 3)[0].double()  # the first warm sweep: the best B for the old optimum's A
     b = w @ new @ start.t() @ torch.linalg.inv(start @ new @ start.t())
     first = svd_als.relative_error(w, start, b, new)
-    assert found["1 r=3"]["shift"]["warm"][0] == pytest.approx(first, rel=1e-9)
+    assert found["1 r=3"]["shifts"]["20.0"]["warm"][0] == pytest.approx(first, rel=1e-9)
 
 
 def test_timing_picks_iterations_that_reach_the_optimum():

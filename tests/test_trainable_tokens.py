@@ -201,6 +201,8 @@ INJECT_REFUSALS = [
      dict(targets=["q_proj"], trainable_token_indices={"embed_tokens": [1], "lm_head": [2]}), "share one weight"),
     ("LoRA on it too", llama(True), dict(targets=["q_proj", "embed_tokens"], trainable_token_indices=[1]),
      "already holds a LoRAEmbedding"),
+    ("LoRA on the tied head", llama(True), dict(targets=["q_proj", "lm_head"], trainable_token_indices=[1]),
+     "'lm_head' shares the embedding's weight but already holds a LoRALinear"),
     ("not an embedding", llama(True), dict(targets=["q_proj"], trainable_token_indices={"input_layernorm": [0]}),
      "expected an nn.Embedding"),
     ("no embed_tokens", embedding_net, dict(targets=["head"], trainable_token_indices=[1]), "no module path ends"),

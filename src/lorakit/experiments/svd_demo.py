@@ -49,8 +49,8 @@ class SVDDemoConfig:
     """Sweeps per ALS curve."""
     calibration_size: int = 2000
     """Training images whose layer inputs make the calibration Gram matrices."""
-    shift_degrees: float = 30.0
-    """The data shift of the warm start: the calibration images rotated by this angle."""
+    shifts: list[float] = field(default_factory=lambda: [10.0, 20.0, 40.0])
+    """The data shifts of the warm start: the calibration images rotated by these angles (digit-stream: 20 apart)."""
     within: float = 1e-3
     """"Reached the optimum": error at most (1 + within) x the optimum's."""
     cold_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
@@ -80,7 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--als-ranks", type=_ints, default=d.als_ranks)
     parser.add_argument("--als-sweeps", type=int, default=d.als_sweeps)
     parser.add_argument("--calibration-size", type=int, default=d.calibration_size)
-    parser.add_argument("--shift-degrees", type=float, default=d.shift_degrees)
+    parser.add_argument("--shifts", type=lambda s: [float(a) for a in s.split(",") if a], default=d.shifts)
     parser.add_argument("--within", type=float, default=d.within)
     parser.add_argument("--cold-seeds", type=_ints, default=d.cold_seeds)
     parser.add_argument("--timing-rank", type=int, default=d.timing_rank)
@@ -167,8 +167,8 @@ def run_als(cfg: SVDDemoConfig, model: torch.nn.Module, images: torch.Tensor) ->
     """The ALS rows (:mod:`.svd_als`): convergence and the warm start, timing, accuracy by solver."""
     weights = [model.get_submodule(n).weight.detach() for n in LAYERS]
     matrices = weights + [svd_als.large_matrix(cfg.large_size, cfg.seed)]
-    return {"shift_degrees": cfg.shift_degrees, "timing_repeats": cfg.timing_repeats,
-            "convergence": svd_als.convergence(model, LAYERS, images, cfg.als_ranks, cfg.als_sweeps, cfg.shift_degrees,
+    return {"timing_repeats": cfg.timing_repeats,
+            "convergence": svd_als.convergence(model, LAYERS, images, cfg.als_ranks, cfg.als_sweeps, cfg.shifts,
                                                cfg.within, cfg.cold_seeds, black(MNIST_MEAN_STD)),
             "timing": [svd_als.time_at_equal_error(w, cfg.timing_rank, cfg.within, cfg.timing_repeats)
                        for w in matrices],

@@ -214,6 +214,9 @@ def _wrapper(model: nn.Module, path: str, tied_to: TrainableTokens | None) -> Tr
             raise ValueError(f"trainable_token_indices: {path!r} is tied differently than for the model's other "
                              "adapters; delete them first")
         return module
+    if _adapter_layer(module):
+        raise ValueError(f"trainable_token_indices: {path!r} shares the embedding's weight but already holds a "
+                         f"{type(module).__name__}; leave it out of targets (its rows follow the embedding's)")
     wrapper = TrainableTokens(module, tied_to)
     replace_everywhere(model, module, wrapper)
     return wrapper
