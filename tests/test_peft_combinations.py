@@ -1,9 +1,10 @@
 """The settings PEFT users publish, combined (issue 20): DoRA, rank and alpha patterns, layer selection, biases,
-trainable tokens and modules_to_save together, on an MLP, a conv net and tiny Llamas (tied and untied head).
+trainable tokens and modules_to_save together, on an MLP, a conv net and tiny Llamas (tied and untied head); and
+trainable tokens, which need an embedding model, alone.
 
 Each row is built twice, from the same settings: by PEFT (saved, then loaded by lorakit: PEFT's outputs), and by
 lorakit (saved, then loaded by PEFT: lorakit's outputs). Each setting alone has its rows in test_peft_fields.py
-and test_trainable_tokens.py.
+(trainable tokens' invariants in test_trainable_tokens.py).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 import lorakit as lk
-from conftest import FACTORIES, perturb_adapters
+from conftest import FACTORIES, TokenNet, perturb_adapters, seeded
 from lorakit.checkpoint_config import READ
 from tiny_llama import tiny_llama, token_batch
 
@@ -29,7 +30,7 @@ def llama(tie: bool):
     return factory
 
 
-MLP, CONV = FACTORIES["linear"], FACTORIES["conv2d"]
+MLP, CONV, TOKENS = FACTORIES["linear"], FACTORIES["conv2d"], seeded(TokenNet)
 # (id, factory, PEFT LoraConfig settings beyond r=2, lora_alpha=4)
 COMBINATIONS = [
     ("mlp-dora-patterns-lora_only", MLP, dict(target_modules=["layer", "head"], use_dora=True,
@@ -52,6 +53,17 @@ COMBINATIONS = [
         target_modules="all-linear", exclude_modules=["gate_proj"], use_dora=True, use_rslora=True,
         rank_pattern={r"layers\.0\..*": 3}, trainable_token_indices={"embed_tokens": [9], "lm_head": [9]})),
 ]
+TOKEN_ROWS = [  # trainable tokens alone (with LoRA somewhere), the ways PEFT resolves and ties them
+    ("tokens-tied-list", llama(True), dict(target_modules=["q_proj"], trainable_token_indices=[5, 7, 9])),
+    ("tokens-untied-list", llama(False), dict(target_modules=["q_proj"], trainable_token_indices=[5, 9])),
+    ("tokens-untied-head-rows", llama(False),
+     dict(target_modules=["v_proj"], trainable_token_indices={"embed_tokens": [5, 7], "lm_head": [3, 4, 8]})),
+    ("tokens-tied-both-named", llama(True),
+     dict(target_modules=["v_proj"], trainable_token_indices={"embed_tokens": [6, 7], "lm_head": [6, 7]})),
+    ("tokens-plain-model-list", TOKENS, dict(target_modules=["proj"], trainable_token_indices=[0, 3])),
+    ("tokens-plain-model-dict", TOKENS, dict(target_modules=["head"], trainable_token_indices={"embed_tokens": [2, 9]})),
+]
+COMBINATIONS += TOKEN_ROWS
 IDS = [c[0] for c in COMBINATIONS]
 
 

@@ -25,7 +25,7 @@ def images():
     return nn.functional.interpolate(x, size=(8, 8), mode="bilinear", align_corners=False)
 
 
-def test_convergence_rows_reach_both_optima_and_the_warm_start_starts_from_the_earlier_optimum():
+def test_convergence_rows_reach_both_optima_and_the_warm_start_starts_from_the_earlier_optimum(tmp_path):
     found = svd_als.convergence(tiny(), ["1", "3"], images(), ranks=[3], sweeps=200, shifts=[20.0],
                                 within=1e-3, seeds=[0, 1], fill=0.0)
     assert set(found) == {"1 r=3", "3 r=3"}
@@ -45,6 +45,9 @@ def test_convergence_rows_reach_both_optima_and_the_warm_start_starts_from_the_e
     b = w @ new @ start.t() @ torch.linalg.inv(start @ new @ start.t())
     first = svd_als.relative_error(w, start, b, new)
     assert found["1 r=3"]["shifts"]["20.0"]["warm"][0] == pytest.approx(first, rel=1e-9)
+    found["1 r=3"]["shifts"]["20.0"]["cold"].pop()  # runs that stop at different sweeps still plot
+    svd_als.plot(tmp_path / "als.png", found)
+    assert (tmp_path / "als.png").stat().st_size > 10_000
 
 
 def test_timing_picks_iterations_that_reach_the_optimum():

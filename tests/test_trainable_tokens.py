@@ -1,18 +1,16 @@
-"""Trainable token rows (PEFT's ``trainable_token_indices``): PEFT's files load with PEFT's outputs and lorakit's
-load in PEFT, on tied and untied tiny Llamas and a plain embedding net; the invariants LoRA has (init, merge,
-disabled, unload, training, several adapters); and the refusals."""
+"""Trainable token rows (PEFT's ``trainable_token_indices``): the invariants LoRA has (init, merge, disabled,
+unload, training, several adapters) and the refusals. Loading both ways with PEFT (tied and untied tiny Llamas, a
+plain torch model, with other settings) is in tests/test_peft_combinations.py."""
 from __future__ import annotations
 
 import json
-import warnings
 
-import peft
 import pytest
 import torch
 from torch import nn
 
 import lorakit as lk
-from conftest import FACTORIES, TokenNet, assert_same_state, perturb_adapters, seeded, state_snapshot
+from conftest import FACTORIES, assert_same_state, perturb_adapters, state_snapshot
 from lorakit.layers.trainable_tokens import TrainableTokens
 from tiny_llama import tiny_llama, token_batch
 
@@ -29,65 +27,10 @@ def embedding_net():
     return FACTORIES["embedding"]()
 
 
-words = seeded(TokenNet)
-
-
 def run(model, x):
     with torch.no_grad():
         out = model(x)
     return getattr(out, "logits", out)
-
-
-WORDS = TokenNet().example_input()
-# (id, factory, example input, PEFT LoraConfig settings, the lorakit config's settings)
-CASES = [
-    ("llama-tied-list", llama(True), token_batch(), dict(target_modules=["q_proj"], trainable_token_indices=[5, 7, 9])),
-    ("llama-untied-list", llama(False), token_batch(), dict(target_modules=["q_proj"], trainable_token_indices=[5, 9])),
-    ("llama-untied-head-rows", llama(False), token_batch(),
-     dict(target_modules=["v_proj"], trainable_token_indices={"embed_tokens": [5, 7], "lm_head": [3, 4, 8]})),
-    ("llama-tied-both-named", llama(True), token_batch(),
-     dict(target_modules=["v_proj"], trainable_token_indices={"embed_tokens": [6, 7], "lm_head": [6, 7]})),
-    ("llama-tied-dora-patterns", llama(True), token_batch(),
-     dict(target_modules=["q_proj", "down_proj"], use_dora=True, rank_pattern={"down_proj": 4},
-          layers_to_transform=[1], trainable_token_indices=[10, 11])),
-    ("words-list", words, WORDS, dict(target_modules=["proj"], trainable_token_indices=[0, 3])),
-    ("words-dict", words, WORDS, dict(target_modules=["head"], trainable_token_indices={"embed_tokens": [2, 9]})),
-]
-IDS = [c[0] for c in CASES]
-
-
-def peft_model(factory, settings: dict):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = peft.get_peft_model(factory(), peft.LoraConfig(r=2, lora_alpha=4, **settings)).eval()
-    perturb_adapters(model, std=0.3)
-    return model
-
-
-@pytest.mark.parametrize("name, factory, x, settings", CASES, ids=IDS)
-def test_a_peft_adapter_with_trainable_tokens_loads_with_peft_outputs(name, factory, x, settings, tmp_path):
-    theirs = peft_model(factory, settings)
-    expected = run(theirs, x)
-    assert not torch.allclose(expected, run(factory(), x), atol=1e-3)
-    theirs.save_pretrained(str(tmp_path))
-    ours = lk.load_adapter(factory(), tmp_path)
-    torch.testing.assert_close(run(ours, x), expected, atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("name, factory, x, settings", CASES, ids=IDS)
-def test_a_lorakit_adapter_with_trainable_tokens_loads_in_peft_with_lorakit_outputs(name, factory, x, settings,
-                                                                                   tmp_path):
-    cfg = lk.LoRAConfig(rank=2, alpha=4.0, targets=settings["target_modules"], dora=settings.get("use_dora", False),
-                        rank_pattern=settings.get("rank_pattern"), layers_to_transform=settings.get("layers_to_transform"),
-                        trainable_token_indices=settings["trainable_token_indices"])
-    model = lk.inject(factory(), cfg)
-    perturb_adapters(model, std=0.3)
-    expected = run(model, x)
-    lk.save_adapter(model, tmp_path)
-    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "LORA"
-    theirs = peft.PeftModel.from_pretrained(factory(), str(tmp_path)).eval()
-    torch.testing.assert_close(run(theirs, x), expected, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(run(lk.load_adapter(factory(), tmp_path), x), expected, atol=1e-5, rtol=1e-5)
 
 
 def tokens_model(tie: bool = True, rows=(5, 7, 9)):

@@ -164,10 +164,9 @@ def plot(path, found: dict) -> None:
             excess = [max(e / row[kind]["optimum"] - 1, 1e-16) for e in row[kind]["errors"]]
             ax.plot(range(1, len(excess) + 1), excess, label=name)
         angle, shift = next(iter(row["shifts"].items()))
-        sweeps = range(1, len(shift["warm"]) + 1)
-        line, = panels[2].plot(sweeps, [max(e / shift["optimum"] - 1, 1e-16) for e in shift["warm"]], label=f"{name} warm")
-        panels[2].plot(sweeps, [max(e / shift["optimum"] - 1, 1e-16) for e in shift["cold"]], linestyle="--",
-                       color=line.get_color(), label=f"{name} cold")
+        warm, cold = ([max(e / shift["optimum"] - 1, 1e-16) for e in shift[k]] for k in ("warm", "cold"))
+        line, = panels[2].plot(range(1, len(warm) + 1), warm, label=f"{name} warm")  # a run stops once exact
+        panels[2].plot(range(1, len(cold) + 1), cold, linestyle="--", color=line.get_color(), label=f"{name} cold")
     titles = ["ALS, plain: error / Eckart-Young optimum - 1", "ALS, activation-aware: error / whitened optimum - 1",
               f"Calibration images rotated {float(angle):g}°: warm (solid) vs cold start, vs the new optimum"]
     for ax, title in zip(panels, titles):
