@@ -9,9 +9,8 @@ the low-rank term, computed in the adapter dtype (float32 on a bf16/fp16 base by
 and cast to the base output's dtype. ``LoRALinear`` takes a fused autograd path only where
 :func:`~lorakit.layers._fused.fused_path_applies` proves it computes the same thing.
 
-PiSSA (``init="svd"``) moves the top-r part of W into ``s B0 A0`` and leaves W the residual; the layer keeps
-``A0, B0`` (non-persistent buffers) so the original base comes back exactly (``disabled``, ``unload(merge=False)``,
-``delete_adapter``) and checkpoints can be converted to a plain adapter on the original base.
+PiSSA starts (``init="svd"``, ``pissa.py``), DoRA (``dora.py``) and mixed batches (``lora_mixed.py``) are mixins of
+these classes, one file each.
 
 Quantised bases (bitsandbytes 4-bit/8-bit, QLoRA): the factors take the layer's logical shape, never the packed
 weight's, and merging dequantises, adds and requantises (``layers/base.py`` knows each kind of base layer).
@@ -31,6 +30,8 @@ from ..config import LoRAConfig
 from ._fused import FusedLoRALinear, fused_linear, fused_path_applies
 from .base import add_to_weight, check_mergeable, dense_weight, linear_features, quantisation
 from .dora import DoRALayer, magnitude_shape
+from .lora_mixed import MixedRows
+from .pissa import PiSSAStarts
 from .precision import factory_kwargs, merge_dtype
 
 _FusedLoRALinear = FusedLoRALinear  # the name the tests and benchmarks know
@@ -42,11 +43,8 @@ def is_hf_conv1d(module: nn.Module) -> bool:
     return is_conv1d and hasattr(module, "nf") and module.weight.dim() == 2
 
 
-class LoRAWrapper(DoRALayer, nn.Module):
+class LoRAWrapper(DoRALayer, MixedRows, nn.Module):
     """What every LoRA wrapper shares: named adapters, the active one, merge/unmerge, PEFT tensors."""
-
-    mixed: dict | None = None
-    """Per-row factors while :func:`lorakit.mixed_batch` is on (see :meth:`set_mixed`), else None."""
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -171,65 +169,6 @@ class LoRAWrapper(DoRALayer, nn.Module):
             state["lora_magnitude_vector"] = self.lora_magnitude_vector[name]
         return state
 
-    # -- mixed batches (lorakit.mixed_batch) -------------------------------------------------------
-    def set_mixed(self, names: list[str | None] | None) -> None:
-        """Row i uses adapter ``names[i]`` (None, or an adapter this layer lacks: no low-rank term); None: off.
-
-        Stacks the factors once: ``a`` (k+1, r_max, in), ``b`` (k+1, out, r_max) with the scale folded in, slot k
-        (and ranks below r_max) zero; ``rows`` (batch,) is each row's slot. Linear and Embedding layers only.
-        With DoRA adapters, ``g`` (k+1, out) holds each slot's ``m / ||W + s B A||`` (1 for LoRA and the base),
-        folded into ``b`` and applied to the row's ``W x``; else None.
-        """
-        if names is None:
-            self.mixed = None
-            return
-        used = [n for n in dict.fromkeys(names) if n in self.scaling]
-        rows = torch.tensor([used.index(n) if n in used else len(used) for n in names])
-        if not used:
-            self.mixed = {"rows": rows, "a": None, "b": None}
-            return
-        pairs = [tuple(t.detach() for _, t in self._peft_items(n)) for n in used]  # (A (r, in), B (out, r))
-        rank, (a0, b0) = max(a.shape[0] for a, _ in pairs), pairs[0]
-        a_stack = a0.new_zeros(len(used) + 1, rank, a0.shape[1])
-        b_stack = a0.new_zeros(len(used) + 1, b0.shape[0], rank)
-        gains = a0.new_ones(len(used) + 1, b0.shape[0]) if any(n in self.lora_magnitude_vector for n in used) else None
-        for slot, (name, (a, b)) in enumerate(zip(used, pairs)):
-            if name in self.lora_magnitude_vector:  # DoRA: g scales the row's W x, and is folded into its B
-                gains[slot] = self.dora_scale(name).detach().reshape(-1).to(a0.dtype)
-            a_stack[slot, : a.shape[0]] = a
-            b_stack[slot, :, : a.shape[0]] = b * self.scaling[name] * (1 if gains is None else gains[slot, :, None])
-        biases = None
-        if any(self.lora_bias(n) is not None for n in used):  # lora_bias: each slot's s * bias (0 for the rest)
-            biases = a0.new_zeros(len(used) + 1, b0.shape[0])
-            for slot, name in enumerate(used):
-                if self.lora_bias(name) is not None:
-                    biases[slot] = self.lora_bias(name).detach() * self.scaling[name]
-        self.mixed = {"rows": rows.to(a0.device), "a": a_stack, "b": b_stack, "g": gains, "c": biases}
-
-    def _mixed_rows(self, batch: int) -> torch.Tensor:
-        rows = self.mixed["rows"]
-        if batch != rows.numel():
-            raise ValueError(f"mixed_batch was given {rows.numel()} adapter names, but this batch has {batch} rows; "
-                             "give one name per row (for beam search, each name num_beams times)")
-        return rows
-
-    def _mixed_gain(self, out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """``out`` with each DoRA row's ``W x`` scaled by its g (the bias stays as it is)."""
-        g = self.mixed["g"][rows].view(out.shape[0], *[1] * (out.dim() - 2), out.shape[-1])
-        bias = getattr(self.base_layer, "bias", None)
-        plain = out if bias is None else out - bias.to(out.dtype)
-        return out + ((g - 1) * plain).to(out.dtype)
-
-    def _mixed_up(self, h: torch.Tensor, rows: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """``out`` plus each row's ``s B h``; ``h`` is (batch, tokens, r_max), already projected by the row's A."""
-        up = self.mixed["b"][rows].transpose(1, 2)  # (batch, r_max, out)
-        if self.mixed.get("c") is not None:
-            out = out + self.mixed["c"][rows].view(out.shape[0], *[1] * (out.dim() - 2), -1).to(out.dtype)
-        if out.dtype == up.dtype and out.is_contiguous() and not torch.is_grad_enabled():
-            out.view(h.shape[0], -1, out.shape[-1]).baddbmm_(h, up)  # in place, as the fused path adds
-            return out
-        return out + torch.bmm(h, up).reshape(out.shape).to(out.dtype)
-
     def extra_repr(self) -> str:
         return f"adapters={self.adapter_names}, active={self.active_adapter}, merged={self.merged_adapter}"
 
@@ -239,16 +178,7 @@ def _init_a(a: torch.Tensor, init: str) -> None:
     nn.init.normal_(a) if init == "gaussian" else nn.init.kaiming_uniform_(a, a=math.sqrt(5))
 
 
-class _PiSSAStart(nn.Module):
-    """A PiSSA adapter's initial factors, as non-persistent buffers (they follow ``.to()``, not checkpoints)."""
-
-    def __init__(self, a0: torch.Tensor, b0: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("a0", a0.detach().clone(), persistent=False)  # (r, in)
-        self.register_buffer("b0", b0.detach().clone(), persistent=False)  # (out, r)
-
-
-class LoRALinear(LoRAWrapper):
+class LoRALinear(PiSSAStarts, LoRAWrapper):
     """LoRA for ``nn.Linear`` and Hugging Face ``Conv1D`` (whose weight is stored transposed)."""
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -279,28 +209,6 @@ class LoRALinear(LoRAWrapper):
                 return
             _init_a(a, init)
             nn.init.zeros_(b)
-
-    def _init_pissa(self, name: str, a: torch.Tensor, b: torch.Tensor) -> None:
-        """PiSSA: ``s B A`` = the top-r part of W; W keeps the residual, so the output is unchanged."""
-        rank, s = a.shape[0], self.scaling[name]
-        w = self._weight()
-        u, sv, vh = torch.linalg.svd(w.to(merge_dtype(w.dtype)), full_matrices=False)
-        root = sv[:rank].sqrt() / math.sqrt(s)
-        b.copy_(u[:, :rank] * root)
-        a.copy_(root[:, None] * vh[:rank])
-        self.pissa_start[name] = _PiSSAStart(a, b)
-        self.base_layer.weight.sub_(self.delta_weight(name))
-
-    def pissa_initial(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        start = self.pissa_start[name] if name in self.pissa_start else None
-        return None if start is None else (start.a0, start.b0)
-
-    def _restore_pissa_start(self, name: str) -> None:
-        if name in self.pissa_start:
-            start = self.pissa_start[name]
-            with torch.no_grad():
-                self.base_layer.weight.add_(self._oriented(self._delta(start.a0, start.b0, self.scaling[name])))
-            del self.pissa_start[name]
 
     def _oriented(self, delta: torch.Tensor) -> torch.Tensor:
         return delta.t() if self.fan_in_fan_out else delta
@@ -382,16 +290,6 @@ class LoRALinear(LoRAWrapper):
         x3 = x.to(a.dtype).reshape(x.shape[0], -1, x.shape[-1])
         h_t = torch.bmm(a[rows], x3.transpose(1, 2))  # (batch, r, N): the rank-r side first, as the fused path
         return self._mixed_up(h_t.transpose(1, 2), rows, out)
-
-    def _add_pissa_starts(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """W holds only the residual of every PiSSA adapter: add back ``s B0 A0 x`` of each one not in use."""
-        in_use = None if self.disabled else self.active_adapter
-        for name, start in self.pissa_start.items():
-            if name != in_use:
-                low = F.linear(F.linear(x.to(start.a0.dtype), start.a0), start.b0) * self.scaling[name]
-                out = out + low.to(out.dtype)
-        return out
-
 
 class LoRAConv(LoRAWrapper):
     """LoRA for ``nn.Conv1d`` / ``nn.Conv2d``: A is a conv with the base's kernel, B a 1x1 conv (as PEFT)."""
