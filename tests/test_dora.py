@@ -20,7 +20,7 @@ from lorakit.layers.dora import row_norms
 
 pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.filterwarnings("ignore")]
 TARGETS = ["layer", "head"]
-MODELS = ["linear", "conv1d", "conv2d", "hf_conv1d"]
+MODELS = ["linear", "conv1d", "conv2d", "hf_conv1d", "embedding"]
 
 
 def peft_dora(factory, **kw):
@@ -149,8 +149,8 @@ def test_bf16_autocast_stays_close_to_float32():
 
 
 def test_dora_is_refused_where_its_norm_would_take_another_axis():
-    with pytest.raises(ValueError, match="dora=True is not supported on embeddings"):
-        lk.inject(FACTORIES["embedding"](), lk.LoRAConfig(targets=["layer"], dora=True))
+    with pytest.raises(ValueError, match="dora=True on the embedding 'layer' needs mode='module'"):
+        lk.inject(FACTORIES["embedding"](), lk.LoRAConfig(targets=["layer"], dora=True, mode="parametrize"))
     with pytest.raises(ValueError, match="needs mode='module'"):
         lk.inject(FACTORIES["hf_conv1d"](), lk.LoRAConfig(targets=["layer"], dora=True, mode="parametrize"))
     with pytest.raises(ValueError, match="dora=True with init='svd'"):
@@ -218,3 +218,15 @@ def test_a_fused_optimiser_step_between_evals_is_seen(tmp_path):
     lk.save_adapter(model, tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(after, lk.load_adapter(FACTORIES["linear"](), tmp_path).eval()(x))
+
+
+def test_dora_on_an_embedding_runs_in_mixed_batches_beside_lora():
+    """DoRA's g on an embedding scales each embedding coordinate (PEFT's convention); per row in a mixed batch."""
+    from test_patterns import assert_rows_match_alone
+    from tiny_llama import tiny_llama
+
+    model = tiny_llama()
+    lk.inject(model, lk.LoRAConfig(rank=2, targets=["embed_tokens", "q_proj"], dora=True), name="dora")
+    lk.inject(model, lk.LoRAConfig(rank=3, targets=["embed_tokens"]), name="lora")
+    assert model.model.embed_tokens.lora_magnitude_vector["dora"].shape == (32,)  # hidden size, not the vocabulary
+    assert_rows_match_alone(model.eval(), ["dora", "lora", None])

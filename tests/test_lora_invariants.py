@@ -62,6 +62,8 @@ CASES = [_case(model, mode) for model in FACTORIES for mode in ("module", "param
     _case("embedding", dropout=0.3),
     *[_case(model, mode, dora=True) for model in ("linear", "conv1d", "conv2d") for mode in ("module", "parametrize")],
     _case("hf_conv1d", dora=True),
+    _case("embedding", dora=True),
+    _case("embedding", dora=True, rslora=True, init="gaussian"),
     _case("conv2d_circular", dora=True),
     _case("linear", dora=True, rslora=True, init="gaussian"),
     _case("linear", dora=True, dropout=0.3),
@@ -92,8 +94,8 @@ def hand_count(module: nn.Module, rank: int, dora: bool = False) -> int:
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
         return rank * (module.in_channels * math.prod(module.kernel_size) + module.out_channels) + \
             dora * module.out_channels
-    if isinstance(module, nn.Embedding):
-        return rank * (module.num_embeddings + module.embedding_dim)
+    if isinstance(module, nn.Embedding):  # DoRA's m: one per embedding coordinate (PEFT's convention)
+        return rank * (module.num_embeddings + module.embedding_dim) + dora * module.embedding_dim
     if isinstance(module, Conv1D):
         return rank * (module.nx + module.nf) + dora * module.nf
     raise AssertionError(type(module))

@@ -114,7 +114,7 @@ CASES: dict[str, list[tuple]] = {
     "use_dora": [(True, SAME, "peft", LINEAR, {}), (True, SAME, "peft", FACTORIES["conv2d"], {}),
                  (True, SAME, "peft", FACTORIES["conv1d"], {}), (True, SAME, "peft", FACTORIES["hf_conv1d"], {}),
                  (True, SAME, "peft", LINEAR, {"use_rslora": True, "lora_dropout": 0.1}),
-                 (True, REFUSED, "peft", FACTORIES["embedding"], {})],
+                 (True, SAME, "peft", FACTORIES["embedding"], {})],
     "velora_config": [(VeloraConfig(num_groups=1), REFUSED, "peft", LINEAR, {})],
     "alora_invocation_tokens": [([1, 2], REFUSED, "json", LINEAR, {})],
     "use_qalora": [(True, REFUSED, "json", LINEAR, {})],
@@ -133,7 +133,7 @@ CASES: dict[str, list[tuple]] = {
     "ensure_weight_tying": [(True, REFUSED, "peft", LINEAR, {})],
 }
 NOT_SET_BY_USERS = {"peft_type": "PEFT writes 'LORA' itself; other values are other methods (test_errors: other-peft-type)"}
-REFUSAL_NAMES = {"use_dora": "dora=True is not supported on embeddings"}  # the setting PEFT acts on when both are given
+REFUSAL_NAMES: dict[str, str] = {}  # field -> the words of its refusal, where they are not the field's name
 
 
 def test_the_table_lists_every_field_of_the_installed_peft():
@@ -272,6 +272,7 @@ OPTIONS = [
     ("trainable_token_indices", {"head": [0]}, TOKENS, {"targets": ["proj"]}, LORAKIT_FORMAT),  # PEFT drops the bias
     ("dora", True, LINEAR, {}, PEFT_LOADS),
     ("dora", True, FACTORIES["conv2d"], {}, PEFT_LOADS),
+    ("dora", True, FACTORIES["embedding"], {}, PEFT_LOADS),
     ("dora", True, FACTORIES["hf_conv1d"], {}, PEFT_LOADS),
     ("dora", True, FACTORIES["conv1d"], {"mode": "parametrize"}, PEFT_LOADS),
     ("dora", True, LINEAR, {"mode": "parametrize"}, PEFT_LOADS),

@@ -131,8 +131,8 @@ class LoRAConfig:
     """Rank-stabilised scale alpha / sqrt(rank)."""
     dora: bool = False
     """DoRA (PEFT's ``use_dora``): the weight becomes ``m / ||W + s B A|| * (W + s B A)`` with a trained magnitude m
-    per output (the norm over the input dimension, detached). Linear, Conv1d/2d and Conv1D layers; not with
-    init='svd'."""
+    per output (the norm over the input dimension, detached). Linear, Conv1d/2d, Conv1D and (module mode) embedding
+    layers, whose outputs are the embedding coordinates; not with init='svd'."""
     mode: str = "module"
     """'module': wrapper layers (fast path); 'parametrize': torch.nn.utils.parametrize on a named weight."""
     target_parameter: str = "weight"

@@ -58,9 +58,9 @@ def _check_dora(model: nn.Module, sites: list[Site]) -> None:
     """DoRA's norm is over each output's inputs: refused where lorakit's layer would take it over another axis."""
     for site in sites:
         module = base_of(model.get_submodule(site.path))
-        if isinstance(module, nn.Embedding):
-            raise ValueError(f"dora=True is not supported on embeddings ({site.path!r}); exclude it, or target only "
-                             "Linear, Conv1d/2d and Conv1D layers with DoRA")
+        if isinstance(module, nn.Embedding) and site.param is not None:
+            raise ValueError(f"dora=True on the embedding {site.path!r} needs mode='module' (its table is stored "
+                             "(num, dim), so the parametrize form would take the norm over the other axis)")
         if is_hf_conv1d(module) and site.param is not None:
             raise ValueError(f"dora=True on the Conv1D {site.path!r} needs mode='module' (its weight is stored "
                              "(in, out), so the parametrize form would take the norm over the outputs)")

@@ -58,7 +58,10 @@ def lora_layer_parameters(module: nn.Module, rank: int) -> int:
 
 
 def dora_layer_parameters(module: nn.Module) -> int:
-    """What DoRA (the magnitude) or ``lora_bias`` (B's bias) adds to a LoRA layer: one per output."""
+    """What DoRA (the magnitude) or ``lora_bias`` (B's bias) adds to a LoRA layer: one per output (an embedding's
+    outputs are its ``embedding_dim`` coordinates; lora_bias is refused there)."""
+    if isinstance(module, nn.Embedding):
+        return module.embedding_dim
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
         return module.out_channels
     return linear_features(module, is_hf_conv1d(module))[1]
@@ -80,7 +83,7 @@ def lora_added_parameters(model: nn.Module, cfg: LoRAConfig) -> int:
     total = sum(k * dim for k, dim in _token_rows(model, cfg))
     for path in _lora_paths(model, cfg):
         module = model.get_submodule(path)
-        per_output = dora_layer_parameters(module) if not isinstance(module, nn.Embedding) else 0
+        per_output = dora_layer_parameters(module)
         total += lora_layer_parameters(module, cfg.for_layer(path).rank) + per_output * (cfg.dora + cfg.lora_bias)
     return total
 
@@ -198,7 +201,8 @@ def formula(model: nn.Module, cfg) -> str:
             module, rank = getattr(model.get_submodule(path), "base_layer", model.get_submodule(path)), cfg.for_layer(path).rank
             per_rank = lora_layer_parameters(module, 1)
             if isinstance(module, nn.Embedding):
-                terms.append(f"{rank} x ({module.num_embeddings} + {module.embedding_dim})")
+                terms.append(f"{rank} x ({module.num_embeddings} + {module.embedding_dim})"
+                             + (f" + {module.embedding_dim}" if cfg.dora else ""))
                 continue
             out_f = dora_layer_parameters(module)
             terms.append(f"{rank} x ({per_rank - out_f} + {out_f})" + (f" + {out_f}" if cfg.dora else ""))

@@ -119,7 +119,7 @@ class DoRALayer:
 
     def _add_magnitude(self, name: str) -> None:
         """m = ||W + s B A|| at the start, so the new adapter leaves the outputs unchanged."""
-        a = self.lora_A[name].weight
+        a = self._factors(name)[0]
         norm = self._compute_norm(name)
         self.lora_magnitude_vector[name] = torch.nn.Parameter(norm.to(a.dtype).view(self._magnitude_shape()))
 
@@ -138,7 +138,7 @@ class DoRALayer:
         """``||W + s B A||`` per output row; in eval mode, computed again only when W, A or B changed."""
         if self.training:
             return self._compute_norm(name)
-        key = (*self._weight_key(), *version_key(self.lora_A[name].weight, self.lora_B[name].weight), self.scaling[name])
+        key = (*self._weight_key(), *version_key(*self._factors(name)), self.scaling[name])
         return self._norms.get("norm", name, key, lambda: self._compute_norm(name))
 
     def dora_scale(self, name: str) -> torch.Tensor:
@@ -147,7 +147,7 @@ class DoRALayer:
         m = self.lora_magnitude_vector[name]
         if self.training or torch.is_grad_enabled():
             return m / self._norm(name).view(m.shape).to(m.dtype)
-        key = (*self._weight_key(), *version_key(self.lora_A[name].weight, self.lora_B[name].weight, m),
+        key = (*self._weight_key(), *version_key(*self._factors(name), m),
                self.scaling[name])
         return self._norms.get("gain", name, key, lambda: m / self._norm(name).view(m.shape).to(m.dtype))
 
@@ -157,7 +157,7 @@ class DoRALayer:
         ``low_of(x)`` is ``B A x``, ``plain_of(x)`` is ``W x`` without the bias. With dropout in training the
         dropped input goes through W too (as PEFT), which costs a second product with W.
         """
-        out, a, g = self.base_layer(x), self.lora_A[name].weight, self.dora_scale(name)
+        out, a, g = self.base_layer(x), self._factors(name)[0], self.dora_scale(name)
         xd = self.lora_dropout[name](x.to(a.dtype))
         if self._dropout_active(name):
             plain = plain_of(xd)

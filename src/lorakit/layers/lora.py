@@ -391,6 +391,23 @@ class LoRAEmbedding(LoRAWrapper):
         yield "lora_embedding_A", self.lora_embedding_A[name]
         yield "lora_embedding_B", self.lora_embedding_B[name]
 
+    # DoRA, as PEFT: the outputs are the dim embedding coordinates, so W is the table transposed, (dim, num), and
+    # each coordinate's norm is over the vocabulary; m and g have shape (dim,).
+    def _factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_embedding_A[name], self.lora_embedding_B[name]
+
+    def _dense_matrix(self) -> torch.Tensor:
+        return self.base_layer.weight.t()
+
+    def _weight_times(self, a: torch.Tensor) -> torch.Tensor:
+        return (a @ self.base_layer.weight.to(a.dtype)).t()  # W A^T = (A E)^T, (dim, r)
+
+    def _magnitude_shape(self) -> tuple[int, ...]:
+        return (self.base_layer.weight.shape[1],)
+
+    def _oriented_scale(self, g: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return g.reshape(1, -1)  # the table's columns are the outputs
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
         if self.mixed is not None and not self.disabled:
@@ -400,7 +417,8 @@ class LoRAEmbedding(LoRAWrapper):
         name, base = self.active_adapter, self.base_layer
         rows = F.embedding(x, self.lora_embedding_A[name].t(), base.padding_idx, base.max_norm,
                            base.norm_type, base.scale_grad_by_freq, base.sparse)  # (..., r)
-        return out + ((rows @ self.lora_embedding_B[name].t()) * self.scaling[name]).to(out.dtype)
+        out = out + ((rows @ self.lora_embedding_B[name].t()) * self.scaling[name]).to(out.dtype)
+        return self._dora_output(out, self.dora_scale(name)) if name in self.lora_magnitude_vector else out
 
     def set_mixed(self, names: list[str | None] | None) -> None:
         super().set_mixed(names)
@@ -412,6 +430,8 @@ class LoRAEmbedding(LoRAWrapper):
         rows = self._mixed_rows(x.shape[0])
         if self.mixed["a"] is None:
             return out
+        if self.mixed["g"] is not None:
+            out = self._mixed_gain(out, rows)
         num = self.mixed["a"].shape[2]
         ids = x + rows.view(-1, *[1] * (x.dim() - 1)) * num
         h = F.embedding(ids, self.mixed["table"]).reshape(x.shape[0], -1, self.mixed["table"].shape[1])
