@@ -91,32 +91,6 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
     raise ValueError(cannot_merge(module))
 
 
-def _unpack_for_autograd(module: nn.Module, args) -> None:
-    """A forward pre-hook: a 4-bit weight in bitsandbytes' CPU inference layout goes back to the standard layout
-    before a forward that autograd records (that layout's kernel has no backward: gradients stop at the layer)."""
-    weight = getattr(module, "weight", None)
-    state = getattr(weight, "quant_state", None)
-    if torch.is_grad_enabled() and getattr(state, "packing_format_for_cpu", False):
-        import bitsandbytes.functional as bnb_f
-
-        weight.data, weight.quant_state = bnb_f._convert_weight_packed_for_cpu_inverse(weight.data, state)
-
-
-def guard_packed_4bit(model: nn.Module) -> None:
-    """Keep gradients flowing through every bitsandbytes 4-bit layer of ``model`` (once per layer).
-
-    On CPUs with AVX512-BF16, bitsandbytes (0.50) re-packs a 4-bit weight for its inference kernel at the layer's
-    first forward in eval mode without grad, and later forwards, in training too, run that kernel, which has no
-    backward: after one evaluation, adapters below the first 4-bit layer got no gradient (QLoRA trained only its
-    last layers). The hook undoes the packing, as bitsandbytes' own ``state_dict()`` does, when autograd records.
-    """
-    for module in model.modules():
-        if _weight_kind(getattr(module, "weight", torch.empty(0))) == "bnb-4bit" \
-                and not getattr(module, "_lorakit_unpacks", False):
-            module.register_forward_pre_hook(_unpack_for_autograd)
-            module._lorakit_unpacks = True
-
-
 def cannot_merge(module: nn.Module) -> str:
     return (f"cannot merge into {type(module).__name__}: its weight is quantised ({quantisation(module)}) and lorakit "
             "can write back only into plain and bitsandbytes 4/8-bit weights; keep the adapter unmerged or "
