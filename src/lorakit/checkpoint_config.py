@@ -115,6 +115,7 @@ REFUSED_UNLESS = {  # PEFT key -> (the only value lorakit loads, what another va
     "megatron_config": (None, "it builds Megatron parallel layers"),
     "ensure_weight_tying": (False, "it ties adapter copies across tied layers"),
     "velora_config": (None, "VeLoRA saves extra per-layer state (lora_velora_embed) for its backward pass"),
+    "astra_config": (None, "ASTRA is another PEFT variant whose outputs lorakit does not compute"),
 }
 
 _OPTIONAL_STR = (str, NoneType)
