@@ -1,17 +1,18 @@
 """The experiments' harness: the cell store (round trip, resume only when asked, refusal of cells made otherwise,
-naming what differs), the protocol check that a merged table was made the same way, the list flags' parsing and the
-command that runs an experiment from its flags."""
+naming what differs), the protocol check that a merged table was made the same way, the list flags' parsing, the
+flags made from a config's fields and the command that runs an experiment from its flags."""
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
+from dataclasses import dataclass
+from typing import Optional
 
 import pytest
 
-import argparse
-from dataclasses import dataclass
-
-from lorakit.experiments.harness import (CellStore, check_same_protocol, parse_names, parse_rates, protocol_differences,
-                                       run_experiment)
+from lorakit.experiments.harness import (CellStore, add_config_flags, check_same_protocol, parse_names, parse_rates,
+                                       protocol_differences, run_experiment)
 
 PROTOCOL = {"settings": {"max_length": 12, "rank": 2}, "train_config": {"lr": 0.01, "epochs": 2.0}}
 
@@ -85,3 +86,43 @@ def test_run_experiment_runs_the_config_of_the_flags_into_out(tmp_path, capsys):
     assert run_experiment(args, Config, "demo", lambda cfg, out: seen.append((cfg, out)) or {}, "results.json") == 0
     assert seen == [(Config(rank=4), tmp_path / "out")]
     assert capsys.readouterr().out == f"wrote {tmp_path / 'out'}/results.json\n"
+
+
+@dataclass
+class _Flags:
+    steps: int = 3
+    lr: float = 1e-3
+    name: str = "a"
+    ranks: list[int] = dataclasses.field(default_factory=lambda: [4, 8])
+    angles: list[float] = dataclasses.field(default_factory=lambda: [0.0])
+    test_size: Optional[int] = None
+    data_dir: Optional[str] = None
+    resume: bool = False
+    train_head: bool = True
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([], {}),
+    (["--steps", "5", "--lr", "0.5", "--name", "b"], {"steps": 5, "lr": 0.5, "name": "b"}),
+    (["--ranks", "16,32,", "--angles", "0,22.5"], {"ranks": [16, 32], "angles": [0.0, 22.5]}),
+    (["--test-size", "7", "--data-dir", "d"], {"test_size": 7, "data_dir": "d"}),
+    (["--resume", "--no-train-head"], {"resume": True, "train_head": False}),
+])
+def test_config_flags_follow_the_fields_types_and_defaults(argv, expected):
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser, _Flags(), *[f.name for f in dataclasses.fields(_Flags)])
+    assert vars(parser.parse_args(argv)) == {**dataclasses.asdict(_Flags()), **expected}
+
+
+@pytest.mark.parametrize("argv", [["--steps", "2.5"], ["--ranks", "4,x"], ["--train-head", "1"]])
+def test_a_config_flag_of_the_wrong_type_is_refused(argv, capsys):
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser, _Flags(), "steps", "ranks", "train_head")
+    with pytest.raises(SystemExit):
+        parser.parse_args(argv)
+    assert argv[0] in capsys.readouterr().err
+
+
+def test_a_config_flag_for_no_field_is_an_error():
+    with pytest.raises(ValueError, match="_Flags has no field 'epochs'"):
+        add_config_flags(argparse.ArgumentParser(), _Flags(), "steps", "epochs")

@@ -39,8 +39,8 @@ from torch import nn
 from ..data.vision import load_cifar10, load_fashion_mnist, to_float
 from ..models import vgg_small
 from ..train import TrainConfig, evaluate
-from .compress_cells import Fit, calibration_batches, comma_list, compressible_targets, run_cells
-from .harness import add_out_argument, cached_model, run_experiment
+from .compress_cells import Fit, calibration_batches, compressible_targets, run_cells
+from .harness import add_config_flags, add_out_argument, cached_model, comma_list, run_experiment
 from .compress_task import CompressionConfig, add_compression_arguments, compression_rows
 from .compress_report import TABLE_FILES, distill_note, result_sections, write_table
 
@@ -93,11 +93,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = CLoRAConvConfig()
     add_compression_arguments(parser, d)
     parser.add_argument("--dataset", choices=list(LOADERS), default=d.dataset)
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--train-size", type=int, default=d.train_size)
-    parser.add_argument("--test-size", type=int, default=None, help="first N test images (default: all)")
-    parser.add_argument("--widths", type=comma_list(int), default=d.widths, help="conv block widths, comma-separated")
-    parser.add_argument("--hidden", type=int, default=d.hidden)
+    add_config_flags(parser, d, "data_dir", "train_size", "test_size", "widths", "hidden", help={
+        "test_size": "first N test images (default: all)", "widths": "conv block widths, comma-separated"})
     add_out_argument(parser, "clora-conv")
 
 
@@ -163,7 +160,7 @@ class ConvTask:
     def layers(self, rank: int) -> list[str]:
         return self.by_rank[rank]
 
-    def fit(self, seed: int) -> Fit:
+    def fit(self, seed: int, variant: str) -> Fit:
         return self._fit(self.cfg.epochs, seed)
 
     def calibration(self, seed: int) -> list:

@@ -15,23 +15,22 @@ Rows are written to results.json as they finish; ``--resume`` skips rows already
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import nn
 
-import lorakit as lk
 from .. import report
 from ..data.vision import load_fashion_mnist, to_float
 from ..models import fmnist_mlp
 from ..train import TrainConfig, evaluate
-from .compress_cells import (CLORA_VARIANTS, CellsConfig, Fit, Key, add_cell_arguments,
-                             calibration_batches, clora_cell, file_size, parameter_count, run_cells,
-                             svd_cell)
-from .compress_report import TABLE_FILES, clora_vs_svd, merged_runs, plot_accuracy_vs_ratio, summarize, summary_table
-from .harness import add_out_argument, cached_model, run_experiment
+from .compress_cells import ALL_VARIANTS, CLORA_VARIANTS, Fit, calibration_batches, run_cells
+from .compress_report import (FINETUNED, TABLE_FILES, clora_vs_svd, distill_note, merged_runs, summary_table,
+                              write_table)
+from .compress_task import CompressionConfig, add_compression_arguments, compression_rows
+from .harness import add_config_flags, add_out_argument, cached_model, run_experiment
 
 DESCRIPTION = "Reproduce and beat the seed's C-LoRA Fashion-MNIST table (C-LoRA variants, SVD baselines, dense)."
 
@@ -45,11 +44,16 @@ REFERENCE_TABLE = {  # rank -> (ratio, {variant: accuracy %}), SEEDS.md B
 
 
 @dataclass
-class CLoRATableConfig(CellsConfig):
-    """The common fields (:class:`~.compress_cells.CellsConfig`: variants, inits, ranks, seeds, epochs = C-LoRA
+class CLoRATableConfig(CompressionConfig):
+    """The common fields (:class:`~.compress_task.CompressionConfig`: variants, inits, ranks, seeds, epochs = C-LoRA
     epochs (the seed: 30), dense_epochs (the seed: 30), batch_size, lr, alpha, decay, noise, calibration_size,
-    threads, resume, merge, report_only) and these."""
+    threads, resume, merge, report_only, timing, distillation) with the seed's defaults, and these."""
 
+    variants: list[str] = field(default_factory=lambda: list(ALL_VARIANTS))
+    epochs: float = 30.0
+    threads: int = 1
+    timing_rounds: int = 0
+    """Interleaved rounds of the inference timing (on the plain-svd rows); 0 (the default here) skips it."""
     finetune_epochs: float = 3.0
     """Epochs of fine-tuning for svd+finetune and asvd+finetune."""
     train_head: bool = True
@@ -61,11 +65,8 @@ class CLoRATableConfig(CellsConfig):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = CLoRATableConfig()
-    add_cell_arguments(parser, d)
-    parser.add_argument("--finetune-epochs", type=float, default=d.finetune_epochs)
-    parser.add_argument("--train-head", action=argparse.BooleanOptionalAction, default=d.train_head)
-    parser.add_argument("--train-size", type=int, default=d.train_size)
-    parser.add_argument("--data-dir", default=None)
+    add_compression_arguments(parser, d)
+    add_config_flags(parser, d, "finetune_epochs", "train_head", "train_size", "data_dir")
     add_out_argument(parser, "clora-table")
 
 
@@ -82,87 +83,70 @@ def load_data(cfg: CLoRATableConfig):
     return (train_x, labels[: cfg.train_size]), (to_float(test_images).flatten(1), test_labels)
 
 
-def _fit(cfg: CLoRATableConfig, data, epochs: float, seed: int) -> Fit:
-    return Fit(data, TrainConfig(lr=cfg.lr, batch_size=cfg.batch_size, epochs=epochs, seed=seed, log_every=100),
-               parallel=cfg.parallel)
+class TableTask:
+    """The :class:`~.compress_task.Task` of this experiment: Fashion-MNIST, the seed's MLP, Adam; the SVD fine-tunes
+    train ``finetune_epochs``, C-LoRA ``epochs``."""
 
+    ratio_of_targets = False  # the seed's ratio: A + B + C of fc1 and fc2 over the whole dense model
 
-def dense_model(cfg: CLoRATableConfig, seed: int, data, out: Path) -> tuple[nn.Module, float]:
-    """The seed's dense model trained with ``seed``; cached in OUT so a resumed run reuses it."""
-    torch.manual_seed(seed)
-    model = fmnist_mlp()
-    path = out / "dense" / f"seed{seed}-epochs{cfg.dense_epochs:g}-batch{cfg.batch_size}.safetensors"
-    return model, cached_model(path, model, _fit(cfg, data, cfg.dense_epochs, seed))
+    def __init__(self, cfg: CLoRATableConfig, out: Path) -> None:
+        self.cfg, self.cache = cfg, Path(cfg.cache_dir) if cfg.cache_dir else out / "dense"
+        self.data, self.test = load_data(cfg)
+        self.head = ["fc3"] if cfg.train_head else []
 
+    def _fit(self, epochs: float, seed: int) -> Fit:
+        cfg = self.cfg
+        return Fit(self.data, TrainConfig(lr=cfg.lr, batch_size=cfg.batch_size, epochs=epochs, seed=seed,
+                                          log_every=100, checkpoint_every=cfg.state_every), resume=cfg.resume,
+                   parallel=cfg.parallel)
 
-def compressed_parameters(model: nn.Module) -> int:
-    """A + B + C of the compressed layers."""
-    return parameter_count(model, TARGETS)
+    def dense(self, seed: int) -> tuple[nn.Module, float]:
+        """The seed's dense model trained with ``seed``; cached so a resumed run reuses it."""
+        cfg = self.cfg
+        torch.manual_seed(seed)
+        model = fmnist_mlp()
+        name = f"seed{seed}-epochs{cfg.dense_epochs:g}-batch{cfg.batch_size}"
+        return model, cached_model(self.cache / f"{name}.safetensors", model, self._fit(cfg.dense_epochs, seed),
+                                   state_path=self.cache / f"{name}.state")
 
+    def layers(self, rank: int) -> list[str]:
+        return TARGETS
 
-def run_clora(cfg: CLoRATableConfig, dense: nn.Module, variant: str, init: str, rank: int, seed: int, data):
-    noise, bias = CLORA_VARIANTS[variant]
-    clora = lk.CLoRAConfig(rank=rank, alpha=cfg.alpha, targets=TARGETS, decay_start=cfg.decay_start,
-                           decay_end=cfg.decay_end, noise=cfg.noise if noise != "none" else "none", bias=bias,
-                           init=init, modules_to_save=["fc3"] if cfg.train_head else None)
-    model, history = clora_cell(dense, clora, 1000 * seed + rank, _fit(cfg, data, cfg.epochs, seed))
-    return model, history.seconds
+    def fit(self, seed: int, variant: str) -> Fit:
+        return self._fit(self.cfg.finetune_epochs if variant in FINETUNED else self.cfg.epochs, seed)
 
+    def calibration(self, seed: int) -> list:
+        return calibration_batches(self.data[0], self.cfg.calibration_size, seed)
 
-def run_svd(cfg: CLoRATableConfig, dense: nn.Module, variant: str, rank: int, seed: int, data):
-    calibration = calibration_batches(data[0], cfg.calibration_size, seed) if variant.startswith("asvd") else None
-    return svd_cell(dense, variant, rank, TARGETS, _fit(cfg, data, cfg.finetune_epochs, seed),
-                    ["fc3"] if cfg.train_head else [], calibration)
+    def accuracy(self, model: nn.Module) -> float:
+        return evaluate(model, self.test).accuracy
+
+    def timing_input(self):
+        batch = self.test[0][: self.cfg.timing_batch]
+        return lambda model: model(batch)
 
 
 # -- the experiment -------------------------------------------------------------------------------
 PROTOCOL = ("epochs", "dense_epochs", "finetune_epochs", "batch_size", "lr", "alpha", "decay_start", "decay_end",
-            "noise", "train_head", "calibration_size", "train_size")
+            "noise", "train_head", "calibration_size", "train_size", "distill", "distill_temperature")
 
 
 def run(cfg: CLoRATableConfig, out: Path) -> dict:
-    loaded: dict = {}
-    dense_by_seed: dict[int, tuple[nn.Module, dict]] = {}
-
-    def make_row(key: Key) -> dict:
-        variant, init, rank, seed = key
-        if not loaded:
-            loaded["data"], loaded["test"] = load_data(cfg)
-        data, test = loaded["data"], loaded["test"]
-        if seed not in dense_by_seed:
-            model, seconds = dense_model(cfg, seed, data, out)
-            total = sum(p.numel() for p in model.parameters())
-            dense_by_seed[seed] = (model, {"accuracy": evaluate(model, test).accuracy, "parameters": total,
-                                           "seconds": seconds, "file_bytes": file_size(model)})
-        dense, info = dense_by_seed[seed]
-        if variant == "dense":
-            return {"variant": "dense", "init": None, "rank": None, "seed": seed, "accuracy": info["accuracy"],
-                    "compression_ratio": 1.0, "parameters": info["parameters"], "train_seconds": info["seconds"],
-                    "file_ratio": 1.0}
-        if variant in CLORA_VARIANTS:
-            model, seconds = run_clora(cfg, dense, variant, init, rank, seed, data)
-        else:
-            model, seconds = run_svd(cfg, dense, variant, rank, seed, data)
-        return {"variant": variant, "init": init, "rank": rank, "seed": seed,
-                "accuracy": evaluate(model, test).accuracy,
-                "compression_ratio": compressed_parameters(model) / info["parameters"],
-                "parameters": sum(p.numel() for p in model.parameters()), "train_seconds": seconds,
-                "file_ratio": file_size(model) / info["file_bytes"]}
-
-    return run_cells(cfg, out, PROTOCOL, make_row, lambda c, rows, seconds, made_by, final: write(c, out, rows, seconds, made_by, final))
+    return run_cells(cfg, out, PROTOCOL, compression_rows(lambda: TableTask(cfg, out), cfg, out),
+                     lambda c, rows, seconds, made_by, final: write(c, out, rows, seconds, made_by, final))
 
 
-def write(cfg: CLoRATableConfig, out: Path, rows: list[dict], seconds: float, made_by: list | None = None,
-          final: bool = True) -> dict:
-    results = {"experiment": "clora-table", "model": "fmnist-mlp", "config": asdict(cfg), "made_by": made_by or [],
-               "seed_numbers": {"dense": REFERENCE_DENSE,
-                                "table": {str(r): {"ratio": v[0], **v[1]} for r, v in REFERENCE_TABLE.items()}},
-               "wall_seconds": round(seconds, 1), "rows": rows, "summary": summarize(rows)}
-    report.write_results(out, results)
-    report.write_report(out, render(results))
-    if final:
-        plot(out / "accuracy_vs_ratio.png", results["summary"])
-    return results
+def write(cfg: CLoRATableConfig, out: Path, rows: list[dict], seconds: float, made_by: list, final: bool) -> dict:
+    head = {"experiment": "clora-table", "model": "fmnist-mlp", "config": asdict(cfg),
+            "seed_numbers": {"dense": REFERENCE_DENSE,
+                             "table": {str(r): {"ratio": v[0], **v[1]} for r, v in REFERENCE_TABLE.items()}}}
+    reference_points = [(f"seed: {variant}", [100 * REFERENCE_TABLE[r][0] for r in REFERENCE_TABLE],
+                         [REFERENCE_TABLE[r][1][variant] for r in REFERENCE_TABLE], marker)
+                        for variant, marker in zip(CLORA_VARIANTS, "xs^D")]
+    return write_table(out, head, rows, seconds, made_by, final, render, low=80.0, high=90, xticks=[10, 20, 40],
+                       reference_points=reference_points, reference_dense=REFERENCE_DENSE,
+                       title="Fashion-MNIST MLP: accuracy vs compression (solid: svd init, dashed: random init, "
+                             "dotted: SVD baselines)")
 
 
 def render(results: dict) -> str:
@@ -172,7 +156,8 @@ def render(results: dict) -> str:
              f"epochs, C-LoRA {cfg['epochs']:g} epochs, SVD fine-tune {cfg['finetune_epochs']:g} epochs; batch "
              f"{cfg['batch_size']}, Adam lr {cfg['lr']}, alpha {cfg['alpha']:g}, decay {cfg['decay_start']:.0%} -> "
              f"{cfg['decay_end']:.0%}, fc3 trained: {cfg['train_head']}. Accuracy on the 10,000 test images, mean ± std "
-             f"over n seeds. Wall time {results['wall_seconds'] / 60:.1f} min (summed over the processes that made the rows).", "",
+             f"over n seeds. Wall time {results['wall_seconds'] / 60:.1f} min (summed over the processes that made the rows)."
+             f"{distill_note(cfg)}", "",
              "Ratio = (A + B + C of fc1, fc2) / 235,146; file = compressed safetensors size / dense size.", ""]
     reference_protocol = {"epochs": 30.0, "dense_epochs": 30.0, "batch_size": 30}
     changed = [f"{k} {cfg[k]:g} (seed: {v:g})" for k, v in reference_protocol.items() if cfg[k] != v]
@@ -204,12 +189,3 @@ def render(results: dict) -> str:
                          "processes (same protocol), then merged with `--report-only --merge`:")
     return "\n".join(lines)
 
-
-def plot(path: Path, summary: list[dict]) -> None:
-    """Accuracy vs ratio, one line per method, the reference's points as black markers; y from 80 to 90 %."""
-    reference_points = [(f"seed: {variant}", [100 * REFERENCE_TABLE[r][0] for r in REFERENCE_TABLE],
-                         [REFERENCE_TABLE[r][1][variant] for r in REFERENCE_TABLE], marker)
-                        for variant, marker in zip(CLORA_VARIANTS, "xs^D")]
-    plot_accuracy_vs_ratio(path, summary, low=80.0, high=90, xticks=[10, 20, 40], reference_points=reference_points,
-                           reference_dense=REFERENCE_DENSE, title="Fashion-MNIST MLP: accuracy vs compression (solid: "
-                           "svd init, dashed: random init, dotted: SVD baselines)")

@@ -39,7 +39,7 @@ from torch import nn
 from ..data.text import TextCollator
 from ..train import TrainConfig, evaluate
 from .compress_cells import Fit, compressible_targets, run_cells
-from .harness import add_out_argument, cached_model, run_experiment
+from .harness import add_config_flags, add_out_argument, cached_model, run_experiment
 from .compress_report import TABLE_FILES, distill_note, result_sections, write_table
 from .compress_task import CompressionConfig, add_compression_arguments, compression_rows
 from .text_task import BERT_TARGETS, HEAD, Examples, load_data, pretrained_classifier
@@ -97,11 +97,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=d.model, help="'minilm' or a Hugging Face model folder (BERT-like)")
     parser.add_argument("--dataset", default=d.dataset, help="'wordnet-supersense' or a .csv/.jsonl file")
     parser.add_argument("--classes", default=None, help="WordNet: comma-separated noun classes (default: six)")
-    parser.add_argument("--per-class-train", type=int, default=d.per_class_train)
-    parser.add_argument("--per-class-test", type=int, default=d.per_class_test)
-    parser.add_argument("--max-length", type=int, default=d.max_length)
-    parser.add_argument("--dense-lr", type=float, default=d.dense_lr)
-    parser.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    add_config_flags(parser, d, "per_class_train", "per_class_test", "max_length", "dense_lr", "warmup_steps")
     add_out_argument(parser, "clora-transformer")
 
 
@@ -154,7 +150,7 @@ class TransformerTask:
     def layers(self, rank: int) -> list[str]:
         return self.by_rank[rank]
 
-    def fit(self, seed: int) -> Fit:
+    def fit(self, seed: int, variant: str) -> Fit:
         return self._fit(self.cfg.lr, self.cfg.epochs, seed)
 
     def calibration(self, seed: int) -> list:

@@ -36,7 +36,7 @@ from .._io import save_tensors
 from ..targets import find_targets
 from ..train import TrainConfig, TrainHistory, train
 from ..train_state import discard_state
-from .harness import check_same_protocol, clora_decay_hooks
+from .harness import add_config_flags, check_same_protocol, clora_decay_hooks
 
 CLORA_VARIANTS = {"wds": ("none", False), "bias": ("none", True), "noise": ("scheduled", False),
                   "noise+bias": ("scheduled", True)}  # variant -> (noise mode, bias C)
@@ -97,32 +97,17 @@ class CellsConfig:
             raise ValueError("give at least one seed (e.g. --seeds 0,1,2)")
 
 
-def comma_list(kind):
-    """argparse type: 'a,b,c' -> [kind(a), kind(b), kind(c)]."""
-    return lambda text: [kind(item) for item in text.split(",") if item]
-
-
 def add_cell_arguments(parser: argparse.ArgumentParser, d: CellsConfig) -> None:
     """The flags of :class:`CellsConfig`'s fields, with ``d``'s values as defaults."""
-    parser.add_argument("--variants", type=comma_list(str), default=d.variants,
-                        help="comma-separated: " + ",".join(ALL_VARIANTS))
-    parser.add_argument("--inits", type=comma_list(str), default=d.inits, help="comma-separated: random,svd")
-    parser.add_argument("--ranks", type=comma_list(int), default=d.ranks, help="comma-separated ranks")
-    parser.add_argument("--seeds", type=comma_list(int), default=d.seeds, help="comma-separated seeds")
-    parser.add_argument("--epochs", type=float, default=d.epochs,
-                        help="C-LoRA training epochs (clora-conv, clora-transformer: the SVD fine-tunes' too)")
-    parser.add_argument("--dense-epochs", type=float, default=d.dense_epochs)
-    parser.add_argument("--batch-size", type=int, default=d.batch_size)
-    parser.add_argument("--lr", type=float, default=d.lr)
-    parser.add_argument("--alpha", type=float, default=d.alpha)
-    parser.add_argument("--decay-start", type=float, default=d.decay_start)
-    parser.add_argument("--decay-end", type=float, default=d.decay_end)
+    add_config_flags(parser, d, "variants", "inits", "ranks", "seeds", "epochs", help={
+        "variants": "comma-separated: " + ",".join(ALL_VARIANTS), "inits": "comma-separated: random,svd",
+        "ranks": "comma-separated ranks", "seeds": "comma-separated seeds",
+        "epochs": "C-LoRA training epochs (clora-conv, clora-transformer: the SVD fine-tunes' too)"})
+    add_config_flags(parser, d, "dense_epochs", "batch_size", "lr", "alpha", "decay_start", "decay_end")
     parser.add_argument("--noise", choices=["scheduled", "always"], default=d.noise)
-    parser.add_argument("--calibration-size", type=int, default=d.calibration_size)
-    parser.add_argument("--threads", type=int, default=d.threads)
-    parser.add_argument("--resume", action="store_true")
+    add_config_flags(parser, d, "calibration_size", "threads", "resume")
     parser.add_argument("--merge", nargs="*", default=[], metavar="RESULTS_JSON")
-    parser.add_argument("--report-only", action="store_true")
+    add_config_flags(parser, d, "report_only")
     parser.add_argument("--parallel", choices=["none", "ddp", "fsdp"], default="none",
                         help="under torchrun: each process trains on its slice of every batch (DDP, or FSDP2 on a "
                              "sharded twin of the model gathered back after training); rank 0 writes")

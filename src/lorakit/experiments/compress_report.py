@@ -114,15 +114,16 @@ def clora_vs_svd(rows: list[dict]) -> list[str]:
 def write_table(out: Path, head: dict, rows: list[dict], seconds: float, made_by: list, final: bool,
                 render: Callable[[dict], str], **plot_options) -> dict:
     """results.json (``head`` -- experiment, model, config -- then made_by, wall time, rows, summary) and report.md;
-    with ``final`` also accuracy_vs_ratio.png (``plot_options`` go to :func:`plot_accuracy_vs_ratio`)."""
+    with ``final`` also accuracy_vs_ratio.png (``plot_options`` go to :func:`plot_accuracy_vs_ratio`, and may replace
+    its y floor ``low`` -- dense - 15 -- and ``xticks`` -- one per rank)."""
     results = {**head, "made_by": made_by, "wall_seconds": round(seconds, 1), "rows": rows, "summary": summarize(rows)}
     report.write_results(out, results)
     report.write_report(out, render(results))
     if final:
         dense = [s["accuracy_mean"] for s in results["summary"] if s["variant"] == "dense"]
         low = max(0.0, (dense or [100])[0] - 15)
-        plot_accuracy_vs_ratio(out / "accuracy_vs_ratio.png", results["summary"], low=low,
-                               xticks=rank_ticks(results["summary"]), **plot_options)
+        options = {"low": low, "xticks": rank_ticks(results["summary"]), **plot_options}
+        plot_accuracy_vs_ratio(out / "accuracy_vs_ratio.png", results["summary"], **options)
     return results
 
 

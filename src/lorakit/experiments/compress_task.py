@@ -20,6 +20,7 @@ import lorakit as lk
 from ..losses import distillation_loss
 from .compress_cells import (CLORA_VARIANTS, CellsConfig, Fit, Key, add_cell_arguments, clora_cell, file_size,
                              inference_ratio, parameter_count, svd_cell)
+from .harness import add_config_flags
 
 
 @dataclass
@@ -59,13 +60,11 @@ class CompressionConfig(CellsConfig):
 def add_compression_arguments(parser: argparse.ArgumentParser, d: CompressionConfig) -> None:
     """The flags of :class:`CompressionConfig`'s fields, with ``d``'s values as defaults."""
     add_cell_arguments(parser, d)
-    parser.add_argument("--timing-rounds", type=int, default=d.timing_rounds)
-    parser.add_argument("--timing-batch", type=int, default=d.timing_batch)
-    parser.add_argument("--state-every", type=int, default=d.state_every)
-    parser.add_argument("--cache-dir", default=None, help="dense model cache (default: OUT/dense)")
-    parser.add_argument("--distill", type=float, default=d.distill,
-                        help="weight of the dense model's soft targets in every compressed cell's loss (0: labels only)")
-    parser.add_argument("--distill-temperature", type=float, default=d.distill_temperature)
+    add_config_flags(parser, d, "timing_rounds", "timing_batch", "state_every", "cache_dir", "distill",
+                     "distill_temperature", help={
+                         "cache_dir": "dense model cache (default: OUT/dense)",
+                         "distill": "weight of the dense model's soft targets in every compressed cell's loss "
+                                    "(0: labels only)"})
 
 
 class Task(Protocol):
@@ -82,8 +81,9 @@ class Task(Protocol):
     def layers(self, rank: int) -> list[str]:
         """The paths compressed at ``rank``."""
 
-    def fit(self, seed: int) -> Fit:
-        """How every compressed cell of ``seed`` trains (C-LoRA and the SVD fine-tunes alike: equal budget)."""
+    def fit(self, seed: int, variant: str) -> Fit:
+        """How a compressed cell of ``seed`` and ``variant`` trains (clora-conv and clora-transformer: C-LoRA and the
+        SVD fine-tunes alike, an equal budget; clora-table: the seed's fewer epochs for the SVD fine-tunes)."""
 
     def calibration(self, seed: int) -> list:
         """asvd's calibration batches."""
@@ -112,7 +112,7 @@ def compression_rows(make_task: Callable[[], Task], cfg: CompressionConfig, out:
             return {"variant": "dense", "init": None, "rank": None, "seed": seed, "accuracy": info["accuracy"],
                     "compression_ratio": 1.0, "model_ratio": 1.0, "file_ratio": 1.0, "parameters": info["parameters"],
                     "train_seconds": info["seconds"]}
-        layers, fit = task.layers(rank), task.fit(seed)
+        layers, fit = task.layers(rank), task.fit(seed, variant)
         if cfg.distill > 0:
             fit = replace(fit, options={**fit.options,
                                         "loss_fn": distillation_loss(dense, cfg.distill, cfg.distill_temperature)})

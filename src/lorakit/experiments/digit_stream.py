@@ -33,7 +33,7 @@ import lorakit as lk
 from . import config_from_args, output_dir
 from ..train import TrainConfig, evaluate, train
 from .digit_finetune import PROTOCOLS, DigitFinetuneConfig, load_data, preserve_loss, pretrained
-from .harness import CellStore
+from .harness import CellStore, comma_list
 from .stream_data import (STREAMS, Stage, average_accuracy, backward_transfer, digit_stream, rotation_stream,
                           seen_average, with_replay)
 from .stream_report import write_outputs
@@ -119,23 +119,14 @@ class DigitStreamConfig:
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
-def _list(kind):
-    def parse(text: str) -> list:
-        try:
-            return [kind(item) for item in text.split(",") if item.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}, got {text!r}")
-    return parse
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = DigitStreamConfig()
     parser.add_argument("--stream", choices=STREAMS, default=d.stream,
                         help="rotations: Rotated MNIST (domain-incremental); digits: one digit per stage, worst first")
-    parser.add_argument("--angles", type=_list(float), default=d.angles, help="rotations: comma-separated angles in degrees")
+    parser.add_argument("--angles", type=comma_list(float), default=d.angles, help="rotations: comma-separated angles in degrees")
     parser.add_argument("--digit-stages", type=int, default=d.digit_stages, help="digits: number of stages (1-10)")
-    parser.add_argument("--methods", type=_list(str), default=d.methods, help="comma-separated: " + ",".join(METHODS))
-    parser.add_argument("--seeds", type=_list(int), default=d.seeds, help="comma-separated seeds (one pre-trained model each)")
+    parser.add_argument("--methods", type=comma_list(str), default=d.methods, help="comma-separated: " + ",".join(METHODS))
+    parser.add_argument("--seeds", type=comma_list(int), default=d.seeds, help="comma-separated seeds (one pre-trained model each)")
     parser.add_argument("--model", choices=sorted(PROTOCOLS), default=d.model)
     parser.add_argument("--steps", type=int, default=d.steps, help="optimizer steps per stage, every method")
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help="new-data images per step")

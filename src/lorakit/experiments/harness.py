@@ -4,7 +4,9 @@ pre-trained models, and the hooks that make a C-LoRA run resumable."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import typing
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional
 
@@ -21,6 +23,42 @@ from . import config_from_args, output_dir
 def add_out_argument(parser: argparse.ArgumentParser, experiment: str) -> None:
     """``--out DIR``: where :func:`run_experiment` writes (default ``runs/<experiment>-<time>``)."""
     parser.add_argument("--out", default=None, help=f"output folder (default: runs/{experiment}-<time>)")
+
+
+def comma_list(kind: type) -> Callable[[str], list]:
+    """argparse type: ``"a,b,c"`` -> ``[kind(a), kind(b), kind(c)]``; a bad item is an error naming the list."""
+    def parse(text: str) -> list:
+        try:
+            return [kind(item) for item in text.split(",") if item.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}, got {text!r}")
+    return parse
+
+
+def add_config_flags(parser: argparse.ArgumentParser, defaults: Any, *names: str,
+                     help: Optional[Mapping[str, str]] = None) -> None:
+    """One flag per named field of the config dataclass ``defaults`` (``--batch-size`` for ``batch_size``), in the
+    order given, with the field's value there as its default and its type from the annotation: a number or a string
+    takes one value (``Optional[...]``: the same, default None), a list a comma-separated one, a bool that defaults
+    to False is a switch and one that defaults to True also takes ``--no-<name>``. ``help``: text per field."""
+    hints = typing.get_type_hints(type(defaults))
+    known = {f.name for f in dataclasses.fields(defaults)}
+    for name in names:
+        if name not in known:
+            raise ValueError(f"{type(defaults).__name__} has no field {name!r}")
+        kind, default = hints[name], getattr(defaults, name)
+        options: dict[str, Any] = {"default": default}
+        if help and name in help:
+            options["help"] = help[name]
+        if kind is bool:
+            options["action"] = argparse.BooleanOptionalAction if default else "store_true"
+        else:
+            args = [a for a in typing.get_args(kind) if a is not type(None)]
+            if typing.get_origin(kind) is list:
+                options["type"] = comma_list(args[0])
+            elif kind is not str:
+                options["type"] = args[0] if args else kind  # Optional[int] -> int
+        parser.add_argument("--" + name.replace("_", "-"), **options)
 
 
 def run_experiment(args: argparse.Namespace, config_class: type, experiment: str,

@@ -27,7 +27,7 @@ from ..data.vision import MNIST_MEAN_STD, dataset
 from ..models import richboynet
 from ..train import TrainConfig, evaluate, train
 from . import svd_als
-from .harness import add_out_argument, run_experiment
+from .harness import add_config_flags, add_out_argument, run_experiment
 from .stream_data import black
 
 DESCRIPTION = "The seeds' rank-2 SVD example, and the spectrum / rank-vs-error curve of a trained MNIST layer."
@@ -66,30 +66,10 @@ class SVDDemoConfig:
     data_dir: Optional[str] = None
 
 
-def _ints(text: str) -> list[int]:
-    return [int(r) for r in text.split(",") if r]
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = SVDDemoConfig()
-    parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--epochs", type=float, default=d.epochs)
-    parser.add_argument("--batch-size", type=int, default=d.batch_size)
-    parser.add_argument("--lr", type=float, default=d.lr)
-    parser.add_argument("--ranks", type=_ints, default=d.ranks)
-    parser.add_argument("--als-ranks", type=_ints, default=d.als_ranks)
-    parser.add_argument("--als-sweeps", type=int, default=d.als_sweeps)
-    parser.add_argument("--calibration-size", type=int, default=d.calibration_size)
-    parser.add_argument("--shifts", type=lambda s: [float(a) for a in s.split(",") if a], default=d.shifts)
-    parser.add_argument("--within", type=float, default=d.within)
-    parser.add_argument("--cold-seeds", type=_ints, default=d.cold_seeds)
-    parser.add_argument("--timing-rank", type=int, default=d.timing_rank)
-    parser.add_argument("--timing-repeats", type=int, default=d.timing_repeats)
-    parser.add_argument("--large-size", type=int, default=d.large_size)
-    parser.add_argument("--fmnist-epochs", type=float, default=d.fmnist_epochs)
-    parser.add_argument("--fmnist-ranks", type=_ints, default=d.fmnist_ranks)
-    parser.add_argument("--threads", type=int, default=d.threads)
-    parser.add_argument("--data-dir", default=None)
+    add_config_flags(parser, SVDDemoConfig(), "seed", "epochs", "batch_size", "lr", "ranks", "als_ranks", "als_sweeps",
+                     "calibration_size", "shifts", "within", "cold_seeds", "timing_rank", "timing_repeats",
+                     "large_size", "fmnist_epochs", "fmnist_ranks", "threads", "data_dir")
     add_out_argument(parser, "svd-demo")
 
 
