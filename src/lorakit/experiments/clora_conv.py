@@ -38,10 +38,9 @@ from torch import nn
 
 from ..data.vision import load_cifar10, load_fashion_mnist, to_float
 from ..models import vgg_small
-from ..train import TrainConfig, evaluate
 from .compress_cells import Fit, calibration_batches, compressible_targets, run_cells
-from .harness import add_config_flags, add_out_argument, cached_model, comma_list, run_experiment
-from .compress_task import CompressionConfig, add_compression_arguments, compression_rows
+from .harness import add_config_flags, add_out_argument, cached_model, run_experiment
+from .compress_task import CompressionConfig, TensorTask, add_compression_arguments, compression_rows
 from .compress_report import TABLE_FILES, distill_note, result_sections, write_table
 
 DESCRIPTION = "C-LoRA on a VGG-style conv net (Fashion-MNIST or CIFAR-10) against SVD + fine-tune at equal budget."
@@ -122,7 +121,7 @@ def targets(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)] + ["classifier.fc1"]
 
 
-class ConvTask:
+class ConvTask(TensorTask):
     """The :class:`~.compress_cells.Task` of this experiment: the images, vgg_small, Adam."""
 
     head = ["classifier.fc2"]
@@ -143,12 +142,6 @@ class ConvTask:
         torch.manual_seed(seed)
         return vgg_small(in_channels=self.channels, widths=tuple(self.cfg.widths), hidden=self.cfg.hidden)
 
-    def _fit(self, epochs: float, seed: int) -> Fit:
-        cfg = self.cfg
-        return Fit(self.data, TrainConfig(lr=cfg.lr, batch_size=cfg.batch_size, epochs=epochs, seed=seed,
-                                          log_every=100, checkpoint_every=cfg.state_every), resume=cfg.resume,
-                   parallel=cfg.parallel)
-
     def dense(self, seed: int) -> tuple[nn.Module, float]:
         cfg, model = self.cfg, self.build(seed)
         name = (f"{cfg.dataset}-w{'-'.join(map(str, cfg.widths))}-h{cfg.hidden}-n{cfg.train_size}-seed{seed}-"
@@ -166,13 +159,6 @@ class ConvTask:
     def calibration(self, seed: int) -> list:
         # batches of 64: asvd unfolds every conv input into (64 * H * W, in * 9) float64 rows to build X^T X
         return calibration_batches(self.data[0], self.cfg.calibration_size, seed, batch=64)
-
-    def accuracy(self, model: nn.Module) -> float:
-        return evaluate(model, self.test).accuracy
-
-    def timing_input(self):
-        batch = self.test[0][: self.cfg.timing_batch]
-        return lambda model: model(batch)
 
 
 PROTOCOL = ("dataset", "train_size", "test_size", "widths", "hidden", "epochs", "dense_epochs", "batch_size", "lr",

@@ -25,11 +25,10 @@ from torch import nn
 from .. import report
 from ..data.vision import load_fashion_mnist, to_float
 from ..models import fmnist_mlp
-from ..train import TrainConfig, evaluate
 from .compress_cells import ALL_VARIANTS, CLORA_VARIANTS, Fit, calibration_batches, run_cells
 from .compress_report import (FINETUNED, TABLE_FILES, clora_vs_svd, distill_note, merged_runs, summary_table,
                               write_table)
-from .compress_task import CompressionConfig, add_compression_arguments, compression_rows
+from .compress_task import CompressionConfig, TensorTask, add_compression_arguments, compression_rows
 from .harness import add_config_flags, add_out_argument, cached_model, run_experiment
 
 DESCRIPTION = "Reproduce and beat the seed's C-LoRA Fashion-MNIST table (C-LoRA variants, SVD baselines, dense)."
@@ -83,7 +82,7 @@ def load_data(cfg: CLoRATableConfig):
     return (train_x, labels[: cfg.train_size]), (to_float(test_images).flatten(1), test_labels)
 
 
-class TableTask:
+class TableTask(TensorTask):
     """The :class:`~.compress_task.Task` of this experiment: Fashion-MNIST, the seed's MLP, Adam; the SVD fine-tunes
     train ``finetune_epochs``, C-LoRA ``epochs``."""
 
@@ -93,12 +92,6 @@ class TableTask:
         self.cfg, self.cache = cfg, Path(cfg.cache_dir) if cfg.cache_dir else out / "dense"
         self.data, self.test = load_data(cfg)
         self.head = ["fc3"] if cfg.train_head else []
-
-    def _fit(self, epochs: float, seed: int) -> Fit:
-        cfg = self.cfg
-        return Fit(self.data, TrainConfig(lr=cfg.lr, batch_size=cfg.batch_size, epochs=epochs, seed=seed,
-                                          log_every=100, checkpoint_every=cfg.state_every), resume=cfg.resume,
-                   parallel=cfg.parallel)
 
     def dense(self, seed: int) -> tuple[nn.Module, float]:
         """The seed's dense model trained with ``seed``; cached so a resumed run reuses it."""
@@ -117,13 +110,6 @@ class TableTask:
 
     def calibration(self, seed: int) -> list:
         return calibration_batches(self.data[0], self.cfg.calibration_size, seed)
-
-    def accuracy(self, model: nn.Module) -> float:
-        return evaluate(model, self.test).accuracy
-
-    def timing_input(self):
-        batch = self.test[0][: self.cfg.timing_batch]
-        return lambda model: model(batch)
 
 
 # -- the experiment -------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from torch import nn
 
 import lorakit as lk
 from ..losses import distillation_loss
+from ..train import TrainConfig, evaluate
 from .compress_cells import (CLORA_VARIANTS, CellsConfig, Fit, Key, add_cell_arguments, clora_cell, file_size,
                              inference_ratio, parameter_count, svd_cell)
 from .harness import add_config_flags
@@ -93,6 +94,28 @@ class Task(Protocol):
 
     def timing_input(self) -> Callable[[nn.Module], Any]:
         """One forward pass of a model on a batch of ``timing_batch`` test inputs."""
+
+
+class TensorTask:
+    """The part of a :class:`Task` whose data are ``(inputs, labels)`` tensors (clora-table, clora-conv): Adam on
+    ``self.data``, a training state every ``state_every`` steps, test accuracy and timing on ``self.test``."""
+
+    cfg: CompressionConfig
+    data: tuple
+    test: tuple
+
+    def _fit(self, epochs: float, seed: int) -> Fit:
+        cfg = self.cfg
+        return Fit(self.data, TrainConfig(lr=cfg.lr, batch_size=cfg.batch_size, epochs=epochs, seed=seed,
+                                          log_every=100, checkpoint_every=cfg.state_every), resume=cfg.resume,
+                   parallel=cfg.parallel)
+
+    def accuracy(self, model: nn.Module) -> float:
+        return evaluate(model, self.test).accuracy
+
+    def timing_input(self) -> Callable[[nn.Module], Any]:
+        batch = self.test[0][: self.cfg.timing_batch]
+        return lambda model: model(batch)
 
 
 def compression_rows(make_task: Callable[[], Task], cfg: CompressionConfig, out: Path) -> Callable[[Key], dict]:
