@@ -20,9 +20,9 @@ import torch.distributed as dist
 from torch import nn
 
 from . import _io
-from .checkpoint_config import (BIN_FILE, CONFIG_FILE, WEIGHTS_FILE, AdapterLoadError, FileConfig, config_to_json,
-                                peft_mismatch, prompt_mismatch, read_config)
+from .checkpoint_config import BIN_FILE, CONFIG_FILE, WEIGHTS_FILE, AdapterLoadError, FileConfig, read_config
 from .checkpoint_tensors import LEGACY_PROMPT_KEY, PREFIX, PROMPT_KEY, DTensor, adapter_tensors, check_tensors, describe, expected_tensors
+from .checkpoint_write import config_to_json, peft_mismatch, prompt_mismatch
 from .config import LoRAConfig, PromptConfig
 from .inject import adapter_layers, adapters, delete_adapter, inject, parametrizations, set_active
 from .layers.trainable_tokens import tied_modules, token_modules, token_rows

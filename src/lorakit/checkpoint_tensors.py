@@ -17,7 +17,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .checkpoint_config import AdapterLoadError, FileConfig, peft_mismatch
+from .checkpoint_config import AdapterLoadError, FileConfig
+from .checkpoint_write import peft_mismatch
 from .inject import adapter_layers, inject, parametrizations, trained_biases
 from .layers.dora import magnitude_shape
 from .layers.lora import is_hf_conv1d

@@ -15,7 +15,8 @@ from .config import AdapterConfig, CLoRAConfig, LoRAConfig, PromptConfig
 from .layers.adapter import adapter_wrapper_for, check_adapter_targets
 from .layers.base import linear_features, quantisation
 from .layers.clora import CLoRALayer, clora_wrapper_for
-from .layers.lora import is_hf_conv1d, lora_wrapper_for
+from .layers.lora import is_hf_conv1d
+from .layers.wrappers import lora_wrapper_for
 from .layers.prompt import inject_prompt
 from .sharing import refuse_tied, tied_partners, weight_owners
 from .targets import Site, base_of, lora_sites, wrapper_sites

@@ -22,7 +22,8 @@ from torch import nn
 
 from .config import LoRAConfig
 from .inject import adapter_layers, parametrizations
-from .layers.lora import LoRAEmbedding, LoRALinear, LoRAWrapper
+from .layers.lora import LoRALinear, LoRAWrapper
+from .layers.lora_embedding import LoRAEmbedding
 from .wrapped import unwrap_model
 
 

@@ -10,7 +10,8 @@ from torch import nn
 from .config import LoRAConfig
 from .inject import adapter_layers, find_targets, is_adapter_layer, parametrizations
 from .layers.base import linear_features, logical_numel
-from .layers.lora import is_hf_conv1d, lora_wrapper_for
+from .layers.lora import is_hf_conv1d
+from .layers.wrappers import lora_wrapper_for
 from .layers.trainable_tokens import tied_modules, token_modules
 from .targets import in_blocks
 from .wrapped import unwrap_model

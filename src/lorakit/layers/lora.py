@@ -9,8 +9,10 @@ the low-rank term, computed in the adapter dtype (float32 on a bf16/fp16 base by
 and cast to the base output's dtype. ``LoRALinear`` takes a fused autograd path only where
 :func:`~lorakit.layers._fused.fused_path_applies` proves it computes the same thing.
 
-PiSSA starts (``init="svd"``, ``pissa.py``), DoRA (``dora.py``) and mixed batches (``lora_mixed.py``) are mixins of
-these classes, one file each.
+This file holds the wrapper every kind shares and ``LoRALinear``; ``LoRAConv`` and ``LoRAEmbedding`` have a file
+each (``lora_conv.py``, ``lora_embedding.py``), and ``wrappers.py`` says which one a module takes. PiSSA starts
+(``init="svd"``, ``pissa.py``), DoRA (``dora.py``) and mixed batches (``lora_mixed.py``) are mixins of these
+classes, one file each.
 
 Quantised bases (bitsandbytes 4-bit/8-bit, QLoRA): the factors take the layer's logical shape, never the packed
 weight's, and merging dequantises, adds and requantises (``layers/base.py`` knows each kind of base layer).
@@ -29,7 +31,7 @@ from torch import nn
 from ..config import LoRAConfig
 from ._fused import FusedLoRALinear, fused_linear, fused_path_applies
 from .base import add_to_weight, check_mergeable, dense_weight, linear_features, quantisation
-from .dora import DoRALayer, magnitude_shape
+from .dora import DoRALayer
 from .lora_mixed import MixedRows
 from .pissa import PiSSAStarts
 from .precision import factory_kwargs, merge_dtype
@@ -173,7 +175,7 @@ class LoRAWrapper(DoRALayer, MixedRows, nn.Module):
         return f"adapters={self.adapter_names}, active={self.active_adapter}, merged={self.merged_adapter}"
 
 
-def _init_a(a: torch.Tensor, init: str) -> None:
+def init_a(a: torch.Tensor, init: str) -> None:
     """A's start: N(0, 1) for 'gaussian' (the seeds'), else Kaiming-uniform as nn.Linear (B starts at 0)."""
     nn.init.normal_(a) if init == "gaussian" else nn.init.kaiming_uniform_(a, a=math.sqrt(5))
 
@@ -207,7 +209,7 @@ class LoRALinear(PiSSAStarts, LoRAWrapper):
             if init == "svd":
                 self._init_pissa(name, a, b)
                 return
-            _init_a(a, init)
+            init_a(a, init)
             nn.init.zeros_(b)
 
     def _oriented(self, delta: torch.Tensor) -> torch.Tensor:
@@ -290,160 +292,3 @@ class LoRALinear(PiSSAStarts, LoRAWrapper):
         x3 = x.to(a.dtype).reshape(x.shape[0], -1, x.shape[-1])
         h_t = torch.bmm(a[rows], x3.transpose(1, 2))  # (batch, r, N): the rank-r side first, as the fused path
         return self._mixed_up(h_t.transpose(1, 2), rows, out)
-
-class LoRAConv(LoRAWrapper):
-    """LoRA for ``nn.Conv1d`` / ``nn.Conv2d``: A is a conv with the base's kernel, B a 1x1 conv (as PEFT)."""
-
-    def __init__(self, base_layer: nn.Conv1d | nn.Conv2d) -> None:
-        super().__init__(base_layer)
-        if base_layer.groups != 1:
-            raise ValueError(f"LoRA on grouped convolutions is not supported (groups={base_layer.groups}); use groups=1")
-        self.conv_type = type(base_layer) if type(base_layer) in (nn.Conv1d, nn.Conv2d) else (
-            nn.Conv2d if base_layer.weight.dim() == 4 else nn.Conv1d)
-        self.lora_A = nn.ModuleDict()
-        self.lora_B = nn.ModuleDict()
-
-    def _factor_stores(self):
-        return (self.lora_A, self.lora_B)
-
-    def _add_factors(self, name: str, rank: int, like: dict) -> None:
-        base = self.base_layer
-        self.lora_A[name] = self.conv_type(
-            base.in_channels, rank, base.kernel_size, base.stride, base.padding, base.dilation, bias=False,
-            padding_mode=base.padding_mode, **like  # pads x as the base does, so merging changes nothing
-        )
-        self.lora_B[name] = self.conv_type(rank, base.out_channels, 1, bias=False, **like)
-
-    def _init_factors(self, name: str, init: str) -> None:
-        if init == "svd":
-            raise ValueError("init='svd' is supported for Linear and Conv1D layers; use 'kaiming' or 'gaussian' for convolutions")
-        with torch.no_grad():
-            _init_a(self.lora_A[name].weight, init)
-            nn.init.zeros_(self.lora_B[name].weight)
-
-    def delta_weight(self, name: str) -> torch.Tensor:
-        """``s B A`` shaped like ``base_layer.weight``, in float32 (or wider)."""
-        a, b = self.lora_A[name].weight, self.lora_B[name].weight  # (r, in, *k), (out, r, 1...)
-        dtype = merge_dtype(a.dtype)
-        delta = b.flatten(1).to(dtype) @ a.flatten(1).to(dtype)  # (out, in * prod(k))
-        return delta.view(self.base_layer.weight.shape) * self.scaling[name]
-
-    def _peft_items(self, name: str):
-        yield "lora_A.weight", self.lora_A[name].weight
-        yield "lora_B.weight", self.lora_B[name].weight
-
-    def _factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.lora_A[name].weight.flatten(1), self.lora_B[name].weight.flatten(1)
-
-    def _dense_matrix(self) -> torch.Tensor:
-        return self.base_layer.weight.flatten(1)
-
-    def _weight_times(self, a: torch.Tensor) -> torch.Tensor:
-        return self.base_layer.weight.flatten(1).to(a.dtype) @ a.t()
-
-    def _magnitude_shape(self) -> tuple[int, ...]:
-        return magnitude_shape(self.base_layer.weight.shape)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        name, base = self.active_adapter, self.base_layer
-        if self._uses_adapter() and name in self.lora_magnitude_vector and self._dropout_active(name):
-            return self._dora_forward(x, name, lambda h: self.lora_B[name](self.lora_A[name](h)),
-                                      lambda h: base._conv_forward(h, base.weight.to(h.dtype), None))
-        out = base(x)
-        if not self._uses_adapter():
-            return out
-        dtype = self.lora_A[name].weight.dtype
-        low = self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x.to(dtype))))
-        out = out + (low * self.scaling[name]).to(out.dtype)
-        return self._dora_output(out, self.dora_scale(name)) if name in self.lora_magnitude_vector else out
-
-
-class LoRAEmbedding(LoRAWrapper):
-    """LoRA for ``nn.Embedding``: ``E[x] + s * A^T[x] B^T``; dropout does not apply to indices."""
-
-    def __init__(self, base_layer: nn.Embedding) -> None:
-        super().__init__(base_layer)
-        self.lora_embedding_A = nn.ParameterDict()
-        self.lora_embedding_B = nn.ParameterDict()
-
-    def _factor_stores(self):
-        return (self.lora_embedding_A, self.lora_embedding_B)
-
-    def _add_factors(self, name: str, rank: int, like: dict) -> None:
-        num, dim = self.base_layer.weight.shape
-        self.lora_embedding_A[name] = nn.Parameter(torch.empty(rank, num, **like))
-        self.lora_embedding_B[name] = nn.Parameter(torch.empty(dim, rank, **like))
-
-    def _init_factors(self, name: str, init: str) -> None:
-        if init == "svd":
-            raise ValueError("init='svd' is supported for Linear and Conv1D layers; use 'kaiming' or 'gaussian' for embeddings")
-        with torch.no_grad():
-            _init_a(self.lora_embedding_A[name], init)
-            nn.init.zeros_(self.lora_embedding_B[name])
-
-    def delta_weight(self, name: str) -> torch.Tensor:
-        """``s (B A)^T`` shaped like the (num, dim) table, in float32 (or wider)."""
-        a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
-        dtype = merge_dtype(a.dtype)
-        return (b.to(dtype) @ a.to(dtype)).t() * self.scaling[name]  # (num, dim)
-
-    def _peft_items(self, name: str):
-        yield "lora_embedding_A", self.lora_embedding_A[name]
-        yield "lora_embedding_B", self.lora_embedding_B[name]
-
-    # DoRA, as PEFT: the outputs are the dim embedding coordinates, so W is the table transposed, (dim, num), and
-    # each coordinate's norm is over the vocabulary; m and g have shape (dim,).
-    def _factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.lora_embedding_A[name], self.lora_embedding_B[name]
-
-    def _dense_matrix(self) -> torch.Tensor:
-        return self.base_layer.weight.t()
-
-    def _weight_times(self, a: torch.Tensor) -> torch.Tensor:
-        return (a @ self.base_layer.weight.to(a.dtype)).t()  # W A^T = (A E)^T, (dim, r)
-
-    def _magnitude_shape(self) -> tuple[int, ...]:
-        return (self.base_layer.weight.shape[1],)
-
-    def _oriented_scale(self, g: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return g.reshape(1, -1)  # the table's columns are the outputs
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
-        if self.mixed is not None and not self.disabled:
-            return self._mixed_forward(x, out)
-        if not self._uses_adapter():
-            return out
-        name, base = self.active_adapter, self.base_layer
-        rows = F.embedding(x, self.lora_embedding_A[name].t(), base.padding_idx, base.max_norm,
-                           base.norm_type, base.scale_grad_by_freq, base.sparse)  # (..., r)
-        out = out + ((rows @ self.lora_embedding_B[name].t()) * self.scaling[name]).to(out.dtype)
-        return self._dora_output(out, self.dora_scale(name)) if name in self.lora_magnitude_vector else out
-
-    def set_mixed(self, names: list[str | None] | None) -> None:
-        super().set_mixed(names)
-        if self.mixed is not None and self.mixed["a"] is not None:  # one lookup table: row j * num + t = A_j[:, t]
-            slots, rank, num = self.mixed["a"].shape
-            self.mixed["table"] = self.mixed["a"].transpose(1, 2).reshape(slots * num, rank)
-
-    def _mixed_forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        rows = self._mixed_rows(x.shape[0])
-        if self.mixed["a"] is None:
-            return out
-        if self.mixed["g"] is not None:
-            out = self._mixed_gain(out, rows)
-        num = self.mixed["a"].shape[2]
-        ids = x + rows.view(-1, *[1] * (x.dim() - 1)) * num
-        h = F.embedding(ids, self.mixed["table"]).reshape(x.shape[0], -1, self.mixed["table"].shape[1])
-        return self._mixed_up(h, rows, out)
-
-
-def lora_wrapper_for(module: nn.Module) -> type[LoRAWrapper] | None:
-    """The wrapper class for a module, or None when LoRA does not support its type."""
-    if isinstance(module, nn.Linear) or is_hf_conv1d(module):
-        return LoRALinear
-    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
-        return LoRAConv
-    if isinstance(module, nn.Embedding):
-        return LoRAEmbedding
-    return None
