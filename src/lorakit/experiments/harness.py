@@ -35,30 +35,48 @@ def comma_list(kind: type) -> Callable[[str], list]:
     return parse
 
 
+def flag(default: Any = None, help: Optional[str] = None, **argparse_options: Any) -> Any:
+    """A config field that :func:`add_config_flags` turns into a flag with this ``help`` text and these argparse
+    options (``choices=...``, ``action="append"``), as transformers' ``HfArgumentParser`` reads ``metadata``."""
+    metadata = {"help": help, **argparse_options}
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
 def add_config_flags(parser: argparse.ArgumentParser, defaults: Any, *names: str,
                      help: Optional[Mapping[str, str]] = None) -> None:
-    """One flag per named field of the config dataclass ``defaults`` (``--batch-size`` for ``batch_size``), in the
-    order given, with the field's value there as its default and its type from the annotation: a number or a string
-    takes one value (``Optional[...]``: the same, default None), a list a comma-separated one, a bool that defaults
-    to False is a switch and one that defaults to True also takes ``--no-<name>``. ``help``: text per field."""
+    """One flag per named field of the config dataclass ``defaults`` (``--batch-size`` for ``batch_size``; no names:
+    every field), in the order given, with the field's value there as its default and its type from the
+    annotation: a number or a string takes one value (``Optional[...]``: the same, default None), a list a
+    comma-separated one, a bool that defaults to False is a switch and one that defaults to True also takes
+    ``--no-<name>``. The help text is ``help[name]`` or the field's :func:`flag` help; its other options override."""
     hints = typing.get_type_hints(type(defaults))
-    known = {f.name for f in dataclasses.fields(defaults)}
-    for name in names:
-        if name not in known:
+    fields = {f.name: f for f in dataclasses.fields(defaults)}
+    for name in names or list(fields):
+        if name not in fields:
             raise ValueError(f"{type(defaults).__name__} has no field {name!r}")
         kind, default = hints[name], getattr(defaults, name)
-        options: dict[str, Any] = {"default": default}
+        options: dict[str, Any] = {"default": default, **fields[name].metadata}
         if help and name in help:
             options["help"] = help[name]
-        if kind is bool:
-            options["action"] = argparse.BooleanOptionalAction if default else "store_true"
-        else:
-            args = [a for a in typing.get_args(kind) if a is not type(None)]
-            if typing.get_origin(kind) is list:
-                options["type"] = comma_list(args[0])
-            elif kind is not str:
-                options["type"] = args[0] if args else kind  # Optional[int] -> int
+        if options.get("help") is None:
+            options.pop("help", None)
+        if "action" not in options:  # an action (e.g. "append") parses the values itself
+            options.update(_parsing(kind, default))
         parser.add_argument("--" + name.replace("_", "-"), **options)
+
+
+def _parsing(kind: Any, default: Any) -> dict[str, Any]:
+    """The argparse ``type`` or ``action`` of a field annotated ``kind``."""
+    if kind is bool:
+        return {"action": argparse.BooleanOptionalAction if default else "store_true"}
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    if typing.get_origin(kind) is list:
+        return {"type": comma_list(args[0])}
+    if kind is str:
+        return {}
+    return {"type": args[0] if args else kind}  # Optional[int] -> int
 
 
 def run_experiment(args: argparse.Namespace, config_class: type, experiment: str,

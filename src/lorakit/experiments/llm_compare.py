@@ -18,12 +18,15 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Optional
 
-from . import output_dir
 from .. import parallel
+from . import config_from_args, output_dir
 from .llm_compare_cells import ROWS, Setup, release_weights, run_cell
 from .llm_compare_task import stratified_subset, write_jsonl
-from .harness import parse_names, parse_rates
+from .harness import add_config_flags, flag, parse_names, parse_rates
 from .text_task import load_data, split_validation
 
 DESCRIPTION = ("seed 004 on a causal LM: zero-shot, LoRA, QLoRA, soft prompt, adapter and full fine-tuning of SmolLM2 "
@@ -31,55 +34,67 @@ DESCRIPTION = ("seed 004 on a causal LM: zero-shot, LoRA, QLoRA, soft prompt, ad
 METHODS = ("zero-shot", "lora", "dora", "qlora", "prompt", "adapter", "full")
 LR_GRIDS = {"lora": "3e-4,1e-3", "dora": "3e-4,1e-3", "qlora": "3e-4,1e-3", "prompt": "3e-2,1e-1",
             "adapter": "3e-4,1e-3", "full": "2e-5,5e-5"}
+LR_HELP = "{}: learning rates to sweep (one: no sweep)"
 ADAPTERHUB_REASON = ("AdapterHub (`adapters`) pins transformers 4.57, so it runs only in its own environment "
                      "(`make adapters-env`), driven by peft-compare's bridge `scripts/adapterhub_row.py`, which trains "
                      "a sequence classifier; it has no causal-LM job (chat-template data, answer-only loss, greedy "
                      "generation, a 4-bit base), so this row is not run and no number is given for it.")
 
 
+@dataclass
+class LLMCompareConfig:
+    """The flags of ``lorakit run llm-compare``, one field each (lists stay comma-separated text, parsed by
+    :func:`main` before any work), and the data set, which is fixed."""
+
+    model: str = flag("smollm2", "'smollm2' or a local causal-LM folder")
+    classes: Optional[str] = flag(None, "comma-separated WordNet noun classes (default: six)")
+    per_class_train: int = flag(200, "training glosses per class (as peft-compare)")
+    per_class_val: int = flag(20, "validation examples per class, from training")
+    per_class_test: int = flag(200, "test glosses per class of the split (as peft-compare; --test-size scores a subset)")
+    test_size: int = flag(1200, "test examples scored, stratified per class")
+    methods: str = flag(",".join(METHODS), "comma-separated subset of " + ",".join(METHODS))
+    seeds: str = flag("0,1,2", "comma-separated training seeds (the first one sweeps)")
+    steps: int = flag(40, "optimizer steps, every trained row")
+    batch_size: int = flag(8, "examples per step, every trained row")
+    max_length: int = flag(192, "tokens kept per example")
+    rank: int = flag(8, "LoRA rank, on every linear layer but the head")
+    alpha: float = flag(16.0, "LoRA alpha (scale alpha / rank)")
+    num_tokens: int = flag(10, "soft prompt length")
+    bottleneck: int = flag(16, "adapter width, after each block's MLP")
+    lr_lora: str = flag(LR_GRIDS["lora"], LR_HELP.format("lora"))
+    lr_dora: str = flag(LR_GRIDS["dora"], LR_HELP.format("dora"))
+    lr_qlora: str = flag(LR_GRIDS["qlora"], LR_HELP.format("qlora"))
+    lr_prompt: str = flag(LR_GRIDS["prompt"], LR_HELP.format("prompt"))
+    lr_adapter: str = flag(LR_GRIDS["adapter"], LR_HELP.format("adapter"))
+    lr_full: str = flag(LR_GRIDS["full"], LR_HELP.format("full"))
+    timing_rounds: int = flag(5, "rounds of side-by-side training steps that time the rows (0: none)")
+    eval_batch_size: int = flag(16, "prompts generated at once")
+    threads: int = flag(2, "torch threads")
+    save_every: int = flag(20, "steps between saved training states (resume)")
+    resume: bool = flag(False, "reuse finished cells in --out, continue stopped ones")
+    out: Optional[str] = flag(None, "output folder (default runs/llm-compare-<time>)")
+    dataset: str = "wordnet-supersense"
+    """Not a flag: :func:`~.text_task.load_data` reads it (peft-compare's WordNet split)."""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2", help="'smollm2' or a local causal-LM folder")
-    parser.add_argument("--classes", default=None, help="comma-separated WordNet noun classes (default: six)")
-    parser.add_argument("--per-class-train", type=int, default=200, help="training glosses per class (as peft-compare)")
-    parser.add_argument("--per-class-val", type=int, default=20, help="validation examples per class, from training")
-    parser.add_argument("--per-class-test", type=int, default=200,
-                        help="test glosses per class of the split (as peft-compare; --test-size scores a subset)")
-    parser.add_argument("--test-size", type=int, default=1200, help="test examples scored, stratified per class")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
-    parser.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds (the first one sweeps)")
-    parser.add_argument("--steps", type=int, default=40, help="optimizer steps, every trained row")
-    parser.add_argument("--batch-size", type=int, default=8, help="examples per step, every trained row")
-    parser.add_argument("--max-length", type=int, default=192, help="tokens kept per example")
-    parser.add_argument("--rank", type=int, default=8, help="LoRA rank, on every linear layer but the head")
-    parser.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scale alpha / rank)")
-    parser.add_argument("--num-tokens", type=int, default=10, help="soft prompt length")
-    parser.add_argument("--bottleneck", type=int, default=16, help="adapter width, after each block's MLP")
-    for method, grid in LR_GRIDS.items():
-        parser.add_argument(f"--lr-{method}", default=grid, help=f"{method}: learning rates to sweep (one: no sweep)")
-    parser.add_argument("--timing-rounds", type=int, default=5,
-                        help="rounds of side-by-side training steps that time the rows (0: none)")
-    parser.add_argument("--eval-batch-size", type=int, default=16, help="prompts generated at once")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads")
-    parser.add_argument("--save-every", type=int, default=20, help="steps between saved training states (resume)")
-    parser.add_argument("--resume", action="store_true", help="reuse finished cells in --out, continue stopped ones")
-    parser.add_argument("--out", default=None, help="output folder (default runs/llm-compare-<time>)")
+    add_config_flags(parser, LLMCompareConfig(), *[f.name for f in fields(LLMCompareConfig) if f.name != "dataset"])
 
 
-def prepare(args, out) -> tuple[Setup, dict]:
+def prepare(cfg: LLMCompareConfig, out: Path) -> tuple[Setup, dict]:
     """The data (peft-compare's split), the training JSONL and the cells' shared settings."""
-    args.dataset = "wordnet-supersense"
-    train, test, label_names = load_data(args)
-    train, validation = split_validation(train, args.per_class_val)
-    test = stratified_subset(test, args.test_size)
+    train, test, label_names = load_data(cfg)
+    train, validation = split_validation(train, cfg.per_class_val)
+    test = stratified_subset(test, cfg.test_size)
     cells = out / "cells"
-    if cells.is_dir() and any(cells.glob("*.json")) and not args.resume:
+    if cells.is_dir() and any(cells.glob("*.json")) and not cfg.resume:
         raise ValueError(f"{out} already holds finished cells; pass --resume to continue that run, or another --out")
-    settings = {"model": args.model, "steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length,
-                "rank": args.rank, "alpha": args.alpha, "num_tokens": args.num_tokens, "bottleneck": args.bottleneck,
-                "save_every": args.save_every, "classes": label_names, "train_size": len(train),
+    settings = {"model": cfg.model, "steps": cfg.steps, "batch_size": cfg.batch_size, "max_length": cfg.max_length,
+                "rank": cfg.rank, "alpha": cfg.alpha, "num_tokens": cfg.num_tokens, "bottleneck": cfg.bottleneck,
+                "save_every": cfg.save_every, "classes": label_names, "train_size": len(train),
                 "validation_size": len(validation), "test_size": len(test)}
-    setup = Setup(cells, write_jsonl(cells / "train.jsonl", train), validation, test, settings, args.resume,
-                  args.eval_batch_size)
+    setup = Setup(cells, write_jsonl(cells / "train.jsonl", train), validation, test, settings, cfg.resume,
+                  cfg.eval_batch_size)
     data = {"train_per_class": train.class_counts(), "validation_per_class": validation.class_counts(),
             "test_per_class": test.class_counts(), "test_ids": test.ids}
     return setup, data
@@ -129,14 +144,15 @@ def main(args: argparse.Namespace) -> int:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     started = time.perf_counter()
-    torch.set_num_threads(args.threads)
-    out = output_dir(args.out, "llm-compare")
-    methods = parse_names(args.methods, METHODS, "methods")
-    seeds = [int(s) for s in args.seeds.split(",")]
-    if args.timing_rounds < 0:
-        raise ValueError(f"--timing-rounds must be 0 (no timing) or more, got {args.timing_rounds}")
-    grids = {m: parse_rates(getattr(args, f"lr_{m.replace('-', '_')}"), m) for m in methods if m != "zero-shot"}
-    setup, data = prepare(args, out)
+    cfg = config_from_args(LLMCompareConfig, args)
+    torch.set_num_threads(cfg.threads)
+    out = output_dir(cfg.out, "llm-compare")
+    methods = parse_names(cfg.methods, METHODS, "methods")
+    seeds = [int(s) for s in cfg.seeds.split(",")]
+    if cfg.timing_rounds < 0:
+        raise ValueError(f"--timing-rounds must be 0 (no timing) or more, got {cfg.timing_rounds}")
+    grids = {m: parse_rates(getattr(cfg, f"lr_{m.replace('-', '_')}"), m) for m in methods if m != "zero-shot"}
+    setup, data = prepare(cfg, out)
     chosen, sweep_table = sweep(setup, methods, grids, seeds[0])
     rows = [(m, i) for m, i in ROWS if m in methods]
     records = {}
@@ -147,9 +163,8 @@ def main(args: argparse.Namespace) -> int:
             record = run_cell(setup, method, implementation, seed, chosen.get(method), test=True)
             records[(method, implementation, seed)] = record
             release_weights(setup, record)
-    timing = measure_step_times(setup, rows, chosen, args.timing_rounds, seeds[0])
-    config = {k: v for k, v in vars(args).items() if k not in ("handler", "command", "experiment")}
-    write_outputs(out, config, setup.settings, data, seeds, chosen, sweep_table, records, timing,
+    timing = measure_step_times(setup, rows, chosen, cfg.timing_rounds, seeds[0])
+    write_outputs(out, asdict(cfg), setup.settings, data, seeds, chosen, sweep_table, records, timing,
                   notes=[f"The bottleneck adapter's AdapterHub row is missing: {ADAPTERHUB_REASON}"],
                   wall_seconds=time.perf_counter() - started)
     return 0

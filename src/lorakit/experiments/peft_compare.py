@@ -28,9 +28,10 @@ import importlib.util
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -38,9 +39,9 @@ from .. import parallel
 from ..data.text import encode
 from ..report import run_metadata, write_report, write_results
 from ..train import TrainConfig
-from . import output_dir
+from . import config_from_args, output_dir
 from . import peft_compare_adapterhub as adapterhub
-from .harness import parse_names, parse_rates
+from .harness import add_config_flags, flag, parse_names, parse_rates
 from .peft_compare_cells import CellContext, git_commit, run_cell
 from .peft_compare_measure import measure_memory, step_time_ratios
 from .peft_compare_models import LIBRARY, ROWS, REFERENCE_004, REFERENCE_004_PARAMS, build
@@ -53,51 +54,59 @@ DESCRIPTION = ("full fine-tuning, LoRA, bottleneck adapters and soft prompts (+ 
 METHODS = ("full", "lora", "adapter", "prompt", "clora")
 LR_GRIDS = {"full": "3e-5,1e-4,3e-4", "lora": "1e-3,3e-3,1e-2", "adapter": "1e-3,3e-3,1e-2",
             "prompt": "1e-2,3e-2,1e-1", "clora": "1e-3,3e-3,1e-2"}
+LR_HELP = "{}: comma-separated learning rates to sweep (one value: no sweep)"
+
+
+@dataclass
+class PeftCompareConfig:
+    """The flags of ``lorakit run peft-compare``, one field each. Lists stay comma-separated text, as typed: the
+    run checks and parses them before any work (:func:`_plan`)."""
+
+    model: str = flag("minilm", "'minilm' or a Hugging Face model folder (BERT-like)")
+    dataset: str = flag("wordnet-supersense",
+                        "'wordnet-supersense' or a .csv/.jsonl file with text,label columns (every 4th is test)")
+    classes: Optional[str] = flag(None, "WordNet: comma-separated noun classes (default: six)")
+    per_class_train: int = flag(200, "WordNet: training glosses per class (the validation split is carved from these)")
+    per_class_val: int = flag(40, "validation examples per class, from training")
+    per_class_test: int = flag(200, "WordNet: test glosses per class")
+    methods: str = flag(",".join(METHODS), "comma-separated subset of " + ",".join(METHODS))
+    implementations: str = flag("lorakit,peft,adapters",
+                                "comma-separated subset of lorakit,peft,adapters (adapters = AdapterHub)")
+    seeds: str = flag("0,1,2", "comma-separated training seeds (the first one sweeps)")
+    epochs: float = flag(3.0, "passes over the training split, every row")
+    batch_size: int = 16
+    max_length: int = flag(48, "tokens per text (truncated)")
+    schedule: str = flag("linear", choices=("constant", "linear", "cosine"))
+    warmup_steps: int = 10
+    rank: int = flag(8, "LoRA rank (alpha = 2 x rank), on query and value")
+    clora_rank: int = flag(16, "C-LoRA rank on Q, K, V and O")
+    bottleneck: int = flag(8, "adapter size, after each block's FFN output")
+    num_tokens: int = flag(10, "soft prompt length")
+    lr_full: str = flag(LR_GRIDS["full"], LR_HELP.format("full"))
+    lr_lora: str = flag(LR_GRIDS["lora"], LR_HELP.format("lora"))
+    lr_adapter: str = flag(LR_GRIDS["adapter"], LR_HELP.format("adapter"))
+    lr_prompt: str = flag(LR_GRIDS["prompt"], LR_HELP.format("prompt"))
+    lr_clora: str = flag(LR_GRIDS["clora"], LR_HELP.format("clora"))
+    threads: int = flag(2, "torch threads for every row and measurement")
+    own_init: bool = flag(False, "lorakit's LoRA/prompt rows use lorakit's own initialisation, not PEFT's")
+    adapters_env: str = flag(".venv-adapters", "AdapterHub's virtual environment (made by `make adapters-env`)")
+    timing_rounds: int = flag(15, "interleaved rounds of the step-time phase")
+    timing_steps: int = flag(2, "training steps per row per round")
+    memory_steps: int = flag(3, "training steps per row in the memory phase")
+    skip_timing: bool = False
+    skip_memory: bool = False
+    state_every: int = flag(50, "steps between saved training states (resume)")
+    resume: bool = flag(False, "reuse finished cells in --out, continue stopped ones")
+    note: list[str] = flag([], "a line for the report's notes (repeatable)", action="append")
+    parallel: str = flag("none", "under torchrun: 'ddp' or 'fsdp', every row trains with each process on its slice of "
+                                 "every batch (fsdp: a sharded twin, gathered back after training); AdapterHub's rows, "
+                                 "the timing and the memory phases run on rank 0 alone; rank 0 writes",
+                         choices=["none", "ddp", "fsdp"])
+    out: Optional[str] = flag(None, "output folder (default runs/peft-compare-<time>)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="minilm", help="'minilm' or a Hugging Face model folder (BERT-like)")
-    parser.add_argument("--dataset", default="wordnet-supersense",
-                        help="'wordnet-supersense' or a .csv/.jsonl file with text,label columns (every 4th is test)")
-    parser.add_argument("--classes", default=None, help="WordNet: comma-separated noun classes (default: six)")
-    parser.add_argument("--per-class-train", type=int, default=200,
-                        help="WordNet: training glosses per class (the validation split is carved from these)")
-    parser.add_argument("--per-class-val", type=int, default=40, help="validation examples per class, from training")
-    parser.add_argument("--per-class-test", type=int, default=200, help="WordNet: test glosses per class")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
-    parser.add_argument("--implementations", default="lorakit,peft,adapters",
-                        help="comma-separated subset of lorakit,peft,adapters (adapters = AdapterHub)")
-    parser.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds (the first one sweeps)")
-    parser.add_argument("--epochs", type=float, default=3.0, help="passes over the training split, every row")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-length", type=int, default=48, help="tokens per text (truncated)")
-    parser.add_argument("--schedule", default="linear", choices=("constant", "linear", "cosine"))
-    parser.add_argument("--warmup-steps", type=int, default=10)
-    parser.add_argument("--rank", type=int, default=8, help="LoRA rank (alpha = 2 x rank), on query and value")
-    parser.add_argument("--clora-rank", type=int, default=16, help="C-LoRA rank on Q, K, V and O")
-    parser.add_argument("--bottleneck", type=int, default=8, help="adapter size, after each block's FFN output")
-    parser.add_argument("--num-tokens", type=int, default=10, help="soft prompt length")
-    for method in METHODS:
-        parser.add_argument(f"--lr-{method}", default=LR_GRIDS[method],
-                            help=f"{method}: comma-separated learning rates to sweep (one value: no sweep)")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads for every row and measurement")
-    parser.add_argument("--own-init", action="store_true",
-                        help="lorakit's LoRA/prompt rows use lorakit's own initialisation, not PEFT's")
-    parser.add_argument("--adapters-env", default=".venv-adapters",
-                        help="AdapterHub's virtual environment (made by `make adapters-env`)")
-    parser.add_argument("--timing-rounds", type=int, default=15, help="interleaved rounds of the step-time phase")
-    parser.add_argument("--timing-steps", type=int, default=2, help="training steps per row per round")
-    parser.add_argument("--memory-steps", type=int, default=3, help="training steps per row in the memory phase")
-    parser.add_argument("--skip-timing", action="store_true")
-    parser.add_argument("--skip-memory", action="store_true")
-    parser.add_argument("--state-every", type=int, default=50, help="steps between saved training states (resume)")
-    parser.add_argument("--resume", action="store_true", help="reuse finished cells in --out, continue stopped ones")
-    parser.add_argument("--note", action="append", default=[], help="a line for the report's notes (repeatable)")
-    parser.add_argument("--parallel", choices=["none", "ddp", "fsdp"], default="none",
-                        help="under torchrun: 'ddp' or 'fsdp', every row trains with each process on its slice of "
-                             "every batch (fsdp: a sharded twin, gathered back after training); AdapterHub's rows, "
-                             "the timing and the memory phases run on rank 0 alone; rank 0 writes")
-    parser.add_argument("--out", default=None, help="output folder (default runs/peft-compare-<time>)")
+    add_config_flags(parser, PeftCompareConfig())
 
 
 @dataclass
@@ -118,26 +127,27 @@ class _Plan:
 def main(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     started = time.perf_counter()
-    torch.set_num_threads(args.threads)
-    out = output_dir(args.out, "peft-compare")
+    cfg = config_from_args(PeftCompareConfig, args)
+    torch.set_num_threads(cfg.threads)
+    out = output_dir(cfg.out, "peft-compare")
     cells = out / "cells"
-    plan = _plan(args, cells)
-    train_data, test_data, label_names = load_data(args)
-    train_data, val_data = split_validation(train_data, args.per_class_val)
+    plan = _plan(cfg, cells)
+    train_data, test_data, label_names = load_data(cfg)
+    train_data, val_data = split_validation(train_data, cfg.per_class_val)
     data = (train_data, val_data, test_data)
-    settings, tokenizer = _settings(args, len(label_names), plan.seeds[0])
-    run_config = {k: v for k, v in vars(args).items() if k not in ("handler", "command", "experiment")}
+    settings, tokenizer = _settings(cfg, len(label_names), plan.seeds[0])
+    run_config = asdict(cfg)
     context = CellContext(cells=cells, settings=settings, data=data,
-                          train_config=functools.partial(_train_config, args), resume=args.resume,
-                          state_every=args.state_every, run_config=run_config, same_start=not args.own_init,
-                          parallel=args.parallel,
-                          adapterhub=_AdapterHubCells(args, plan.env, settings, tokenizer, data, cells))
+                          train_config=functools.partial(_train_config, cfg), resume=cfg.resume,
+                          state_every=cfg.state_every, run_config=run_config, same_start=not cfg.own_init,
+                          parallel=cfg.parallel,
+                          adapterhub=_AdapterHubCells(cfg, plan.env, settings, tokenizer, data, cells))
     sweep, chosen = _sweep(plan, context)
     records = _run_rows(plan, context, chosen)
     # step time and memory, every row with the same threads and batch (on rank 0 alone under torchrun)
-    measured = parallel.on_main(lambda: measure(args, plan.rows, settings, tokenizer, train_data, cells, plan.env,
+    measured = parallel.on_main(lambda: measure(cfg, plan.rows, settings, tokenizer, train_data, cells, plan.env,
                                                 plan.seeds[0]))
-    results = _results(args, plan, context, records, measured, label_names, sweep, chosen, started)
+    results = _results(cfg, plan, context, records, measured, label_names, sweep, chosen, started)
     if parallel.is_main():
         out.mkdir(parents=True, exist_ok=True)
         write_results(out, results)
@@ -148,60 +158,60 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _plan(args: argparse.Namespace, cells: Path) -> _Plan:
+def _plan(cfg: PeftCompareConfig, cells: Path) -> _Plan:
     """The rows, seeds and grids the options ask for; refuses, before any work, what cannot run."""
-    if cells.is_dir() and any(cells.glob("*.json")) and not args.resume:
+    if cells.is_dir() and any(cells.glob("*.json")) and not cfg.resume:
         raise ValueError(f"{cells.parent} already holds finished cells; pass --resume to continue that run, "
                          "or another --out")
-    methods = parse_names(args.methods, METHODS, "methods")
-    implementations = parse_names(args.implementations, ("lorakit", "peft", "adapters"), "implementations")
-    seeds = [int(s) for s in args.seeds.split(",")]
-    lrs = {m: parse_rates(getattr(args, f"lr_{m}"), m) for m in methods}
+    methods = parse_names(cfg.methods, METHODS, "methods")
+    implementations = parse_names(cfg.implementations, ("lorakit", "peft", "adapters"), "implementations")
+    seeds = [int(s) for s in cfg.seeds.split(",")]
+    lrs = {m: parse_rates(getattr(cfg, f"lr_{m}"), m) for m in methods}
     if "peft" in implementations and importlib.util.find_spec("peft") is None:
         raise ValueError("the PEFT rows need peft: pip install peft (or leave 'peft' out of --implementations)")
     rows = [(m, i) for m, i in ROWS if m in methods and i in implementations]
     if "lorakit" not in implementations:
         raise ValueError("every method needs its lorakit row (the sweep runs on it); keep 'lorakit'")
-    plan = _Plan(methods, seeds, lrs, rows, notes=list(args.note))
+    plan = _Plan(methods, seeds, lrs, rows, notes=list(cfg.note))
     if ("adapter", "adapters") in rows:
-        plan.env = adapterhub.find_env(args.adapters_env)
+        plan.env = adapterhub.find_env(cfg.adapters_env)
         if not plan.env.ready:
             plan.missing[("adapter", "adapters")] = plan.env.reason
             rows.remove(("adapter", "adapters"))
     return plan
 
 
-def _settings(args: argparse.Namespace, num_labels: int, seed: int) -> tuple[dict, object]:
+def _settings(cfg: PeftCompareConfig, num_labels: int, seed: int) -> tuple[dict, object]:
     """The model settings every cell records (with the base model's parameter count), and the tokenizer."""
-    settings = {"model": args.model, "num_labels": num_labels, "max_length": args.max_length,
-                "rank": args.rank, "clora_rank": args.clora_rank, "bottleneck": args.bottleneck,
-                "num_tokens": args.num_tokens}
+    settings = {"model": cfg.model, "num_labels": num_labels, "max_length": cfg.max_length,
+                "rank": cfg.rank, "clora_rank": cfg.clora_rank, "bottleneck": cfg.bottleneck,
+                "num_tokens": cfg.num_tokens}
     base, tokenizer = build("full", "lorakit", settings, seed)
     settings["base_parameters"] = sum(p.numel() for p in base.parameters())
     return settings, tokenizer
 
 
-def _train_config(args: argparse.Namespace, lr: float, seed: int) -> TrainConfig:
-    return TrainConfig(lr=lr, batch_size=args.batch_size, epochs=args.epochs, seed=seed, optimizer="adamw",
-                       schedule=args.schedule, warmup_steps=args.warmup_steps, log_every=1, keep_best=True)
+def _train_config(cfg: PeftCompareConfig, lr: float, seed: int) -> TrainConfig:
+    return TrainConfig(lr=lr, batch_size=cfg.batch_size, epochs=cfg.epochs, seed=seed, optimizer="adamw",
+                       schedule=cfg.schedule, warmup_steps=cfg.warmup_steps, log_every=1, keep_best=True)
 
 
 class _AdapterHubCells:
     """Runs AdapterHub's row of a cell (:attr:`CellContext.adapterhub`) in its own environment."""
 
-    def __init__(self, args: argparse.Namespace, env, settings: dict, tokenizer, data: tuple, cells: Path) -> None:
-        self.args, self.env, self.settings, self.tokenizer = args, env, settings, tokenizer
+    def __init__(self, cfg: PeftCompareConfig, env, settings: dict, tokenizer, data: tuple, cells: Path) -> None:
+        self.cfg, self.env, self.settings, self.tokenizer = cfg, env, settings, tokenizer
         self.data, self.cells = data, cells
         self.ids: dict = {}  # the three splits' token ids, made at the first cell
 
-    def __call__(self, seed: int, lr: float, cfg: TrainConfig, key: str) -> dict:
+    def __call__(self, seed: int, lr: float, train_config: TrainConfig, key: str) -> dict:
         if not self.ids:
-            self.ids.update({name: adapterhub.token_ids(self.tokenizer, split, self.args.max_length)
+            self.ids.update({name: adapterhub.token_ids(self.tokenizer, split, self.cfg.max_length)
                              for name, split in zip(("train", "validation", "test"), self.data)})
         head = adapterhub.save_initial_head(self.settings, seed, self.cells / f"{key}.head.safetensors")
-        batches, eval_steps, factors = adapterhub.batch_plan(len(self.data[0]), cfg)
-        job = {**adapterhub.common_job(self.settings, self.tokenizer, self.args.threads, seed, head), **self.ids,
-               "lr": lr, "weight_decay": cfg.weight_decay, "batches": batches, "eval_steps": eval_steps,
+        batches, eval_steps, factors = adapterhub.batch_plan(len(self.data[0]), train_config)
+        job = {**adapterhub.common_job(self.settings, self.tokenizer, self.cfg.threads, seed, head), **self.ids,
+               "lr": lr, "weight_decay": train_config.weight_decay, "batches": batches, "eval_steps": eval_steps,
                "lr_factors": factors, "eval_batch_size": 128}
         result = adapterhub.run_cell(self.env, job, self.cells, key)
         head.unlink()
@@ -277,12 +287,12 @@ def _summary(plan: _Plan, records: dict[tuple, dict], measured: dict[tuple, dict
     return summary
 
 
-def _results(args: argparse.Namespace, plan: _Plan, context: CellContext, records: dict[tuple, dict],
+def _results(cfg: PeftCompareConfig, plan: _Plan, context: CellContext, records: dict[tuple, dict],
              measured: dict[tuple, dict], label_names: list[str], sweep: list[dict], chosen: dict[str, float],
              started: float) -> dict:
     """results.json: the config, the data, the sweep and the chosen rates, the evidence, the summary, every row."""
     train_data, val_data, test_data = context.data
-    evidence = _evidence(plan, records, args.own_init)
+    evidence = _evidence(plan, records, cfg.own_init)
     row_fields = ("accuracy", "trainable_parameters", "total_parameters", "added_parameters", "checkpoint_bytes",
                   "train_seconds", "steps", "final_loss", "lr", "best_val_accuracy", "best_step", "per_class_accuracy",
                   "threads", "git_commit", "start")
@@ -293,7 +303,7 @@ def _results(args: argparse.Namespace, plan: _Plan, context: CellContext, record
                           + "\n".join(f"      {line}" for line in reason.splitlines())
                           for (method, implementation), reason in plan.missing.items()]
     if plan.env is not None and plan.env.ready:
-        notes.append(f"AdapterHub's row ran in {args.adapters_env} ({', '.join(f'{k} {v}' for k, v in plan.env.versions.items())}): "
+        notes.append(f"AdapterHub's row ran in {cfg.adapters_env} ({', '.join(f'{k} {v}' for k, v in plan.env.versions.items())}): "
                      "SeqBnConfig (Pfeiffer) with reduction factor hidden/bottleneck, one adapter per block after the "
                      "feed-forward output; its placement and initialisation are AdapterHub's, not lorakit's, so the "
                      "comparison is by accuracy only (no loss equivalence).")
@@ -302,11 +312,11 @@ def _results(args: argparse.Namespace, plan: _Plan, context: CellContext, record
         "experiment": "peft-compare", "config": context.run_config, "settings": settings,
         "base_parameters": settings["base_parameters"], "classes": label_names, "seeds": plan.seeds,
         "train_size": len(train_data), "test_size": len(test_data),
-        "steps": _train_config(args, 1.0, 0).total_steps(-(-len(train_data) // args.batch_size)),
-        "threads": args.threads,
+        "steps": _train_config(cfg, 1.0, 0).total_steps(-(-len(train_data) // cfg.batch_size)),
+        "threads": cfg.threads,
         "data": {"validation_size": len(val_data), "test_per_class": test_data.class_counts(),
                  "train_per_class": train_data.class_counts(), "validation_per_class": val_data.class_counts(),
-                 "description": _data_description(args, train_data, val_data, test_data)},
+                 "description": _data_description(cfg, train_data, val_data, test_data)},
         "sweep": sweep, "chosen_lr": chosen, **evidence, "summary": summary, "rows": result_rows,
         "missing_rows": [{"method": m, "implementation": i, "reason": r} for (m, i), r in plan.missing.items()],
         "seed_004": {"accuracy": REFERENCE_004, "added_parameters": REFERENCE_004_PARAMS}, "notes": notes,
@@ -315,51 +325,51 @@ def _results(args: argparse.Namespace, plan: _Plan, context: CellContext, record
     }
 
 
-def measure(args, rows, settings, tokenizer, train_data, cells, env, seed) -> dict[tuple, dict]:
+def measure(cfg: PeftCompareConfig, rows, settings, tokenizer, train_data, cells, env, seed) -> dict[tuple, dict]:
     """Step-time ratios (interleaved) and peak memory (one process per row) of every row, on one batch."""
-    texts, labels = zip(*[train_data[i] for i in range(min(args.batch_size, len(train_data)))])
+    texts, labels = zip(*[train_data[i] for i in range(min(cfg.batch_size, len(train_data)))])
     measured: dict[tuple, dict] = {row: {} for row in rows}
-    if not args.skip_timing:
+    if not cfg.skip_timing:
         print("[peft-compare] interleaved step-time phase", flush=True)
-        batch = encode(tokenizer, texts, args.max_length)
+        batch = encode(tokenizer, texts, cfg.max_length)
         batch["labels"] = torch.tensor(labels)
         external, server = {}, None
         if ("adapter", "adapters") in rows:
             head = adapterhub.save_initial_head(settings, seed, cells / "timing.head.safetensors")
-            common = adapterhub.common_job(settings, tokenizer, args.threads, seed, head)
-            server = adapterhub.StepServer(env, adapterhub.batch_job(common, tokenizer, texts, labels, args.max_length), cells)
+            common = adapterhub.common_job(settings, tokenizer, cfg.threads, seed, head)
+            server = adapterhub.StepServer(env, adapterhub.batch_job(common, tokenizer, texts, labels, cfg.max_length), cells)
             external[("adapter", "adapters")] = server
         try:
-            timing = step_time_ratios([r for r in rows if r[1] != "adapters"], settings, batch, args.timing_rounds,
-                                      args.timing_steps, seed, external=external)
+            timing = step_time_ratios([r for r in rows if r[1] != "adapters"], settings, batch, cfg.timing_rounds,
+                                      cfg.timing_steps, seed, external=external)
         finally:
             if server is not None:
                 server.close()
                 head.unlink()
         for row in rows:
             measured[row].update(timing[row])
-    if not args.skip_memory:
+    if not cfg.skip_memory:
         print("[peft-compare] peak-memory phase (one process per row)", flush=True)
         for row in rows:
             if row[1] == "adapters":
                 head = adapterhub.save_initial_head(settings, seed, cells / "memory.head.safetensors")
-                common = adapterhub.common_job(settings, tokenizer, args.threads, seed, head)
-                job = adapterhub.batch_job(common, tokenizer, texts, labels, args.max_length, args.memory_steps)
+                common = adapterhub.common_job(settings, tokenizer, cfg.threads, seed, head)
+                job = adapterhub.batch_job(common, tokenizer, texts, labels, cfg.max_length, cfg.memory_steps)
                 measured[row].update(adapterhub.measure_memory(env, job, cells))
                 head.unlink()
             else:
-                measured[row].update(measure_memory(*row, settings, list(texts), list(labels), args.memory_steps, seed))
+                measured[row].update(measure_memory(*row, settings, list(texts), list(labels), cfg.memory_steps, seed))
     return measured
 
 
-def _data_description(args, train_data, val_data, test_data) -> str:
-    if args.dataset == "wordnet-supersense":
+def _data_description(cfg: PeftCompareConfig, train_data, val_data, test_data) -> str:
+    if cfg.dataset == "wordnet-supersense":
         source = (f"WordNet 3.0 noun glosses (`\"<lemma>: <gloss>\"` -> supersense), split per class by "
-                  f"`load_wordnet_supersense` (seeded shuffle per class; the first {args.per_class_test} of each class "
-                  f"are test, the next {args.per_class_train} training)")
+                  f"`load_wordnet_supersense` (seeded shuffle per class; the first {cfg.per_class_test} of each class "
+                  f"are test, the next {cfg.per_class_train} training)")
     else:
-        source = f"{args.dataset} (every fourth example is test)"
-    return (f"{source}; the first {args.per_class_val} training examples of each class form the validation split. "
+        source = f"{cfg.dataset} (every fourth example is test)"
+    return (f"{source}; the first {cfg.per_class_val} training examples of each class form the validation split. "
             f"Per class: train {train_data.class_counts()}, validation {val_data.class_counts()}, "
             f"test {test_data.class_counts()} (stratified).")
 
