@@ -18,6 +18,8 @@ QUANT = {
     "nf4-fp32": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32),
     "fp4-fp32": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype=torch.float32),
     "nf4-bf16": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16),
+    "nf4-double": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+                       bnb_4bit_use_double_quant=True),  # the block scales quantised too (QLoRA's default)
     "int8": dict(load_in_8bit=True),
 }
 CFG = dict(r=8, lora_alpha=16, target_modules="all-linear")
@@ -77,6 +79,73 @@ def test_forward_and_backward_train_only_the_factors(folder, quant):
     assert grads and all("lora_" in n for n in grads)
     assert all(torch.isfinite(g).all() for g in grads.values())
     assert any(g.abs().sum() > 0 for n, g in grads.items() if "lora_B" in n)
+
+
+def trained_step(model, evaluate_first):
+    """The loss and the factors' gradients of one training forward/backward, after an evaluation or not."""
+    if evaluate_first:
+        logits(model.eval())
+    model.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loss = model(token_batch(seed=2), labels=token_batch(seed=2)).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if "lora_" in n}
+
+
+def adapted(folder, quant):
+    model = lk.inject(load(folder, quant), lk.LoRAConfig(rank=8, alpha=16, targets="all-linear"))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in factors(model):  # non-zero B, as after some training: every factor gets a gradient
+            p.normal_(0, 0.1)
+    return model
+
+
+@pytest.mark.parametrize("quant", ["nf4-fp32", "nf4-bf16"])
+def test_every_adapter_gets_a_gradient_after_an_evaluation(folder, quant):
+    """On AVX512-BF16 CPUs bitsandbytes re-packs a 4-bit weight at the first eval forward, into a layout whose kernel
+    has no backward; without lorakit's hook, only the adapters above the last such layer trained afterwards."""
+    model = lk.inject(load(folder, quant), lk.LoRAConfig(rank=8, alpha=16, targets="all-linear"))
+    _, grads = trained_step(model, evaluate_first=True)
+    starved = [n for n, g in grads.items() if "lora_B" in n and (g is None or not g.abs().sum())]
+    assert not starved, f"no gradient after an evaluation: {starved}"
+
+
+@pytest.mark.parametrize("quant", ["nf4-fp32", "fp4-fp32", "nf4-bf16", "nf4-double"])
+def test_training_after_an_evaluation_is_as_if_it_had_not_happened(folder, quant):
+    """Exactly: the standard layout comes back as it was, not by bitsandbytes' inverse of the packing (which rounds
+    the block scales to bf16 and, without double quantisation, leaves them transposed: another base)."""
+    model = adapted(folder, quant)
+    fresh_loss, fresh_grads = trained_step(model, evaluate_first=False)
+    evaluated = logits(model.eval())  # the factors are as they were (no optimiser step)
+    again = adapted(folder, quant)
+    for checkpoint in (False, True):  # evaluations, a checkpoint, training: as in a fine-tune
+        torch.testing.assert_close(logits(again.eval()), evaluated, atol=0, rtol=0)  # bitsandbytes' packed kernel
+        if checkpoint:  # bitsandbytes' state_dict() runs that inverse in place: undone too
+            again.state_dict()
+            torch.testing.assert_close(logits(again.eval()), evaluated, atol=0, rtol=0)
+        again.zero_grad()
+        loss, grads = trained_step(again, evaluate_first=False)
+        torch.testing.assert_close(loss, fresh_loss, atol=1e-6, rtol=0)
+        assert grads.keys() == fresh_grads.keys() and all(g is not None for g in grads.values())
+        for name, g in grads.items():
+            torch.testing.assert_close(g, fresh_grads[name], atol=1e-6, rtol=0, msg=name)
+    logits(again.eval())
+    layer = again.model.layers[0].self_attn.q_proj.base_layer
+    packs = getattr(layer, "support_avx512bf16_for_cpu", False)  # else nothing here was packed: trivially exact
+    assert getattr(layer.weight.quant_state, "packing_format_for_cpu", False) == packs
+
+
+def test_a_base_evaluated_before_inject_warns_that_its_gradients_stop(folder):
+    """Packed before lorakit saw it: no exact standard layout is left to go back to."""
+    model = load(folder, "nf4-fp32")
+    logits(model)
+    lk.inject(model, lk.LoRAConfig(rank=8, alpha=16, targets="all-linear")).train()
+    if not getattr(model.model.layers[0].self_attn.q_proj.base_layer, "support_avx512bf16_for_cpu", False):
+        pytest.skip("bitsandbytes packs 4-bit weights only on CPUs with AVX512-BF16")
+    with pytest.warns(UserWarning, match="already packed .* inject before evaluating"):
+        model(token_batch(seed=2))
 
 
 @pytest.mark.parametrize("quant", ["nf4-fp32", "nf4-bf16", "int8"])

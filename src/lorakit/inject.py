@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .config import LoRAConfig
-from .layers.base import quantisation, warn_requantising
+from .layers.base import keep_4bit_training_exact, quantisation, warn_requantising
 from .layers.modules_to_save import ModulesToSave
 from .layers.parametrize import LoRAParametrization, ParametrizedWeight
 from .layers.trainable_tokens import SIDE_LAYERS, attach_trainable_tokens, token_modules
@@ -84,6 +84,7 @@ def inject(model: nn.Module, cfg, name: str = "default") -> nn.Module:
         if not configs:  # the first adapter: the base is frozen once; later calls leave base parameters alone
             for p in before:
                 p.requires_grad_(False)
+            keep_4bit_training_exact(model)  # bitsandbytes' CPU packing at an evaluation (layers/base.py)
         for bias in trained_biases(model, cfg, name).values():  # PEFT's bias='all' / 'lora_only'
             bias.requires_grad_(True)
         set_active(model, name)

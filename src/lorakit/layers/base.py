@@ -91,6 +91,57 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
     raise ValueError(cannot_merge(module))
 
 
+def keep_4bit_training_exact(model: nn.Module) -> None:
+    """Make training after an evaluation what it would have been without it, on every bitsandbytes 4-bit layer.
+
+    On CPUs with AVX512-BF16, bitsandbytes (0.50) re-packs a 4-bit weight into its CPU inference layout, in place,
+    at the layer's first forward in eval mode on an input that needs no gradient, and every later forward, training
+    included, runs that layout's kernel, which has no backward: after one evaluation, the adapters below the first
+    4-bit layer got no gradient. bitsandbytes' inverse of the packing (its ``state_dict()`` runs it) is not exact:
+    the block scales come back rounded to bf16 (and, without double quantisation, still transposed), so an adapter
+    trained after it fits another base than a fresh load gives. Instead, a forward pre-hook remembers each layer's
+    standard layout (its data and its quant state's fields: references only, as the packing rebinds them and
+    writes into none) and puts it back before a forward bitsandbytes would not have packed for (training mode, or an
+    input that needs a gradient), and before any forward once bitsandbytes' inverse has run (a checkpoint's
+    ``state_dict()``), so that the packing starts from it again.
+
+    Evaluations keep bitsandbytes' packed kernel (and its outputs, as PEFT's), re-packing after each training phase;
+    while packed, a layer also holds its standard bytes. A layer packed before the hook first saw it (an evaluation
+    before ``inject``) has no exact standard layout left: the hook warns. Off the CPU, or where bitsandbytes does not
+    pack, the hook changes nothing.
+    """
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and _weight_kind(weight) == "bnb-4bit" \
+                and _standard_4bit_layout not in module._forward_pre_hooks.values():
+            module.register_forward_pre_hook(_standard_4bit_layout)
+
+
+def _standard_4bit_layout(module: nn.Module, args) -> None:
+    weight = module.weight
+    state = getattr(weight, "quant_state", None)
+    if state is None or weight.device.type != "cpu" or not getattr(module, "support_avx512bf16_for_cpu", True):
+        return
+    packed = getattr(state, "packing_format_for_cpu", False)
+    packs = not module.training and not any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+    saved = getattr(weight, "_lorakit_standard", None)  # on the weight: a merge or a copy starts afresh
+    if saved is None or saved[0] is not state:  # the first forward, or a new weight
+        if not packed:
+            weight._lorakit_standard = (state, weight.data, dict(vars(state)))
+        elif not packs:
+            warnings.warn("a bitsandbytes 4-bit layer was already packed for its CPU inference kernel when lorakit "
+                          "first saw it (an evaluation before inject?); that kernel has no backward, so the adapters "
+                          "below it get no gradient: inject before evaluating", UserWarning, stacklevel=2)
+        return
+    _, data, standard = saved
+    fields = vars(state)
+    changed = fields.keys() != standard.keys() or any(fields[k] is not v for k, v in standard.items())
+    if changed and not (packed and packs):  # packed (or packed and inverted) by bitsandbytes: back to the standard
+        weight.data = data
+        fields.clear()
+        fields.update(standard)
+
+
 def cannot_merge(module: nn.Module) -> str:
     return (f"cannot merge into {type(module).__name__}: its weight is quantised ({quantisation(module)}) and lorakit "
             "can write back only into plain and bitsandbytes 4/8-bit weights; keep the adapter unmerged or "
