@@ -159,18 +159,25 @@ def test_a_peft_qlora_adapter_loads_with_peft_s_outputs_on_the_quantised_and_the
     torch.testing.assert_close(logits(float_model), logits(float_reference), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("quant", ["nf4-fp32", "fp4-fp32", "int8"])
-def test_the_dense_weight_is_the_same_after_an_eval_forward(folder, quant):
-    """On AVX512-BF16 CPUs bitsandbytes re-packs a 4-bit weight for its kernel at the first eval forward (its
-    scales rounded to bf16 on the way); reading the weight must undo that, as bitsandbytes' state_dict() does."""
+@pytest.mark.parametrize("injected", [False, True])
+@pytest.mark.parametrize("quant", ["nf4-fp32", "fp4-fp32", "nf4-double", "int8"])
+def test_the_dense_weight_is_the_same_after_an_eval_forward(folder, quant, injected):
+    """On AVX512-BF16 CPUs bitsandbytes re-packs a 4-bit weight for its kernel at the first eval forward; reading
+    the weight must undo that for every layer (down_proj's 128 inputs are two scale blocks): exactly on an injected
+    model (the standard layout kept), else through bitsandbytes' inverse (its scales rounded to bf16)."""
     from lorakit.layers.base import dense_weight
 
     model = load(folder, quant)
-    layer = model.model.layers[0].self_attn.q_proj
-    before = dense_weight(layer).float().clone()
-    logits(model)
-    torch.testing.assert_close(dense_weight(layer).float(), before, atol=0, rtol=1e-2)
-    logits(model)  # and the layer still computes after being read
+    if injected:
+        lk.inject(model, lk.LoRAConfig(rank=2, targets=["q_proj"]))
+    layers = {n: m for n, m in model.named_modules() if n.endswith(("q_proj", "down_proj")) and "base_layer" not in n}
+    before = {n: dense_weight(m.base_layer if hasattr(m, "base_layer") else m).float().clone() for n, m in layers.items()}
+    logits(model.eval())
+    for name, layer in layers.items():
+        after = dense_weight(layer.base_layer if hasattr(layer, "base_layer") else layer).float()
+        tolerance = 0 if injected or quant == "int8" else 1e-2
+        torch.testing.assert_close(after, before[name], atol=0, rtol=tolerance, msg=name)
+    logits(model)  # and the layers still compute after being read
 
 
 def test_a_lorakit_adapter_on_a_4bit_base_loads_in_peft_with_the_same_outputs(folder, tmp_path):

@@ -72,9 +72,10 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
     """The weight as a dense float tensor shaped as a plain layer stores it (dequantised for bitsandbytes).
 
     On CPUs with AVX512-BF16, bitsandbytes (>= 0.49) re-packs a 4-bit weight into its CPU kernel's own layout at the
-    layer's first eval forward; that layout does not dequantise. As bitsandbytes' own ``state_dict()`` does, the
-    standard layout is recovered first, here from a copy of its state: the layer itself is never changed by a
-    read (DoRA reads W at every training step; undoing the packing in place made later forwards differ)."""
+    layer's first eval forward; that layout does not dequantise. The standard layout is read instead: exactly, as
+    :func:`keep_4bit_training_exact` kept it (every injected model), else through bitsandbytes' inverse, as its own
+    ``state_dict()`` does (bf16-rounded scales). The layer itself is never changed by a read (DoRA reads W at every
+    training step; undoing the packing in place made later forwards differ)."""
     weight, kind = module.weight, _weight_kind(module.weight)
     if kind == "plain":
         return weight
@@ -82,13 +83,37 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
 
     if kind == "bnb-4bit":
         data, state = weight.data, weight.quant_state
-        if getattr(state, "packing_format_for_cpu", False):  # the inverse rewrites the state it is given
-            data, state = bnb_f._convert_weight_packed_for_cpu_inverse(data, copy.deepcopy(state))
+        if getattr(state, "packing_format_for_cpu", False):
+            data, state = _standard_4bit(weight) or _unpacked_4bit(data, state)
         return bnb_f.dequantize_4bit(data, state)
     if kind == "bnb-8bit":  # the row scales move from the weight to the layer's state at its first forward
         scales = weight.SCB if weight.SCB is not None else module.state.SCB
         return bnb_f.int8_vectorwise_dequant(weight.data, scales)
     raise ValueError(cannot_merge(module))
+
+
+def _standard_4bit(weight: torch.Tensor) -> tuple[torch.Tensor, object] | None:
+    """The exact standard layout of a packed 4-bit weight, as :func:`keep_4bit_training_exact` kept it (a copy of
+    the state object with its standard fields), else None."""
+    saved = getattr(weight, "_lorakit_standard", None)
+    if saved is None or saved[0] is not weight.quant_state:
+        return None
+    standard = copy.copy(saved[0])
+    vars(standard).clear()
+    vars(standard).update(saved[2])
+    return saved[1], standard
+
+
+def _unpacked_4bit(data: torch.Tensor, state) -> tuple[torch.Tensor, object]:
+    """bitsandbytes' inverse of its CPU packing, on a copy of the state (it rewrites the one it is given). Its block
+    scales come back rounded to bf16, and (0.50, without double quantisation) as the packing laid them out,
+    (in / blocksize, out): they are put back in the standard order, one per block of a flat weight."""
+    import bitsandbytes.functional as bnb_f
+
+    data, state = bnb_f._convert_weight_packed_for_cpu_inverse(data, copy.deepcopy(state))
+    if state.absmax.dim() == 2:
+        state.absmax = state.absmax.T.reshape(-1).float()
+    return data, state
 
 
 def keep_4bit_training_exact(model: nn.Module) -> None:
