@@ -13,12 +13,19 @@ from lorakit.models.hf import tiny_bert_config  # noqa: E402
 from tiny_llama import tiny_llama, token_batch, write_tiny_llama  # noqa: E402
 
 
-def lora_bert():
+ADAPTERS = {  # name -> the LoRAConfig fields beside rank, alpha and modules_to_save=["classifier"]
+    "lora": {"targets": ["query", "value"]},
+    "trainable-tokens": {"targets": ["query", "value"], "trainable_token_indices": [5, 9, 17]},
+    "dora-with-embedding": {"targets": ["query", "value", "word_embeddings"], "dora": True},
+}
+
+
+def lora_bert(adapter="lora"):
     from transformers import BertForSequenceClassification
 
     torch.manual_seed(0)
     model = BertForSequenceClassification(tiny_bert_config(num_labels=3))
-    return lk.inject(model, lk.LoRAConfig(rank=4, alpha=8, targets=["query", "value"], modules_to_save=["classifier"]))
+    return lk.inject(model, lk.LoRAConfig(rank=4, alpha=8, modules_to_save=["classifier"], **ADAPTERS[adapter]))
 
 
 def examples(n=24):
@@ -40,11 +47,13 @@ def trainer(out, model):
 
 
 def adapter_state(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k or "modules_to_save" in k}
+    return {k: v.detach().clone() for k, v in model.state_dict().items()
+            if "lora_" in k or "modules_to_save" in k or "trainable_tokens" in k}
 
 
-def test_checkpoints_are_adapter_folders_and_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
-    model = lora_bert()
+@pytest.mark.parametrize("adapter", list(ADAPTERS))
+def test_checkpoints_are_adapter_folders_and_resume_ends_where_an_uninterrupted_run_ends(tmp_path, adapter):
+    model = lora_bert(adapter)
     trainer(tmp_path / "whole", model).train()
     expected = adapter_state(model)
 
@@ -55,12 +64,17 @@ def test_checkpoints_are_adapter_folders_and_resume_ends_where_an_uninterrupted_
     assert not files & {"model.safetensors", "pytorch_model.bin"}
     assert json.loads((checkpoint / "adapter_config.json").read_text())["peft_type"] == "LORA"
 
-    resumed = lora_bert()
+    resumed = lora_bert(adapter)
     trainer(tmp_path / "resumed", resumed).train(resume_from_checkpoint=str(checkpoint))
-    for key, value in adapter_state(resumed).items():
+    state = adapter_state(resumed)
+    assert state.keys() == expected.keys()
+    for key, value in state.items():
         torch.testing.assert_close(value, expected[key], atol=1e-6, rtol=0, msg=key)
-    untouched = adapter_state(lora_bert())
-    assert any(not torch.equal(untouched[k], expected[k]) for k in expected)  # training did change the adapter
+    untouched = adapter_state(lora_bert(adapter))
+    must_move = {"lora": ("lora_B",), "trainable-tokens": ("trainable_tokens",),
+                 "dora-with-embedding": ("word_embeddings", "lora_magnitude_vector")}[adapter]
+    moved = [k for k in expected if all(m in k for m in must_move) and not torch.equal(untouched[k], expected[k])]
+    assert moved, f"training moved no {must_move} tensor of {sorted(expected)}"
 
 
 def test_the_checkpoint_loads_in_peft_with_the_same_outputs(tmp_path):
