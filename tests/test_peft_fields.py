@@ -132,6 +132,10 @@ CASES: dict[str, list[tuple]] = {
     "kasa_config": [({}, REFUSED, "json", LINEAR, {})],
     "ensure_weight_tying": [(True, REFUSED, "peft", LINEAR, {})],
 }
+NEWER_PEFT = {  # rows of fields that only newer PEFT versions have: they join CASES where the installed PEFT has them
+    "astra_config": [({"rank": 4}, REFUSED, "json", LINEAR, {})],  # PEFT 0.22
+}
+CASES.update({k: v for k, v in NEWER_PEFT.items() if k in {f.name for f in dataclasses.fields(peft.LoraConfig)}})
 NOT_SET_BY_USERS = {"peft_type": "PEFT writes 'LORA' itself; other values are other methods (test_errors: other-peft-type)"}
 REFUSAL_NAMES: dict[str, str] = {}  # field -> the words of its refusal, where they are not the field's name
 
