@@ -11,8 +11,8 @@ from typing import Optional
 
 import pytest
 
-from lorakit.experiments.harness import (CellStore, add_config_flags, check_same_protocol, parse_names, parse_rates,
-                                       protocol_differences, run_experiment)
+from lorakit.experiments.harness import (CellStore, add_config_flags, check_same_protocol, flag, parse_names,
+                                       parse_rates, protocol_differences, run_experiment)
 
 PROTOCOL = {"settings": {"max_length": 12, "rank": 2}, "train_config": {"lr": 0.01, "epochs": 2.0}}
 
@@ -126,3 +126,21 @@ def test_a_config_flag_of_the_wrong_type_is_refused(argv, capsys):
 def test_a_config_flag_for_no_field_is_an_error():
     with pytest.raises(ValueError, match="_Flags has no field 'epochs'"):
         add_config_flags(argparse.ArgumentParser(), _Flags(), "steps", "epochs")
+
+
+@dataclass
+class _Described:
+    mode: str = flag("a", "which mode", choices=["a", "b"])
+    note: list[str] = flag([], "a line (repeatable)", action="append")
+    depth: int = flag(2)
+
+
+def test_flag_metadata_gives_help_choices_and_actions(capsys):
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser, _Described())
+    assert vars(parser.parse_args(["--note", "x", "--note", "y,z"])) == {"mode": "a", "note": ["x", "y,z"], "depth": 2}
+    assert _Described().note == [] and _Described().note is not _Described().note  # one list per config
+    assert "which mode" in parser.format_help() and "a line (repeatable)" in parser.format_help()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--mode", "c"])
+    assert "invalid choice: 'c'" in capsys.readouterr().err
