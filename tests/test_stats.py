@@ -102,3 +102,37 @@ def test_paired_interval_of_two_seeds_in_closed_form():
     # differences 1 and 3: mean 2, sd sqrt(2), half-width t_{0.975, 1} * sqrt(2) / sqrt(2) = 12.706
     d = paired_difference({0: 11.0, 1: 13.0}, {0: 10.0, 1: 10.0})
     assert (d["mean_pp"], d["ci95_low_pp"], d["ci95_high_pp"]) == pytest.approx((2.0, 2.0 - 12.706, 2.0 + 12.706))
+
+
+def _row(variant, init, seed, accuracy, rank=16):
+    return {"variant": variant, "init": init, "rank": rank, "seed": seed, "accuracy": accuracy}
+
+
+@pytest.mark.parametrize("clora, svd, verdict", [
+    ([80.0, 81.0, 82.0], [79.0, 79.5, 80.5], "C-LoRA is better"),  # diffs 1.0, 1.5, 1.5
+    ([80.0, 81.0, 82.0], [81.0, 82.2, 82.8], "SVD + fine-tune is better"),  # diffs -1.0, -1.2, -0.8
+    ([80.0, 81.0, 82.0], [79.0, 82.0, 81.5], "not distinguishable at n = 3"),  # diffs 1.0, -1.0, 0.5
+])
+def test_clora_against_svd_is_the_paired_interval(clora, svd, verdict):
+    """The compression tables' C-LoRA - SVD line: the paired differences, their mean and 95 % interval (t = 4.303
+    at n = 3, written out here), and a verdict only where the interval excludes 0."""
+    from lorakit.experiments.compress_report import clora_vs_svd
+
+    rows = [_row("wds", "svd", s, a) for s, a in enumerate(clora)]
+    rows += [_row("wds", "random", s, a - 5) for s, a in enumerate(clora)]  # a worse C-LoRA method: not chosen
+    rows += [_row("svd+finetune", None, s, a) for s, a in enumerate(svd)]
+    diffs = [c - v for c, v in zip(clora, svd)]
+    mean = sum(diffs) / 3
+    half = 4.303 * math.sqrt(sum((d - mean) ** 2 for d in diffs) / 2) / math.sqrt(3)
+    [line] = clora_vs_svd(rows)
+    assert line.startswith("- rank 16: wds (svd) ") and " vs svd+finetune " in line
+    assert f"per seed {', '.join(f'{d:+.2f}' for d in diffs)} pp" in line
+    assert f"mean {mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}] pp (95 % interval, n = 3)" in line
+    assert f"**{verdict}" in line
+
+
+def test_clora_against_svd_with_one_seed_gives_no_verdict():
+    from lorakit.experiments.compress_report import clora_vs_svd
+
+    [line] = clora_vs_svd([_row("bias", "svd", 0, 85.0), _row("asvd+finetune", None, 0, 84.0)])
+    assert "mean +1.00 pp (95 % interval, n = 1): **one seed only: no verdict**" in line

@@ -10,7 +10,7 @@ from matplotlib.figure import Figure
 
 from .. import report
 from .compress_cells import BASELINES, CLORA_VARIANTS
-from .stats import format_mean_std, mean_std
+from .stats import format_mean_std, mean_std, paired_difference
 
 FINETUNED = ("svd+finetune", "asvd+finetune")
 TABLE_FILES = "results.json, report.md, accuracy_vs_ratio.png"  # what a table run writes in OUT
@@ -83,7 +83,8 @@ def gap_targets(summary: list[dict], limits: Sequence[tuple[float, float]]) -> l
 
 def clora_vs_svd(rows: list[dict]) -> list[str]:
     """Per rank: the best C-LoRA method against the best SVD + fine-tune method (by mean accuracy), and their
-    accuracy difference seed by seed (same dense model, same training steps). One markdown bullet per rank."""
+    accuracy difference paired by seed (same dense model, same training steps) with its 95 % interval
+    (:func:`~.stats.paired_difference`). One markdown bullet per rank."""
     lines = []
     for rank in sorted({r["rank"] for r in rows if r["rank"] is not None}):
         clora = _by_method([r for r in rows if r["rank"] == rank and r["variant"] in CLORA_VARIANTS])
@@ -92,22 +93,23 @@ def clora_vs_svd(rows: list[dict]) -> list[str]:
             continue
         best_c = max(clora, key=lambda m: statistics.fmean(clora[m].values()))
         best_s = max(tuned, key=lambda m: statistics.fmean(tuned[m].values()))
-        seeds = sorted(set(clora[best_c]) & set(tuned[best_s]))
-        if not seeds:
+        if not set(clora[best_c]) & set(tuned[best_s]):
             continue
-        diffs = [clora[best_c][s] - tuned[best_s][s] for s in seeds]
-        if len(seeds) < 2:
+        diff = paired_difference(clora[best_c], tuned[best_s])
+        per_seed = ", ".join(f"{clora[best_c][s] - tuned[best_s][s]:+.2f}" for s in diff["seeds"])
+        low, high = diff["ci95_low_pp"], diff["ci95_high_pp"]
+        interval = "" if low is None else f" [{low:+.2f}, {high:+.2f}]"
+        if low is None:
             verdict = "one seed only: no verdict"
-        elif all(d > 0 for d in diffs):
-            verdict = "C-LoRA is better on every seed"
-        elif all(d < 0 for d in diffs):
-            verdict = "SVD + fine-tune is better on every seed"
+        elif low > 0:
+            verdict = "C-LoRA is better (the whole interval is above 0)"
+        elif high < 0:
+            verdict = "SVD + fine-tune is better (the whole interval is below 0)"
         else:
-            verdict = "no consistent difference across the seeds"
+            verdict = f"not distinguishable at n = {diff['n']}"
         lines.append(f"- rank {rank}: {best_c} {_seeds_mean_std(clora[best_c])} vs {best_s} "
-                     f"{_seeds_mean_std(tuned[best_s])}; "
-                     f"C-LoRA minus SVD per seed {', '.join(f'{d:+.2f}' for d in diffs)} pp (mean "
-                     f"{statistics.fmean(diffs):+.2f}, n = {len(seeds)}): **{verdict}**")
+                     f"{_seeds_mean_std(tuned[best_s])}; C-LoRA minus SVD per seed {per_seed} pp, mean "
+                     f"{diff['mean_pp']:+.2f}{interval} pp (95 % interval, n = {diff['n']}): **{verdict}**")
     return lines
 
 
