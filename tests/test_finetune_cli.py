@@ -96,6 +96,20 @@ def test_each_method_writes_its_outputs_and_they_load_back_to_the_trained_loss(t
         assert main(["generate", "--model", str(llama), "--quantize", "4bit", "--adapter", str(out), "w1 w2"]) == 0
 
 
+def test_qlora_trains_the_same_with_and_without_evaluations(tmp_path, llama, data, single_thread):
+    """finetune scores --eval at step 0, before training: on CPUs with AVX512-BF16 that packs every 4-bit weight for
+    bitsandbytes' inference kernel, which has no backward, and training then reached only the top adapters (lorakit
+    keeps the standard layout for training: layers/base.keep_4bit_training_exact)."""
+    pytest.importorskip("bitsandbytes")
+    command = ["finetune", "--model", str(llama), "--data", str(data), "--steps", "6", "--batch-size", "4",
+               "--lr", "1e-2", "--method", "qlora", "--rank", "4"]
+    assert main([*command, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*command, "--eval", str(data), "--eval-every", "2", "--out", str(tmp_path / "evaluated")]) == 0
+    plain, evaluated = results(tmp_path / "plain"), results(tmp_path / "evaluated")
+    assert evaluated["eval_steps"] == [0, 2, 4, 6] and plain["eval_steps"] == []
+    assert evaluated["losses"] == pytest.approx(plain["losses"], abs=1e-6, rel=0)
+
+
 def test_peft_loads_the_written_lora_adapter_with_the_same_logits(tmp_path, llama, data, single_thread):
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
