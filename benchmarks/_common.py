@@ -1,6 +1,8 @@
-"""Shared by the benchmark scripts: interleaved timing with medians, and writing one section of RESULTS.md."""
+"""Shared by the benchmark scripts: their common flags, interleaved timing with medians, and writing one section of
+RESULTS.md."""
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import re
@@ -12,6 +14,22 @@ from typing import Callable
 import torch
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
+
+
+def benchmark_parser(doc: str, repeats: int) -> argparse.ArgumentParser:
+    """``--repeats``, ``--threads`` (default 2) and ``--no-write`` (print only); a script adds its own flags, then
+    :func:`parse` reads them and sets the threads."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-write", action="store_true", help="print the tables only (smoke runs)")
+    return parser
+
+
+def parse(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    return args
 
 
 def interleaved(cases: dict[str, Callable[[], None]], repeats: int, inner: int, warmup: int = 3) -> dict[str, float]:

@@ -12,7 +12,6 @@ Run: python benchmarks/dora_step.py [--repeats 9] [--threads 2] [--no-write] [--
 """
 from __future__ import annotations
 
-import argparse
 import copy
 
 import torch
@@ -22,7 +21,7 @@ from peft import LoraConfig, get_peft_model
 import lorakit as lk
 from lorakit.models import load_causal_lm, richboynet
 
-from _common import interleaved, machine, write_section
+from _common import benchmark_parser, interleaved, machine, parse, write_section
 from llm_step import gloss_tokens
 
 MLP_TARGETS = ["linear1", "linear2", "linear3"]
@@ -109,13 +108,9 @@ def llm_row(repeats: int) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--no-write", action="store_true", help="print the table only (smoke runs)")
+    parser = benchmark_parser(__doc__, repeats=9)
     parser.add_argument("--skip-llm", action="store_true", help="the seed MLP only")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse(parser)
     rows = [mlp_row(args.repeats)]
     print(rows[-1], flush=True)
     if not args.skip_llm:

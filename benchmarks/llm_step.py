@@ -17,7 +17,6 @@ Run: python benchmarks/llm_step.py [--repeats 7] [--threads 2] [--no-write]
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import json
@@ -31,7 +30,7 @@ import lorakit as lk
 from lorakit.data.text import read_wordnet_nouns
 from lorakit.models import load_causal_lm
 
-from _common import interleaved, machine, write_section
+from _common import benchmark_parser, interleaved, machine, parse, write_section
 
 RANK, ALPHA = 16, 32
 # bf16 matmuls on a CPU without bf16 units run ~40x slower than fp32 (a 4 x 128 step: 130 s against 3.4 s), so the
@@ -210,12 +209,8 @@ def mixed_rows(repeats: int, tmp: str) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--no-write", action="store_true", help="print the tables only (smoke runs)")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    parser = benchmark_parser(__doc__, repeats=7)
+    args = parse(parser)
     import tempfile
 
     train = training_rows(args.repeats)

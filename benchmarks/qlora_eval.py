@@ -13,7 +13,6 @@ Run: python benchmarks/qlora_eval.py [--repeats 7] [--threads 2] [--no-write]
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import time
@@ -21,7 +20,7 @@ from unittest import mock
 
 import torch
 
-from _common import interleaved, machine, write_section
+from _common import benchmark_parser, interleaved, machine, parse, write_section
 from llm_step import base_model, gloss_tokens, step_fn, with_lorakit
 
 
@@ -53,12 +52,8 @@ def eval_after_steps(cases: dict, ids: torch.Tensor, repeats: int) -> dict[str, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--no-write", action="store_true", help="print the table only (smoke runs)")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    parser = benchmark_parser(__doc__, repeats=7)
+    args = parse(parser)
     cases, ids, packs = models()
     step = interleaved({name: step_fn(model, ids, False) for name, model in cases.items()}, args.repeats, 1, warmup=1)
     evaluation = eval_after_steps(cases, ids, args.repeats)
