@@ -133,6 +133,7 @@ def test_missing_cifar10_says_how_to_get_it(tmp_path, capsys):
     (["--widths", "4,0"], "widths and hidden must be positive"),
     (["--train-size", "0"], "train_size and test_size must be >= 1"),
     (["--timing-batch", "0"], "timing_batch must be >= 1"),
+    (["--timing-rounds", "-1"], "timing_rounds must be >= 0"),
 ])
 def test_bad_input_is_refused_before_any_work(tmp_path, capsys, extra, message):
     from lorakit.cli import main

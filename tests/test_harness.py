@@ -6,13 +6,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 from dataclasses import dataclass
 from typing import Optional
 
 import pytest
 
 from lorakit.experiments.harness import (CellStore, add_config_flags, check_same_protocol, flag, parse_names,
-                                       parse_rates, protocol_differences, run_experiment)
+                                       parse_rates, parse_seeds, protocol_differences, run_experiment)
 
 PROTOCOL = {"settings": {"max_length": 12, "rank": 2}, "train_config": {"lr": 0.01, "epochs": 2.0}}
 
@@ -144,3 +145,15 @@ def test_flag_metadata_gives_help_choices_and_actions(capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["--mode", "c"])
     assert "invalid choice: 'c'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, expected", [("0,1,2", [0, 1, 2]), ("3", [3]), ("2, 0,", [2, 0])])
+def test_parse_seeds_keeps_the_order(text, expected):
+    assert parse_seeds(text) == expected
+
+
+@pytest.mark.parametrize("text, message", [("0,a", "--seeds must be comma-separated integers, got '0,a'"),
+                                           ("", "at least one seed"), ("1,1", "none twice")])
+def test_parse_seeds_refuses_what_is_not_a_seed_list(text, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse_seeds(text)

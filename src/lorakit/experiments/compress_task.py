@@ -56,6 +56,8 @@ class CompressionConfig(CellsConfig):
         for name in ("batch_size", "timing_batch", "state_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.timing_rounds < 0:
+            raise ValueError(f"timing_rounds must be >= 0 (0 skips the timing), got {self.timing_rounds}")
 
 
 def add_compression_arguments(parser: argparse.ArgumentParser, d: CompressionConfig) -> None:

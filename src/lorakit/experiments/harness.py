@@ -101,6 +101,17 @@ def parse_names(text: str, known: Iterable[str], what: str) -> list[str]:
     return names
 
 
+def parse_seeds(text: str) -> list[int]:
+    """``"0,1,2"`` -> ``[0, 1, 2]``: the seeds of ``--seeds``, at least one, each an integer, none twice."""
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError as err:
+        raise ValueError(f"--seeds must be comma-separated integers, got {text!r}") from err
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds needs at least one seed and none twice, got {text!r}")
+    return seeds
+
+
 def parse_rates(text: str, method: str) -> list[float]:
     """``"1e-3,3e-3"`` -> ``[0.001, 0.003]``: the learning rates of ``--lr-<method>``, each positive."""
     try:

@@ -26,7 +26,7 @@ from .. import parallel
 from . import config_from_args, output_dir
 from .llm_compare_cells import ROWS, Setup, release_weights, run_cell
 from .llm_compare_task import stratified_subset, write_jsonl
-from .harness import add_config_flags, flag, parse_names, parse_rates
+from .harness import add_config_flags, flag, parse_names, parse_rates, parse_seeds
 from .text_task import load_data, split_validation
 
 DESCRIPTION = ("seed 004 on a causal LM: zero-shot, LoRA, QLoRA, soft prompt, adapter and full fine-tuning of SmolLM2 "
@@ -148,7 +148,7 @@ def main(args: argparse.Namespace) -> int:
     torch.set_num_threads(cfg.threads)
     out = output_dir(cfg.out, "llm-compare")
     methods = parse_names(cfg.methods, METHODS, "methods")
-    seeds = [int(s) for s in cfg.seeds.split(",")]
+    seeds = parse_seeds(cfg.seeds)
     if cfg.timing_rounds < 0:
         raise ValueError(f"--timing-rounds must be 0 (no timing) or more, got {cfg.timing_rounds}")
     grids = {m: parse_rates(getattr(cfg, f"lr_{m.replace('-', '_')}"), m) for m in methods if m != "zero-shot"}

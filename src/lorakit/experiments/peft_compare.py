@@ -41,7 +41,7 @@ from ..report import run_metadata, write_report, write_results
 from ..train import TrainConfig
 from . import config_from_args, output_dir
 from . import peft_compare_adapterhub as adapterhub
-from .harness import add_config_flags, flag, parse_names, parse_rates
+from .harness import add_config_flags, flag, parse_names, parse_rates, parse_seeds
 from .peft_compare_cells import CellContext, git_commit, run_cell
 from .peft_compare_measure import measure_memory, step_time_ratios
 from .peft_compare_models import LIBRARY, ROWS, REFERENCE_004, REFERENCE_004_PARAMS, build
@@ -165,7 +165,7 @@ def _plan(cfg: PeftCompareConfig, cells: Path) -> _Plan:
                          "or another --out")
     methods = parse_names(cfg.methods, METHODS, "methods")
     implementations = parse_names(cfg.implementations, ("lorakit", "peft", "adapters"), "implementations")
-    seeds = [int(s) for s in cfg.seeds.split(",")]
+    seeds = parse_seeds(cfg.seeds)
     lrs = {m: parse_rates(getattr(cfg, f"lr_{m}"), m) for m in methods}
     if "peft" in implementations and importlib.util.find_spec("peft") is None:
         raise ValueError("the PEFT rows need peft: pip install peft (or leave 'peft' out of --implementations)")
