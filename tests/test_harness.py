@@ -12,6 +12,7 @@ from typing import Optional
 
 import pytest
 
+from lorakit.experiments import config_from_args
 from lorakit.experiments.harness import (CellStore, add_config_flags, check_same_protocol, flag, parse_names,
                                        parse_rates, parse_seeds, protocol_differences, run_experiment)
 
@@ -145,6 +146,29 @@ def test_flag_metadata_gives_help_choices_and_actions(capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["--mode", "c"])
     assert "invalid choice: 'c'" in capsys.readouterr().err
+
+
+@dataclass
+class _Grids:
+    lr: dict[str, str] = flag({"full": "1e-4", "lora": "1e-3,3e-3"}, "{}: rates to sweep")
+    out: Optional[str] = None
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([], {"full": "1e-4", "lora": "1e-3,3e-3"}),
+    (["--lr-lora", "0.1"], {"full": "1e-4", "lora": "0.1"}),
+    (["--lr-full", "2e-5", "--lr-lora", "1e-2,3e-2"], {"full": "2e-5", "lora": "1e-2,3e-2"}),
+])
+def test_a_dict_field_is_a_flag_per_key_and_comes_back_as_the_dict(argv, expected, capsys):
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser, _Grids())
+    cfg = config_from_args(_Grids, parser.parse_args(argv))
+    assert cfg == _Grids(lr=expected)
+    assert _Grids().lr is not _Grids().lr  # one dict per config
+    assert "full: rates to sweep" in parser.format_help() and "lora: rates to sweep" in parser.format_help()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--lr-prompt", "1"])  # a key the field does not have
+    assert "unrecognized arguments: --lr-prompt" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("text, expected", [("0,1,2", [0, 1, 2]), ("3", [3]), ("2, 0,", [2, 0])])

@@ -6,10 +6,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import typing
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional
 
+import torch
 from torch import nn
 
 import lorakit as lk
@@ -39,8 +41,8 @@ def flag(default: Any = None, help: Optional[str] = None, **argparse_options: An
     """A config field that :func:`add_config_flags` turns into a flag with this ``help`` text and these argparse
     options (``choices=...``, ``action="append"``), as transformers' ``HfArgumentParser`` reads ``metadata``."""
     metadata = {"help": help, **argparse_options}
-    if isinstance(default, list):
-        return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -50,7 +52,9 @@ def add_config_flags(parser: argparse.ArgumentParser, defaults: Any, *names: str
     every field), in the order given, with the field's value there as its default and its type from the
     annotation: a number or a string takes one value (``Optional[...]``: the same, default None), a list a
     comma-separated one, a bool that defaults to False is a switch and one that defaults to True also takes
-    ``--no-<name>``. The help text is ``help[name]`` or the field's :func:`flag` help; its other options override."""
+    ``--no-<name>``, and a dict of strings (e.g. a learning-rate grid per method) one flag per key,
+    ``--<name>-<key>``, whose help is the field's with ``{}`` filled by the key. The help text is ``help[name]`` or
+    the field's :func:`flag` help; its other options override."""
     hints = typing.get_type_hints(type(defaults))
     fields = {f.name: f for f in dataclasses.fields(defaults)}
     for name in names or list(fields):
@@ -62,6 +66,11 @@ def add_config_flags(parser: argparse.ArgumentParser, defaults: Any, *names: str
             options["help"] = help[name]
         if options.get("help") is None:
             options.pop("help", None)
+        if typing.get_origin(kind) is dict:
+            for key, value in default.items():
+                parser.add_argument(f"--{name}-{key}".replace("_", "-"), default=value,
+                                    help=options.get("help", "").format(key))
+            continue
         if "action" not in options:  # an action (e.g. "append") parses the values itself
             options.update(_parsing(kind, default))
         parser.add_argument("--" + name.replace("_", "-"), **options)
@@ -89,6 +98,15 @@ def run_experiment(args: argparse.Namespace, config_class: type, experiment: str
     if parallel.is_main():
         print(f"wrote {out}/{wrote}")
     return 0
+
+
+def start_hf_run(args: argparse.Namespace, config_class: type, experiment: str) -> tuple[Any, Path]:
+    """The config from the flags and the output folder of an experiment on Hugging Face models: offline (no hub
+    access unless ``HF_HUB_OFFLINE`` says otherwise), with the config's torch ``threads``."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    cfg = config_from_args(config_class, args)
+    torch.set_num_threads(cfg.threads)
+    return cfg, output_dir(cfg.out, experiment)
 
 
 def parse_names(text: str, known: Iterable[str], what: str) -> list[str]:

@@ -16,25 +16,20 @@ bottleneck adapter, lorakit (AdapterHub is not run: see ``ADAPTERHUB_REASON``); 
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
 
 from .. import parallel
-from . import config_from_args, output_dir
 from .llm_compare_cells import ROWS, Setup, release_weights, run_cell
 from .llm_compare_task import stratified_subset, write_jsonl
-from .harness import add_config_flags, flag, parse_names, parse_rates, parse_seeds
+from .harness import add_config_flags, flag, parse_names, parse_rates, parse_seeds, start_hf_run
 from .text_task import load_data, split_validation
 
 DESCRIPTION = ("seed 004 on a causal LM: zero-shot, LoRA, QLoRA, soft prompt, adapter and full fine-tuning of SmolLM2 "
                "on WordNet supersenses by generation, lorakit beside PEFT")
 METHODS = ("zero-shot", "lora", "dora", "qlora", "prompt", "adapter", "full")
-LR_GRIDS = {"lora": "3e-4,1e-3", "dora": "3e-4,1e-3", "qlora": "3e-4,1e-3", "prompt": "3e-2,1e-1",
-            "adapter": "3e-4,1e-3", "full": "2e-5,5e-5"}
-LR_HELP = "{}: learning rates to sweep (one: no sweep)"
 ADAPTERHUB_REASON = ("AdapterHub (`adapters`) pins transformers 4.57, so it runs only in its own environment "
                      "(`make adapters-env`), driven by peft-compare's bridge `scripts/adapterhub_row.py`, which trains "
                      "a sequence classifier; it has no causal-LM job (chat-template data, answer-only loss, greedy "
@@ -61,12 +56,9 @@ class LLMCompareConfig:
     alpha: float = flag(16.0, "LoRA alpha (scale alpha / rank)")
     num_tokens: int = flag(10, "soft prompt length")
     bottleneck: int = flag(16, "adapter width, after each block's MLP")
-    lr_lora: str = flag(LR_GRIDS["lora"], LR_HELP.format("lora"))
-    lr_dora: str = flag(LR_GRIDS["dora"], LR_HELP.format("dora"))
-    lr_qlora: str = flag(LR_GRIDS["qlora"], LR_HELP.format("qlora"))
-    lr_prompt: str = flag(LR_GRIDS["prompt"], LR_HELP.format("prompt"))
-    lr_adapter: str = flag(LR_GRIDS["adapter"], LR_HELP.format("adapter"))
-    lr_full: str = flag(LR_GRIDS["full"], LR_HELP.format("full"))
+    lr: dict[str, str] = flag({"lora": "3e-4,1e-3", "dora": "3e-4,1e-3", "qlora": "3e-4,1e-3", "prompt": "3e-2,1e-1",
+                               "adapter": "3e-4,1e-3", "full": "2e-5,5e-5"}, "{}: learning rates to sweep (one: no sweep)")
+    """Each trained method's grid: ``--lr-lora``, ``--lr-dora``, ... (results.json's config: ``lr``, by method)."""
     timing_rounds: int = flag(5, "rounds of side-by-side training steps that time the rows (0: none)")
     eval_batch_size: int = flag(16, "prompts generated at once")
     threads: int = flag(2, "torch threads")
@@ -138,20 +130,15 @@ def measure_step_times(setup: Setup, rows: list, chosen: dict, rounds: int, seed
 
 
 def main(args: argparse.Namespace) -> int:
-    import torch
-
     from .llm_compare_report import write_outputs
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     started = time.perf_counter()
-    cfg = config_from_args(LLMCompareConfig, args)
-    torch.set_num_threads(cfg.threads)
-    out = output_dir(cfg.out, "llm-compare")
+    cfg, out = start_hf_run(args, LLMCompareConfig, "llm-compare")
     methods = parse_names(cfg.methods, METHODS, "methods")
     seeds = parse_seeds(cfg.seeds)
     if cfg.timing_rounds < 0:
         raise ValueError(f"--timing-rounds must be 0 (no timing) or more, got {cfg.timing_rounds}")
-    grids = {m: parse_rates(getattr(cfg, f"lr_{m.replace('-', '_')}"), m) for m in methods if m != "zero-shot"}
+    grids = {m: parse_rates(cfg.lr[m], m) for m in methods if m != "zero-shot"}
     setup, data = prepare(cfg, out)
     chosen, sweep_table = sweep(setup, methods, grids, seeds[0])
     rows = [(m, i) for m, i in ROWS if m in methods]

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib.util
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -39,9 +38,8 @@ from .. import parallel
 from ..data.text import encode
 from ..report import run_metadata, write_report, write_results
 from ..train import TrainConfig
-from . import config_from_args, output_dir
 from . import peft_compare_adapterhub as adapterhub
-from .harness import add_config_flags, flag, parse_names, parse_rates, parse_seeds
+from .harness import add_config_flags, flag, parse_names, parse_rates, parse_seeds, start_hf_run
 from .peft_compare_cells import CellContext, git_commit, run_cell
 from .peft_compare_measure import measure_memory, step_time_ratios
 from .peft_compare_models import LIBRARY, ROWS, REFERENCE_004, REFERENCE_004_PARAMS, build
@@ -52,9 +50,6 @@ from .text_task import load_data, split_validation
 DESCRIPTION = ("full fine-tuning, LoRA, bottleneck adapters and soft prompts (+ C-LoRA) on a pretrained transformer, "
                "lorakit beside PEFT and AdapterHub: accuracy over seeds, equivalence, step time, memory")
 METHODS = ("full", "lora", "adapter", "prompt", "clora")
-LR_GRIDS = {"full": "3e-5,1e-4,3e-4", "lora": "1e-3,3e-3,1e-2", "adapter": "1e-3,3e-3,1e-2",
-            "prompt": "1e-2,3e-2,1e-1", "clora": "1e-3,3e-3,1e-2"}
-LR_HELP = "{}: comma-separated learning rates to sweep (one value: no sweep)"
 
 
 @dataclass
@@ -82,11 +77,10 @@ class PeftCompareConfig:
     clora_rank: int = flag(16, "C-LoRA rank on Q, K, V and O")
     bottleneck: int = flag(8, "adapter size, after each block's FFN output")
     num_tokens: int = flag(10, "soft prompt length")
-    lr_full: str = flag(LR_GRIDS["full"], LR_HELP.format("full"))
-    lr_lora: str = flag(LR_GRIDS["lora"], LR_HELP.format("lora"))
-    lr_adapter: str = flag(LR_GRIDS["adapter"], LR_HELP.format("adapter"))
-    lr_prompt: str = flag(LR_GRIDS["prompt"], LR_HELP.format("prompt"))
-    lr_clora: str = flag(LR_GRIDS["clora"], LR_HELP.format("clora"))
+    lr: dict[str, str] = flag({"full": "3e-5,1e-4,3e-4", "lora": "1e-3,3e-3,1e-2", "adapter": "1e-3,3e-3,1e-2",
+                               "prompt": "1e-2,3e-2,1e-1", "clora": "1e-3,3e-3,1e-2"},
+                              "{}: comma-separated learning rates to sweep (one value: no sweep)")
+    """Each method's grid: ``--lr-full``, ``--lr-lora``, ... (results.json's config: ``lr``, by method)."""
     threads: int = flag(2, "torch threads for every row and measurement")
     own_init: bool = flag(False, "lorakit's LoRA/prompt rows use lorakit's own initialisation, not PEFT's")
     adapters_env: str = flag(".venv-adapters", "AdapterHub's virtual environment (made by `make adapters-env`)")
@@ -125,11 +119,8 @@ class _Plan:
 
 
 def main(args: argparse.Namespace) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     started = time.perf_counter()
-    cfg = config_from_args(PeftCompareConfig, args)
-    torch.set_num_threads(cfg.threads)
-    out = output_dir(cfg.out, "peft-compare")
+    cfg, out = start_hf_run(args, PeftCompareConfig, "peft-compare")
     cells = out / "cells"
     plan = _plan(cfg, cells)
     train_data, test_data, label_names = load_data(cfg)
@@ -166,7 +157,7 @@ def _plan(cfg: PeftCompareConfig, cells: Path) -> _Plan:
     methods = parse_names(cfg.methods, METHODS, "methods")
     implementations = parse_names(cfg.implementations, ("lorakit", "peft", "adapters"), "implementations")
     seeds = parse_seeds(cfg.seeds)
-    lrs = {m: parse_rates(getattr(cfg, f"lr_{m}"), m) for m in methods}
+    lrs = {m: parse_rates(cfg.lr[m], m) for m in methods}
     if "peft" in implementations and importlib.util.find_spec("peft") is None:
         raise ValueError("the PEFT rows need peft: pip install peft (or leave 'peft' out of --implementations)")
     rows = [(m, i) for m, i in ROWS if m in methods and i in implementations]
