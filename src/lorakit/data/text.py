@@ -65,6 +65,11 @@ class TextDataset:
         counts = Counter(self.labels)
         return [counts[i] for i in range(len(self.label_names))]
 
+    def subset(self, indices: Sequence[int]) -> "TextDataset":
+        """The examples at ``indices``, in that order, with their ids (if any) and the same label names."""
+        ids = [self.ids[i] for i in indices] if self.ids else []
+        return TextDataset([self.texts[i] for i in indices], [self.labels[i] for i in indices], self.label_names, ids)
+
 
 def encode(tokenizer, texts: Sequence[str], max_length: int = 128) -> dict:
     """Tokenize a batch: padded to its longest text, truncated to ``max_length``; tensors of (B, T)."""

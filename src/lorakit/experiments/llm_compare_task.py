@@ -47,8 +47,6 @@ def prompts_and_answers(data, choices: bool = False) -> tuple[list[str], list[st
 
 def stratified_subset(data, size: int | None):
     """The first ``size // classes`` examples of each class, in data order (all of them when ``size`` is None)."""
-    from ..data.text import TextDataset
-
     if size is None or size >= len(data):
         return data
     per_class = size // len(data.label_names)
@@ -60,8 +58,7 @@ def stratified_subset(data, size: int | None):
         if taken[label] < per_class:
             keep.append(i)
             taken[label] += 1
-    ids = [data.ids[i] for i in keep] if data.ids else []
-    return TextDataset([data.texts[i] for i in keep], [data.labels[i] for i in keep], data.label_names, ids)
+    return data.subset(keep)
 
 
 def write_jsonl(path: Path, data) -> Path:
