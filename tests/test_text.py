@@ -143,6 +143,13 @@ def test_text_dataset_subset_keeps_order_ids_and_label_names():
     assert TextDataset(["a", "b"], [0, 1], ["neg", "pos"]).subset([1]).ids == []
 
 
+def test_first_per_class_keeps_data_order():
+    data = TextDataset([f"t{i}" for i in range(7)], [0, 1, 0, 0, 1, 1, 0], ["a", "b"])
+    first, rest = data.first_per_class(2)
+    assert first.texts == ["t0", "t1", "t2", "t4"] and rest.texts == ["t3", "t5", "t6"]
+    assert data.first_per_class(0)[1].texts == data.texts
+
+
 # --- CSV / JSONL -------------------------------------------------------------------------------------
 
 def write_csv(path, rows):

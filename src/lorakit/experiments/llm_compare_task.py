@@ -52,13 +52,7 @@ def stratified_subset(data, size: int | None):
     per_class = size // len(data.label_names)
     if per_class < 1:
         raise ValueError(f"--test-size {size} is below one example per class ({len(data.label_names)} classes)")
-    taken = [0] * len(data.label_names)
-    keep = []
-    for i, label in enumerate(data.labels):
-        if taken[label] < per_class:
-            keep.append(i)
-            taken[label] += 1
-    return data.subset(keep)
+    return data.first_per_class(per_class)[0]
 
 
 def write_jsonl(path: Path, data) -> Path:

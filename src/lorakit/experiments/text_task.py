@@ -38,16 +38,12 @@ def split_validation(train, per_class: int):
     the loaders have already shuffled with a fixed seed) become validation; the rest stay training data."""
     if per_class < 1:
         raise ValueError(f"per_class_val must be >= 1 (the sweep and best-epoch selection need it), got {per_class}")
-    taken = [0] * len(train.label_names)
-    val, rest = [], []
-    for i, label in enumerate(train.labels):
-        (val if taken[label] < per_class else rest).append(i)
-        taken[label] += 1
-    short = [train.label_names[c] for c, n in enumerate(taken) if n <= per_class]
+    short = [name for name, n in zip(train.label_names, train.class_counts()) if n <= per_class]
     if short:
         raise ValueError(f"classes {short} have at most {per_class} training examples; lower --per-class-val "
                          "or raise --per-class-train")
-    return train.subset(rest), train.subset(val)
+    validation, rest = train.first_per_class(per_class)
+    return rest, validation
 
 
 class Examples(torch.utils.data.Dataset):
