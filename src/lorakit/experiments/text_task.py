@@ -20,7 +20,6 @@ def load_data(args):
     """``(train, test, label_names)`` as :class:`~lorakit.data.text.TextDataset`s (validation not yet carved).
 
     ``args`` needs ``dataset``, ``per_class_train``, ``per_class_test`` and may give ``classes`` (a comma list).
-    WordNet: stratified per class (``load_wordnet_supersense``). A .csv/.jsonl file: every fourth example is test.
     """
     if args.dataset == "wordnet-supersense":
         classes = getattr(args, "classes", None)
