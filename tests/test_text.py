@@ -136,6 +136,20 @@ def test_text_dataset_and_collator():
     assert batch["labels"].tolist() == [1, 0] and batch["labels"].dtype == torch.long
 
 
+def test_text_dataset_subset_keeps_order_ids_and_label_names():
+    data = TextDataset(["a", "b", "c"], [0, 1, 1], ["neg", "pos"], ids=["x", "y", "z"])
+    part = data.subset([2, 0])
+    assert (part.texts, part.labels, part.ids, part.label_names) == (["c", "a"], [1, 0], ["z", "x"], ["neg", "pos"])
+    assert TextDataset(["a", "b"], [0, 1], ["neg", "pos"]).subset([1]).ids == []
+
+
+def test_first_per_class_keeps_data_order():
+    data = TextDataset([f"t{i}" for i in range(7)], [0, 1, 0, 0, 1, 1, 0], ["a", "b"])
+    first, rest = data.first_per_class(2)
+    assert first.texts == ["t0", "t1", "t2", "t4"] and rest.texts == ["t3", "t5", "t6"]
+    assert data.first_per_class(0)[1].texts == data.texts
+
+
 # --- CSV / JSONL -------------------------------------------------------------------------------------
 
 def write_csv(path, rows):

@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 from ._io import atomic_write, write_json, write_text
 
 
-def _version(package: str) -> str | None:
+def package_version(package: str) -> str | None:
     try:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
@@ -34,7 +34,7 @@ def run_metadata() -> dict:
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "lorakit": _version("lorakit"),
+        "lorakit": package_version("lorakit"),
         "numpy": np.__version__,
         "platform": platform.platform(),
         "machine": platform.machine(),

@@ -65,6 +65,20 @@ class TextDataset:
         counts = Counter(self.labels)
         return [counts[i] for i in range(len(self.label_names))]
 
+    def subset(self, indices: Sequence[int]) -> "TextDataset":
+        """The examples at ``indices``, in that order, with their ids (if any) and the same label names."""
+        ids = [self.ids[i] for i in indices] if self.ids else []
+        return TextDataset([self.texts[i] for i in indices], [self.labels[i] for i in indices], self.label_names, ids)
+
+    def first_per_class(self, n: int) -> tuple["TextDataset", "TextDataset"]:
+        """``(first, rest)``: the first ``n`` examples of each class, in data order, and all the others."""
+        taken = [0] * len(self.label_names)
+        first, rest = [], []
+        for i, label in enumerate(self.labels):
+            (first if taken[label] < n else rest).append(i)
+            taken[label] += 1
+        return self.subset(first), self.subset(rest)
+
 
 def encode(tokenizer, texts: Sequence[str], max_length: int = 128) -> dict:
     """Tokenize a batch: padded to its longest text, truncated to ``max_length``; tensors of (B, T)."""

@@ -47,21 +47,12 @@ def prompts_and_answers(data, choices: bool = False) -> tuple[list[str], list[st
 
 def stratified_subset(data, size: int | None):
     """The first ``size // classes`` examples of each class, in data order (all of them when ``size`` is None)."""
-    from ..data.text import TextDataset
-
     if size is None or size >= len(data):
         return data
     per_class = size // len(data.label_names)
     if per_class < 1:
         raise ValueError(f"--test-size {size} is below one example per class ({len(data.label_names)} classes)")
-    taken = [0] * len(data.label_names)
-    keep = []
-    for i, label in enumerate(data.labels):
-        if taken[label] < per_class:
-            keep.append(i)
-            taken[label] += 1
-    ids = [data.ids[i] for i in keep] if data.ids else []
-    return TextDataset([data.texts[i] for i in keep], [data.labels[i] for i in keep], data.label_names, ids)
+    return data.first_per_class(per_class)[0]
 
 
 def write_jsonl(path: Path, data) -> Path:

@@ -28,21 +28,20 @@ import importlib.util
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from .. import parallel
+from .. import count_parameters, parallel
 from ..data.text import encode
-from ..report import run_metadata, write_report, write_results
+from ..report import package_version, run_metadata, write_report, write_results
 from ..train import TrainConfig
 from . import peft_compare_adapterhub as adapterhub
 from .harness import add_config_flags, flag, parse_names, parse_rates, parse_seeds, start_hf_run
 from .peft_compare_cells import CellContext, git_commit, run_cell
 from .peft_compare_measure import measure_memory, step_time_ratios
-from .peft_compare_models import LIBRARY, ROWS, REFERENCE_004, REFERENCE_004_PARAMS, build
+from .peft_compare_models import IMPLEMENTATIONS, LIBRARY, ROWS, REFERENCE_004, REFERENCE_004_PARAMS, build
 from .peft_compare_report import plot, report_markdown
 from .stats import mean_std, paired_difference
 from .text_task import load_data, split_validation
@@ -50,6 +49,7 @@ from .text_task import load_data, split_validation
 DESCRIPTION = ("full fine-tuning, LoRA, bottleneck adapters and soft prompts (+ C-LoRA) on a pretrained transformer, "
                "lorakit beside PEFT and AdapterHub: accuracy over seeds, equivalence, step time, memory")
 METHODS = ("full", "lora", "adapter", "prompt", "clora")
+SIZES = ("trainable_parameters", "total_parameters", "added_parameters", "checkpoint_bytes")  # a row's, at every seed
 
 
 @dataclass
@@ -127,15 +127,13 @@ def main(args: argparse.Namespace) -> int:
     train_data, val_data = split_validation(train_data, cfg.per_class_val)
     data = (train_data, val_data, test_data)
     settings, tokenizer = _settings(cfg, len(label_names), plan.seeds[0])
-    run_config = asdict(cfg)
     context = CellContext(cells=cells, settings=settings, data=data,
                           train_config=functools.partial(_train_config, cfg), resume=cfg.resume,
-                          state_every=cfg.state_every, run_config=run_config, same_start=not cfg.own_init,
+                          state_every=cfg.state_every, run_config=asdict(cfg), same_start=not cfg.own_init,
                           parallel=cfg.parallel,
                           adapterhub=_AdapterHubCells(cfg, plan.env, settings, tokenizer, data, cells))
     sweep, chosen = _sweep(plan, context)
     records = _run_rows(plan, context, chosen)
-    # step time and memory, every row with the same threads and batch (on rank 0 alone under torchrun)
     measured = parallel.on_main(lambda: measure(cfg, plan.rows, settings, tokenizer, train_data, cells, plan.env,
                                                 plan.seeds[0]))
     results = _results(cfg, plan, context, records, measured, label_names, sweep, chosen, started)
@@ -155,7 +153,7 @@ def _plan(cfg: PeftCompareConfig, cells: Path) -> _Plan:
         raise ValueError(f"{cells.parent} already holds finished cells; pass --resume to continue that run, "
                          "or another --out")
     methods = parse_names(cfg.methods, METHODS, "methods")
-    implementations = parse_names(cfg.implementations, ("lorakit", "peft", "adapters"), "implementations")
+    implementations = parse_names(cfg.implementations, IMPLEMENTATIONS, "implementations")
     seeds = parse_seeds(cfg.seeds)
     lrs = {m: parse_rates(cfg.lr[m], m) for m in methods}
     if "peft" in implementations and importlib.util.find_spec("peft") is None:
@@ -178,7 +176,7 @@ def _settings(cfg: PeftCompareConfig, num_labels: int, seed: int) -> tuple[dict,
                 "rank": cfg.rank, "clora_rank": cfg.clora_rank, "bottleneck": cfg.bottleneck,
                 "num_tokens": cfg.num_tokens}
     base, tokenizer = build("full", "lorakit", settings, seed)
-    settings["base_parameters"] = sum(p.numel() for p in base.parameters())
+    settings["base_parameters"] = count_parameters(base).total
     return settings, tokenizer
 
 
@@ -273,8 +271,7 @@ def _summary(plan: _Plan, records: dict[tuple, dict], measured: dict[tuple, dict
         summary.append({"method": row[0], "implementation": row[1], "n": len(mine), "seeds": [r["seed"] for r in mine],
                         "accuracy_mean": mean, "accuracy_std": std, "lr": mine[0]["lr"], "steps": mine[0]["steps"],
                         "best_val_accuracy_mean": mean_std([r["best_val_accuracy"] for r in mine])[0],
-                        **{f: mine[0][f] for f in ("trainable_parameters", "total_parameters", "added_parameters",
-                                                   "checkpoint_bytes")}, **measured[row]})
+                        **{f: mine[0][f] for f in SIZES}, **measured[row]})
     return summary
 
 
@@ -284,9 +281,8 @@ def _results(cfg: PeftCompareConfig, plan: _Plan, context: CellContext, records:
     """results.json: the config, the data, the sweep and the chosen rates, the evidence, the summary, every row."""
     train_data, val_data, test_data = context.data
     evidence = _evidence(plan, records, cfg.own_init)
-    row_fields = ("accuracy", "trainable_parameters", "total_parameters", "added_parameters", "checkpoint_bytes",
-                  "train_seconds", "steps", "final_loss", "lr", "best_val_accuracy", "best_step", "per_class_accuracy",
-                  "threads", "git_commit", "start")
+    row_fields = ("accuracy", *SIZES, "train_seconds", "steps", "final_loss", "lr", "best_val_accuracy", "best_step",
+                  "per_class_accuracy", "threads", "git_commit", "start")
     result_rows = [{"method": m, "implementation": i, "seed": s, **{f: r.get(f) for f in row_fields},
                     "cell": f"cells/{r['key']}.json", **measured[(m, i)]} for (m, i, s), r in records.items()]
     summary = _summary(plan, records, measured)
@@ -298,7 +294,7 @@ def _results(cfg: PeftCompareConfig, plan: _Plan, context: CellContext, records:
                      "SeqBnConfig (Pfeiffer) with reduction factor hidden/bottleneck, one adapter per block after the "
                      "feed-forward output; its placement and initialisation are AdapterHub's, not lorakit's, so the "
                      "comparison is by accuracy only (no loss equivalence).")
-    settings = context.settings
+    settings, metadata = context.settings, run_metadata()
     return {
         "experiment": "peft-compare", "config": context.run_config, "settings": settings,
         "base_parameters": settings["base_parameters"], "classes": label_names, "seeds": plan.seeds,
@@ -312,7 +308,8 @@ def _results(cfg: PeftCompareConfig, plan: _Plan, context: CellContext, records:
         "missing_rows": [{"method": m, "implementation": i, "reason": r} for (m, i), r in plan.missing.items()],
         "seed_004": {"accuracy": REFERENCE_004, "added_parameters": REFERENCE_004_PARAMS}, "notes": notes,
         "wall_seconds": time.perf_counter() - started, "git_commit": git_commit(),
-        "command": run_metadata()["command"], "metadata": run_metadata() | {"transformers": _version("transformers"), "peft": _version("peft")},
+        "command": metadata["command"],
+        "metadata": metadata | {"transformers": package_version("transformers"), "peft": package_version("peft")},
     }
 
 
@@ -363,10 +360,3 @@ def _data_description(cfg: PeftCompareConfig, train_data, val_data, test_data) -
     return (f"{source}; the first {cfg.per_class_val} training examples of each class form the validation split. "
             f"Per class: train {train_data.class_counts()}, validation {val_data.class_counts()}, "
             f"test {test_data.class_counts()} (stratified).")
-
-
-def _version(package: str) -> str | None:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None

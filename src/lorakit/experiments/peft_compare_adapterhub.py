@@ -20,6 +20,7 @@ import torch
 
 from .._io import save_tensors
 from ..batches import BatchOrder
+from ..data.text import TextDataset
 from ..optim import LRMultiplier
 from .peft_compare_models import model_folder
 from .text_task import pretrained_classifier
@@ -147,6 +148,5 @@ def measure_memory(env: AdapterHubEnv, job: dict, folder: Path) -> dict:
 
 
 def batch_job(common: dict, tokenizer, texts, labels, max_length: int, steps: int = 0) -> dict:
-    encoded = tokenizer(list(texts), truncation=True, max_length=max_length)
-    return {**common, "batch": {"input_ids": [list(x) for x in encoded["input_ids"]], "labels": list(labels)},
-            "steps": steps, "threads": torch.get_num_threads()}
+    batch = token_ids(tokenizer, TextDataset(list(texts), list(labels), []), max_length)
+    return {**common, "batch": batch, "steps": steps, "threads": torch.get_num_threads()}

@@ -60,14 +60,13 @@ def run_row(method, implementation, settings, train_data, test_data, train_cfg, 
                         validation=None if validation is None else Examples(validation),
                         num_classes=settings["num_labels"])
     result = evaluate(model, Examples(test_data), settings["num_labels"], batch_size=128, collate_fn=collator)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    counts = count_parameters(model)
     if implementation == "lorakit":
-        added = count_parameters(model).adapter
+        added = counts.adapter
     else:
-        added = total - settings["base_parameters"] if "base_parameters" in settings else None
+        added = counts.total - settings["base_parameters"] if "base_parameters" in settings else None
     return {"method": method, "implementation": implementation, "seed": seed, "accuracy": result.accuracy,
-            "trainable_parameters": trainable, "total_parameters": total, "added_parameters": added,
+            "trainable_parameters": counts.trainable, "total_parameters": counts.total, "added_parameters": added,
             "checkpoint_bytes": checkpoint_bytes(model, method, implementation),
             "train_seconds": history.seconds, "steps": history.steps, "final_loss": history.losses[-1],
             "lr": train_cfg.lr, "per_class_accuracy": result.to_dict()["per_class_accuracy"],
@@ -116,9 +115,7 @@ def run_cell(method: str, implementation: str, seed: int, lr: float, *, context:
     expected = {"settings": context.settings, "train_config": _asdict(cfg)}
     store = CellStore(folder, expected, context.resume)
     done = context.done
-    if key in done:
-        return done[key]
-    record = store.load(key)
+    record = done.get(key) or store.load(key)
     if record is not None:
         done[key] = record
         return record

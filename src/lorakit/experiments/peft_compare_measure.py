@@ -31,11 +31,12 @@ from .peft_compare_models import build
 REFERENCE = ("lora", "lorakit")
 
 
-def _training_step(model, optimizer, batch) -> None:
-    loss = model(**batch).loss
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+def _training_steps(model, optimizer, batch, steps: int = 1) -> None:
+    for _ in range(steps):
+        loss = model(**batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
 
 
 def spread(values: list[float]) -> dict:
@@ -58,12 +59,11 @@ def step_time_ratios(rows, settings, batch, rounds: int, steps: int, seed: int,
         model, _ = build(method, implementation, settings, seed)
         model.train()
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
-        _training_step(model, optimizer, batch)  # warm-up: allocator, optimizer state
+        _training_steps(model, optimizer, batch)  # warm-up: allocator, optimizer state
 
         def run(n: int, model=model, optimizer=optimizer) -> float:
             start = time.perf_counter()
-            for _ in range(n):
-                _training_step(model, optimizer, batch)
+            _training_steps(model, optimizer, batch, n)
             return time.perf_counter() - start
 
         runners[(method, implementation)] = run
@@ -121,12 +121,7 @@ def memory_probe(method: str, implementation: str, settings: dict, texts: list[s
     batch["labels"] = torch.tensor(labels)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
-
-    def work() -> None:
-        for _ in range(steps):
-            _training_step(model, optimizer, batch)
-
-    return sample_peak_rss(work)
+    return sample_peak_rss(lambda: _training_steps(model, optimizer, batch, steps))
 
 
 def memory_probe_main() -> None:  # entry point of the subprocess

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..data.text import DEFAULT_CLASSES, TextDataset, load_text_file, load_wordnet_supersense
+from ..data.text import DEFAULT_CLASSES, load_text_file, load_wordnet_supersense
 from ..models.hf import load_hf_model
 
 BERT_TARGETS = {"lora": ["query", "value"], "adapter": r".*\.layer\.\d+\.output\.dense",
@@ -20,7 +20,6 @@ def load_data(args):
     """``(train, test, label_names)`` as :class:`~lorakit.data.text.TextDataset`s (validation not yet carved).
 
     ``args`` needs ``dataset``, ``per_class_train``, ``per_class_test`` and may give ``classes`` (a comma list).
-    WordNet: stratified per class (``load_wordnet_supersense``). A .csv/.jsonl file: every fourth example is test.
     """
     if args.dataset == "wordnet-supersense":
         classes = getattr(args, "classes", None)
@@ -28,13 +27,9 @@ def load_data(args):
         return load_wordnet_supersense(classes=classes, per_class_train=args.per_class_train,
                                        per_class_test=args.per_class_test)
     data = load_text_file(args.dataset)
-    test = [i % 4 == 0 for i in range(len(data))]  # every fourth example is test: fixed and documented
-
-    def subset(want_test: bool) -> TextDataset:
-        keep = [i for i in range(len(data)) if test[i] == want_test]
-        return TextDataset([data.texts[i] for i in keep], [data.labels[i] for i in keep], data.label_names)
-
-    return subset(False), subset(True), data.label_names
+    test = range(0, len(data), 4)  # every fourth example is test: fixed and documented
+    train = [i for i in range(len(data)) if i % 4 != 0]
+    return data.subset(train), data.subset(test), data.label_names
 
 
 def split_validation(train, per_class: int):
@@ -42,21 +37,12 @@ def split_validation(train, per_class: int):
     the loaders have already shuffled with a fixed seed) become validation; the rest stay training data."""
     if per_class < 1:
         raise ValueError(f"per_class_val must be >= 1 (the sweep and best-epoch selection need it), got {per_class}")
-    taken = [0] * len(train.label_names)
-    val, rest = [], []
-    for i, label in enumerate(train.labels):
-        (val if taken[label] < per_class else rest).append(i)
-        taken[label] += 1
-    short = [train.label_names[c] for c, n in enumerate(taken) if n <= per_class]
+    short = [name for name, n in zip(train.label_names, train.class_counts()) if n <= per_class]
     if short:
         raise ValueError(f"classes {short} have at most {per_class} training examples; lower --per-class-val "
                          "or raise --per-class-train")
-
-    def subset(keep: list[int]) -> TextDataset:
-        ids = [train.ids[i] for i in keep] if train.ids else []
-        return TextDataset([train.texts[i] for i in keep], [train.labels[i] for i in keep], train.label_names, ids)
-
-    return subset(rest), subset(val)
+    validation, rest = train.first_per_class(per_class)
+    return rest, validation
 
 
 class Examples(torch.utils.data.Dataset):
