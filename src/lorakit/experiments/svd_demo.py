@@ -67,9 +67,7 @@ class SVDDemoConfig:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_flags(parser, SVDDemoConfig(), "seed", "epochs", "batch_size", "lr", "ranks", "als_ranks", "als_sweeps",
-                     "calibration_size", "shifts", "within", "cold_seeds", "timing_rank", "timing_repeats",
-                     "large_size", "fmnist_epochs", "fmnist_ranks", "threads", "data_dir")
+    add_config_flags(parser, SVDDemoConfig())
     add_out_argument(parser, "svd-demo")
 
 
