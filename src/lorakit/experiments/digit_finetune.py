@@ -104,8 +104,7 @@ def main(args: argparse.Namespace) -> int:
 # -- the experiment ------------------------------------------------------------------------------
 def load_data(cfg: DigitFinetuneConfig) -> tuple[TensorDataset, TensorDataset]:
     mean, std = PROTOCOLS[cfg.model]["mean_std"] or (None, None)
-    return (dataset("mnist", "train", cfg.data_dir, mean=mean, std=std),
-            dataset("mnist", "test", cfg.data_dir, mean=mean, std=std))
+    return tuple(dataset("mnist", split, cfg.data_dir, mean=mean, std=std) for split in ("train", "test"))
 
 
 def pretrained(cfg: DigitFinetuneConfig, train_set: TensorDataset) -> tuple[torch.nn.Module, float]:
