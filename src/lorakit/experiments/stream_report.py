@@ -1,8 +1,4 @@
-"""The reporting side of ``digit-stream``: the summary over seeds, the issue's targets, report.md and figures.
-
-``matrix_table(results, method)`` renders one method's accuracy matrix (mean ± std over seeds) as Markdown from a
-results.json dict, for report.md and the README.
-"""
+"""The reporting side of ``digit-stream``: the summary over seeds, the issue's targets, report.md and figures."""
 from __future__ import annotations
 
 import statistics

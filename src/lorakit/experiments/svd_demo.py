@@ -67,9 +67,7 @@ class SVDDemoConfig:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_flags(parser, SVDDemoConfig(), "seed", "epochs", "batch_size", "lr", "ranks", "als_ranks", "als_sweeps",
-                     "calibration_size", "shifts", "within", "cold_seeds", "timing_rank", "timing_repeats",
-                     "large_size", "fmnist_epochs", "fmnist_ranks", "threads", "data_dir")
+    add_config_flags(parser, SVDDemoConfig())
     add_out_argument(parser, "svd-demo")
 
 
@@ -102,8 +100,7 @@ def run(cfg: SVDDemoConfig, out: Path) -> dict:
     start = time.perf_counter()
     example = rank2_example(cfg.seed)
     mean, std = MNIST_MEAN_STD
-    train_set = dataset("mnist", "train", cfg.data_dir, mean=mean, std=std)
-    test_set = dataset("mnist", "test", cfg.data_dir, mean=mean, std=std)
+    train_set, test_set = (dataset("mnist", split, cfg.data_dir, mean=mean, std=std) for split in ("train", "test"))
     torch.manual_seed(cfg.seed)
     model = richboynet()
     history = train(model, train_set, TrainConfig(lr=cfg.lr, batch_size=cfg.batch_size, epochs=cfg.epochs,
@@ -186,7 +183,6 @@ def _plot_rank_error(path: Path, layers: dict, accuracy: dict, dense_accuracy: f
 
 
 def _label(ax, xlabel: str, ylabel: str, title: str, **legend) -> None:
-    """Axis labels, title, a light grid and the legend (``legend``: its options, e.g. ``fontsize``)."""
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
