@@ -145,12 +145,13 @@ def test_distilled_cells_learn_from_the_dense_model_and_say_so(tiny_model_folder
     from lorakit.cli import main
     from lorakit.experiments import compress_task
 
-    used = []  # (which loss, its teacher) at every training step that called it
+    used, made = [], []  # (which loss, its teacher) at every training step that called it; the losses made
     real = compress_task.distillation_loss
 
     def counting(teacher, *args):
-        loss_fn = real(teacher, *args)
-        return lambda model, batch: used.append((id(loss_fn), teacher)) or loss_fn(model, batch)
+        loss_fn, which = real(teacher, *args), len(made)  # a number, not id(): a freed loss's id comes back
+        made.append(loss_fn)
+        return lambda model, batch: used.append((which, teacher)) or loss_fn(model, batch)
 
     monkeypatch.setattr(compress_task, "distillation_loss", counting)
     out = tmp_path / "out"

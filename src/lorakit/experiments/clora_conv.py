@@ -29,7 +29,7 @@ The report says which settings a run used.
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -38,10 +38,10 @@ from torch import nn
 
 from ..data.vision import load_cifar10, load_fashion_mnist, to_float
 from ..models import vgg_small
-from .compress_cells import Fit, calibration_batches, compressible_targets, run_cells
-from .harness import add_config_flags, add_out_argument, cached_model, run_experiment
-from .compress_task import CompressionConfig, TensorTask, add_compression_arguments, compression_rows
-from .compress_report import TABLE_FILES, distill_note, result_sections, write_table
+from .compress_cells import Fit, calibration_batches, compressible_targets
+from .compress_report import TABLE_FILES, distill_note, result_sections
+from .compress_task import CompressionConfig, TensorTask, add_compression_arguments, run_table
+from .harness import flag, run_experiment
 
 DESCRIPTION = "C-LoRA on a VGG-style conv net (Fashion-MNIST or CIFAR-10) against SVD + fine-tune at equal budget."
 
@@ -56,7 +56,7 @@ class CLoRAConvConfig(CompressionConfig):
     """The images and vgg_small's shape; then the common fields (:class:`~.compress_task.CompressionConfig`) whose
     defaults this experiment sizes for 2 CPU cores (the budget in the module docstring) or takes from the seed."""
 
-    dataset: str = "fashion-mnist"
+    dataset: str = flag("fashion-mnist", choices=list(LOADERS))
     """'fashion-mnist' or 'cifar10' (needs --data-dir, or LORAKIT_DATA, holding cifar-10-batches-py)."""
     data_dir: Optional[str] = None
     train_size: int = 20000
@@ -89,12 +89,10 @@ class CLoRAConvConfig(CompressionConfig):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = CLoRAConvConfig()
-    add_compression_arguments(parser, d)
-    parser.add_argument("--dataset", choices=list(LOADERS), default=d.dataset)
-    add_config_flags(parser, d, "data_dir", "train_size", "test_size", "widths", "hidden", help={
-        "test_size": "first N test images (default: all)", "widths": "conv block widths, comma-separated"})
-    add_out_argument(parser, "clora-conv")
+    add_compression_arguments(parser, CLoRAConvConfig(), "clora-conv", "dataset", "data_dir", "train_size",
+                              "test_size", "widths", "hidden", help={
+                                  "test_size": "first N test images (default: all)",
+                                  "widths": "conv block widths, comma-separated"})
 
 
 def main(args: argparse.Namespace) -> int:
@@ -127,8 +125,8 @@ class ConvTask(TensorTask):
     head = ["classifier.fc2"]
     ratio_of_targets = False  # as clora-table: the compressed layers' parameters / the whole dense model's
 
-    def __init__(self, cfg: CLoRAConvConfig, out: Path) -> None:
-        self.cfg, self.cache = cfg, Path(cfg.cache_dir) if cfg.cache_dir else out / "dense"
+    def __init__(self, cfg: CLoRAConvConfig) -> None:
+        self.cfg = cfg
         self.data, self.test = load_data(cfg)
         self.channels = self.data[0].shape[1]
         model = self.build(0)
@@ -142,13 +140,11 @@ class ConvTask(TensorTask):
         torch.manual_seed(seed)
         return vgg_small(in_channels=self.channels, widths=tuple(self.cfg.widths), hidden=self.cfg.hidden)
 
-    def dense(self, seed: int) -> tuple[nn.Module, float]:
-        cfg, model = self.cfg, self.build(seed)
+    def dense(self, seed: int) -> tuple[nn.Module, str, Fit]:
+        cfg = self.cfg
         name = (f"{cfg.dataset}-w{'-'.join(map(str, cfg.widths))}-h{cfg.hidden}-n{cfg.train_size}-seed{seed}-"
                 f"epochs{cfg.dense_epochs:g}-batch{cfg.batch_size}-lr{cfg.lr:g}")
-        seconds = cached_model(self.cache / f"{name}.safetensors", model, self._fit(cfg.dense_epochs, seed),
-                               state_path=self.cache / f"{name}.state")
-        return model, seconds
+        return self.build(seed), name, self._fit(cfg.dense_epochs, seed)
 
     def layers(self, rank: int) -> list[str]:
         return self.by_rank[rank]
@@ -167,17 +163,11 @@ PROTOCOL = ("dataset", "train_size", "test_size", "widths", "hidden", "epochs", 
 
 
 def run(cfg: CLoRAConvConfig, out: Path) -> dict:
-    return run_cells(cfg, out, PROTOCOL, compression_rows(lambda: ConvTask(cfg, out), cfg, out),
-                     lambda c, rows, seconds, made_by, final: write(c, out, rows, seconds, made_by, final))
+    return run_table(cfg, out, PROTOCOL, ConvTask, render, "clora-conv", "vgg-small", title=f"{cfg.dataset}, "
+                     "VGG-style CNN: accuracy vs compression (solid: svd init, dashed: random init, dotted: SVD baselines)")
 
 
 # -- the report -----------------------------------------------------------------------------------
-def write(cfg: CLoRAConvConfig, out: Path, rows: list[dict], seconds: float, made_by: list, final: bool) -> dict:
-    head = {"experiment": "clora-conv", "model": "vgg-small", "config": asdict(cfg)}
-    return write_table(out, head, rows, seconds, made_by, final, render, title=f"{cfg.dataset}, VGG-style CNN: "
-                       "accuracy vs compression (solid: svd init, dashed: random init, dotted: SVD baselines)")
-
-
 def render(results: dict) -> str:
     cfg = results["config"]
     test = f"the first {cfg['test_size']:,}" if cfg["test_size"] else "all"

@@ -15,7 +15,7 @@ Rows are written to results.json as they finish; ``--resume`` skips rows already
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -25,11 +25,10 @@ from torch import nn
 from .. import report
 from ..data.vision import load_fashion_mnist, to_float
 from ..models import fmnist_mlp
-from .compress_cells import ALL_VARIANTS, CLORA_VARIANTS, Fit, calibration_batches, run_cells
-from .compress_report import (FINETUNED, TABLE_FILES, clora_vs_svd, distill_note, merged_runs, summary_table,
-                              write_table)
-from .compress_task import CompressionConfig, TensorTask, add_compression_arguments, compression_rows
-from .harness import add_config_flags, add_out_argument, cached_model, run_experiment
+from .compress_cells import ALL_VARIANTS, CLORA_VARIANTS, Fit, calibration_batches
+from .compress_report import FINETUNED, TABLE_FILES, clora_vs_svd, distill_note, merged_runs, summary_table
+from .compress_task import CompressionConfig, TensorTask, add_compression_arguments, run_table
+from .harness import run_experiment
 
 DESCRIPTION = "Reproduce and beat the seed's C-LoRA Fashion-MNIST table (C-LoRA variants, SVD baselines, dense)."
 
@@ -63,10 +62,8 @@ class CLoRATableConfig(CompressionConfig):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = CLoRATableConfig()
-    add_compression_arguments(parser, d)
-    add_config_flags(parser, d, "finetune_epochs", "train_head", "train_size", "data_dir")
-    add_out_argument(parser, "clora-table")
+    add_compression_arguments(parser, CLoRATableConfig(), "clora-table", "finetune_epochs", "train_head",
+                              "train_size", "data_dir")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -88,19 +85,16 @@ class TableTask(TensorTask):
 
     ratio_of_targets = False  # the seed's ratio: A + B + C of fc1 and fc2 over the whole dense model
 
-    def __init__(self, cfg: CLoRATableConfig, out: Path) -> None:
-        self.cfg, self.cache = cfg, Path(cfg.cache_dir) if cfg.cache_dir else out / "dense"
+    def __init__(self, cfg: CLoRATableConfig) -> None:
+        self.cfg = cfg
         self.data, self.test = load_data(cfg)
         self.head = ["fc3"] if cfg.train_head else []
 
-    def dense(self, seed: int) -> tuple[nn.Module, float]:
-        """The seed's dense model trained with ``seed``; cached so a resumed run reuses it."""
-        cfg = self.cfg
+    def dense(self, seed: int) -> tuple[nn.Module, str, Fit]:
         torch.manual_seed(seed)
-        model = fmnist_mlp()
+        cfg = self.cfg
         name = f"seed{seed}-epochs{cfg.dense_epochs:g}-batch{cfg.batch_size}"
-        return model, cached_model(self.cache / f"{name}.safetensors", model, self._fit(cfg.dense_epochs, seed),
-                                   state_path=self.cache / f"{name}.state")
+        return fmnist_mlp(), name, self._fit(cfg.dense_epochs, seed)
 
     def layers(self, rank: int) -> list[str]:
         return TARGETS
@@ -118,21 +112,15 @@ PROTOCOL = ("epochs", "dense_epochs", "finetune_epochs", "batch_size", "lr", "al
 
 
 def run(cfg: CLoRATableConfig, out: Path) -> dict:
-    return run_cells(cfg, out, PROTOCOL, compression_rows(lambda: TableTask(cfg, out), cfg, out),
-                     lambda c, rows, seconds, made_by, final: write(c, out, rows, seconds, made_by, final))
-
-
-def write(cfg: CLoRATableConfig, out: Path, rows: list[dict], seconds: float, made_by: list, final: bool) -> dict:
-    head = {"experiment": "clora-table", "model": "fmnist-mlp", "config": asdict(cfg),
-            "seed_numbers": {"dense": REFERENCE_DENSE,
-                             "table": {str(r): {"ratio": v[0], **v[1]} for r, v in REFERENCE_TABLE.items()}}}
     reference_points = [(f"seed: {variant}", [100 * REFERENCE_TABLE[r][0] for r in REFERENCE_TABLE],
                          [REFERENCE_TABLE[r][1][variant] for r in REFERENCE_TABLE], marker)
                         for variant, marker in zip(CLORA_VARIANTS, "xs^D")]
-    return write_table(out, head, rows, seconds, made_by, final, render, low=80.0, high=90, xticks=[10, 20, 40],
-                       reference_points=reference_points, reference_dense=REFERENCE_DENSE,
-                       title="Fashion-MNIST MLP: accuracy vs compression (solid: svd init, dashed: random init, "
-                             "dotted: SVD baselines)")
+    seed_numbers = {"dense": REFERENCE_DENSE,
+                    "table": {str(r): {"ratio": v[0], **v[1]} for r, v in REFERENCE_TABLE.items()}}
+    return run_table(cfg, out, PROTOCOL, TableTask, render, "clora-table", "fmnist-mlp",
+                     {"seed_numbers": seed_numbers}, low=80.0, high=90, xticks=[10, 20, 40], reference_points=reference_points,
+                     reference_dense=REFERENCE_DENSE, title="Fashion-MNIST MLP: accuracy vs compression (solid: svd "
+                     "init, dashed: random init, dotted: SVD baselines)")
 
 
 def render(results: dict) -> str:

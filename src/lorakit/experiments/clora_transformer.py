@@ -29,7 +29,7 @@ import argparse
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -38,10 +38,10 @@ from torch import nn
 
 from ..data.text import TextCollator
 from ..train import TrainConfig, evaluate
-from .compress_cells import Fit, compressible_targets, run_cells
-from .harness import add_config_flags, add_out_argument, cached_model, run_experiment
-from .compress_report import TABLE_FILES, distill_note, result_sections, write_table
-from .compress_task import CompressionConfig, add_compression_arguments, compression_rows
+from .compress_cells import Fit, compressible_targets
+from .compress_report import TABLE_FILES, distill_note, result_sections
+from .compress_task import CompressionConfig, add_compression_arguments, run_table
+from .harness import run_experiment
 from .text_task import BERT_TARGETS, HEAD, Examples, load_data, pretrained_classifier
 
 DESCRIPTION = ("C-LoRA on MiniLM's attention (Q, K, V, O) on WordNet supersenses against SVD + fine-tune at equal "
@@ -92,13 +92,11 @@ class CLoRATransformerConfig(CompressionConfig):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = CLoRATransformerConfig()
-    add_compression_arguments(parser, d)
-    parser.add_argument("--model", default=d.model, help="'minilm' or a Hugging Face model folder (BERT-like)")
-    parser.add_argument("--dataset", default=d.dataset, help="'wordnet-supersense' or a .csv/.jsonl file")
-    parser.add_argument("--classes", default=None, help="WordNet: comma-separated noun classes (default: six)")
-    add_config_flags(parser, d, "per_class_train", "per_class_test", "max_length", "dense_lr", "warmup_steps")
-    add_out_argument(parser, "clora-transformer")
+    add_compression_arguments(parser, CLoRATransformerConfig(), "clora-transformer", "model", "dataset", "classes",
+                              "per_class_train", "per_class_test", "max_length", "dense_lr", "warmup_steps", help={
+                                  "model": "'minilm' or a Hugging Face model folder (BERT-like)",
+                                  "dataset": "'wordnet-supersense' or a .csv/.jsonl file",
+                                  "classes": "WordNet: comma-separated noun classes (default: six)"})
 
 
 def main(args: argparse.Namespace) -> int:
@@ -112,8 +110,8 @@ class TransformerTask:
     head = HEAD
     ratio_of_targets = True  # as the seed's BERT rows: of the attention weights
 
-    def __init__(self, cfg: CLoRATransformerConfig, out: Path) -> None:
-        self.cfg, self.cache = cfg, Path(cfg.cache_dir) if cfg.cache_dir else out / "dense"
+    def __init__(self, cfg: CLoRATransformerConfig) -> None:
+        self.cfg = cfg
         train, test, self.label_names = load_data(cfg)
         self.train, self.test = Examples(train), Examples(test)
         model, self.tokenizer = self.build(0)
@@ -136,16 +134,12 @@ class TransformerTask:
         return Fit(self.train, train_cfg, {"collate_fn": self.collator, "num_classes": len(self.label_names)},
                    resume=cfg.resume, parallel=cfg.parallel)
 
-    def dense(self, seed: int) -> tuple[nn.Module, float]:
+    def dense(self, seed: int) -> tuple[nn.Module, str, Fit]:
         cfg = self.cfg
-        model, _ = self.build(seed)
         protocol = {k: getattr(cfg, k) for k in ("model", "dataset", "classes", "per_class_train", "max_length",
                                                  "dense_epochs", "batch_size", "dense_lr", "warmup_steps")}
         digest = hashlib.sha1(json.dumps(protocol, sort_keys=True).encode()).hexdigest()[:12]
-        name = f"seed{seed}-{digest}"
-        fit = self._fit(cfg.dense_lr, cfg.dense_epochs, seed)
-        seconds = cached_model(self.cache / f"{name}.safetensors", model, fit, state_path=self.cache / f"{name}.state")
-        return model, seconds
+        return self.build(seed)[0], f"seed{seed}-{digest}", self._fit(cfg.dense_lr, cfg.dense_epochs, seed)
 
     def layers(self, rank: int) -> list[str]:
         return self.by_rank[rank]
@@ -174,19 +168,12 @@ PROTOCOL = ("model", "dataset", "classes", "per_class_train", "per_class_test", 
 
 
 def run(cfg: CLoRATransformerConfig, out: Path) -> dict:
-    return run_cells(cfg, out, PROTOCOL, compression_rows(lambda: TransformerTask(cfg, out), cfg, out),
-                     lambda c, rows, seconds, made_by, final: write(c, out, rows, seconds, made_by, final))
+    return run_table(cfg, out, PROTOCOL, TransformerTask, render, "clora-transformer", cfg.model,
+                     xlabel="compression ratio (% of the Q, K, V, O weights)", title=f"{cfg.model}, attention "
+                     "compressed: accuracy vs compression (solid: svd init, dashed: random init, dotted: SVD baselines)")
 
 
 # -- the report -----------------------------------------------------------------------------------
-def write(cfg: CLoRATransformerConfig, out: Path, rows: list[dict], seconds: float, made_by: list,
-          final: bool) -> dict:
-    head = {"experiment": "clora-transformer", "model": cfg.model, "config": asdict(cfg)}
-    return write_table(out, head, rows, seconds, made_by, final, render,
-                       xlabel="compression ratio (% of the Q, K, V, O weights)", title=f"{cfg.model}, attention "
-                       "compressed: accuracy vs compression (solid: svd init, dashed: random init, dotted: SVD baselines)")
-
-
 def render(results: dict) -> str:
     cfg = results["config"]
     data = (f"WordNet noun glosses -> supersense ({cfg['classes'] or 'six classes'}), peft-compare's split: "

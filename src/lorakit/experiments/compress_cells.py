@@ -15,7 +15,6 @@ training state can be saved every few steps so a killed cell continues where it 
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import functools
 import json
@@ -36,7 +35,7 @@ from .._io import save_tensors
 from ..targets import find_targets
 from ..train import TrainConfig, TrainHistory, train
 from ..train_state import discard_state
-from .harness import add_config_flags, check_same_protocol, clora_decay_hooks
+from .harness import check_same_protocol, clora_decay_hooks, flag
 
 CLORA_VARIANTS = {"wds": ("none", False), "bias": ("none", True), "noise": ("scheduled", False),
                   "noise+bias": ("scheduled", True)}  # variant -> (noise mode, bias C)
@@ -66,7 +65,7 @@ class CellsConfig:
     """C-LoRA scale numerator: s = alpha / rank (the seed: 32)."""
     decay_start: float = 0.05
     decay_end: float = 0.85
-    noise: str = "scheduled"
+    noise: str = flag("scheduled", choices=["scheduled", "always"])
     """Noise mode of the noise variants: 'scheduled' (the seed's, off once d < 0.3) or 'always'."""
     calibration_size: int = 2048
     """Training examples used to calibrate asvd."""
@@ -74,13 +73,13 @@ class CellsConfig:
     """torch threads."""
     resume: bool = False
     """Skip (variant, init, rank, seed) rows already in OUT/results.json."""
-    merge: list[str] = field(default_factory=list)
+    merge: list[str] = flag([], action="store", nargs="*", metavar="RESULTS_JSON")
     """results.json files of other runs (e.g. seeds run in parallel processes) whose rows join this table."""
     report_only: bool = False
     """Train nothing: rewrite results.json, report.md and the figure from OUT's rows and the merged ones."""
-    parallel: str = "none"
-    """'none', or under torchrun 'ddp' or 'fsdp': every training run takes its slice of each batch per process (FSDP2
-    trains a sharded twin of each model and gathers it back, so C-LoRA and compress see a plain model)."""
+    parallel: str = flag("none", choices=["none", "ddp", "fsdp"], help=(
+        "under torchrun: each process trains on its slice of every batch (DDP, or FSDP2 on a sharded twin of the "
+        "model gathered back after training); rank 0 writes"))
 
     def __post_init__(self) -> None:
         unknown = [v for v in self.variants if v not in ALL_VARIANTS]
@@ -95,22 +94,6 @@ class CellsConfig:
             raise ValueError(f"ranks must be integers >= 1, got {self.ranks}")
         if not self.seeds:
             raise ValueError("give at least one seed (e.g. --seeds 0,1,2)")
-
-
-def add_cell_arguments(parser: argparse.ArgumentParser, d: CellsConfig) -> None:
-    """The flags of :class:`CellsConfig`'s fields, with ``d``'s values as defaults."""
-    add_config_flags(parser, d, "variants", "inits", "ranks", "seeds", "epochs", help={
-        "variants": "comma-separated: " + ",".join(ALL_VARIANTS), "inits": "comma-separated: random,svd",
-        "ranks": "comma-separated ranks", "seeds": "comma-separated seeds",
-        "epochs": "C-LoRA training epochs (clora-conv, clora-transformer: the SVD fine-tunes' too)"})
-    add_config_flags(parser, d, "dense_epochs", "batch_size", "lr", "alpha", "decay_start", "decay_end")
-    parser.add_argument("--noise", choices=["scheduled", "always"], default=d.noise)
-    add_config_flags(parser, d, "calibration_size", "threads", "resume")
-    parser.add_argument("--merge", nargs="*", default=[], metavar="RESULTS_JSON")
-    add_config_flags(parser, d, "report_only")
-    parser.add_argument("--parallel", choices=["none", "ddp", "fsdp"], default="none",
-                        help="under torchrun: each process trains on its slice of every batch (DDP, or FSDP2 on a "
-                             "sharded twin of the model gathered back after training); rank 0 writes")
 
 
 # -- the table of rows ------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""The rows of clora-conv and clora-transformer: an experiment describes its data, models and training as a
-:class:`Task`; :func:`compression_rows` makes every (variant, init, rank, seed) row of :mod:`.compress_cells` from it.
+"""The tables of clora-table, clora-conv and clora-transformer: an experiment describes its data, models and
+training as a :class:`Task`; :func:`compression_rows` makes every (variant, init, rank, seed) row of
+:mod:`.compress_cells` from it, and :func:`run_table` runs and writes the table.
 
 Each row has ``accuracy``, ``compression_ratio`` (A + B + C of the compressed layers over the whole dense model, or
 over those layers' dense parameters when ``Task.ratio_of_targets``), ``model_ratio`` (all parameters, compressed /
@@ -10,7 +11,7 @@ every compressed cell also learns from the dense model's outputs (:func:`lorakit
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol
 
@@ -19,9 +20,10 @@ from torch import nn
 import lorakit as lk
 from ..losses import distillation_loss
 from ..train import TrainConfig, evaluate
-from .compress_cells import (CLORA_VARIANTS, CellsConfig, Fit, Key, add_cell_arguments, clora_cell, file_size,
-                             inference_ratio, parameter_count, svd_cell)
-from .harness import add_config_flags
+from .compress_cells import (ALL_VARIANTS, CLORA_VARIANTS, CellsConfig, Fit, Key, clora_cell, file_size,
+                             inference_ratio, parameter_count, run_cells, svd_cell)
+from .compress_report import write_table
+from .harness import add_config_flags, add_out_argument, cached_model
 
 
 @dataclass
@@ -60,14 +62,18 @@ class CompressionConfig(CellsConfig):
             raise ValueError(f"timing_rounds must be >= 0 (0 skips the timing), got {self.timing_rounds}")
 
 
-def add_compression_arguments(parser: argparse.ArgumentParser, d: CompressionConfig) -> None:
-    """The flags of :class:`CompressionConfig`'s fields, with ``d``'s values as defaults."""
-    add_cell_arguments(parser, d)
-    add_config_flags(parser, d, "timing_rounds", "timing_batch", "state_every", "cache_dir", "distill",
-                     "distill_temperature", help={
-                         "cache_dir": "dense model cache (default: OUT/dense)",
-                         "distill": "weight of the dense model's soft targets in every compressed cell's loss "
-                                    "(0: labels only)"})
+def add_compression_arguments(parser: argparse.ArgumentParser, d: CompressionConfig, experiment: str, *names: str,
+                              help: Optional[dict[str, str]] = None) -> None:
+    """The flags of :class:`CompressionConfig`'s fields and then of the experiment's own fields ``names``, with
+    ``d``'s values as defaults (:func:`~.harness.add_config_flags`), then ``--out``."""
+    add_config_flags(parser, d, *[f.name for f in fields(CompressionConfig)], *names, help={
+        "variants": "comma-separated: " + ",".join(ALL_VARIANTS), "inits": "comma-separated: random,svd",
+        "ranks": "comma-separated ranks", "seeds": "comma-separated seeds",
+        "epochs": "C-LoRA training epochs (clora-conv, clora-transformer: the SVD fine-tunes' too)",
+        "cache_dir": "dense model cache (default: OUT/dense)",
+        "distill": "weight of the dense model's soft targets in every compressed cell's loss (0: labels only)",
+        **(help or {})})
+    add_out_argument(parser, experiment)
 
 
 class Task(Protocol):
@@ -78,8 +84,8 @@ class Task(Protocol):
     ratio_of_targets: bool
     """compression_ratio's denominator: the compressed layers' dense parameters (True) or the whole dense model's."""
 
-    def dense(self, seed: int) -> tuple[nn.Module, float]:
-        """The trained dense model of ``seed`` (cached) and the seconds its training took (0 when loaded)."""
+    def dense(self, seed: int) -> tuple[nn.Module, str, Fit]:
+        """The untrained dense model of ``seed``, the name it is cached under (what it depends on) and how it trains."""
 
     def layers(self, rank: int) -> list[str]:
         """The paths compressed at ``rank``."""
@@ -120,15 +126,30 @@ class TensorTask:
         return lambda model: model(batch)
 
 
+def run_table(cfg: CompressionConfig, out: Path, protocol: tuple[str, ...], make_task: Callable[[Any], Task],
+              render: Callable[[dict], str], experiment: str, model: str, extra: Optional[dict] = None,
+              **plot_options) -> dict:
+    """:func:`run_cells` over the rows of ``make_task(cfg)`` (:func:`compression_rows`), the table written after each
+    row by :func:`~.compress_report.write_table`; results.json starts with experiment, model, config and ``extra``."""
+    def write(c: CompressionConfig, *table) -> dict:
+        head = {"experiment": experiment, "model": model, "config": asdict(c), **(extra or {})}
+        return write_table(out, head, *table, render, **plot_options)
+
+    return run_cells(cfg, out, protocol, compression_rows(lambda: make_task(cfg), cfg, out), write)
+
+
 def compression_rows(make_task: Callable[[], Task], cfg: CompressionConfig, out: Path) -> Callable[[Key], dict]:
-    """``make_row`` for :func:`run_cells`. The task is made (its data loaded) at the first row that needs it."""
+    """``make_row`` for :func:`run_cells`. The task is made (its data loaded) at the first row that needs it; the
+    dense models are cached in ``cache_dir`` (default OUT/dense), so a resumed run trains none again."""
     made: dict = {}
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else out / "dense"
 
     def make_row(key: Key) -> dict:
         variant, init, rank, seed = key
         task = made.get("task") or made.setdefault("task", make_task())
         if seed not in made:
-            model, seconds = task.dense(seed)
+            model, name, fit = task.dense(seed)
+            seconds = cached_model(cache / f"{name}.safetensors", model, fit, state_path=cache / f"{name}.state")
             model.eval()  # the teacher of distillation; every cell trains a copy, in train mode
             made[seed] = (model, {"accuracy": task.accuracy(model), "seconds": seconds, "file_bytes": file_size(model),
                                   "parameters": sum(p.numel() for p in model.parameters())})
