@@ -33,12 +33,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import torch
 from torch import nn
 
 from ..data.text import TextCollator
 from ..train import TrainConfig, evaluate
-from .compress_cells import Fit, compressible_targets
+from .compress_cells import Fit, calibration_batches, compressible_targets
 from .compress_report import TABLE_FILES, distill_note, result_sections
 from .compress_task import CompressionConfig, add_compression_arguments, run_table
 from .harness import run_experiment
@@ -83,12 +82,7 @@ class CLoRATransformerConfig(CompressionConfig):
     calibration_size: int = 256
     timing_rounds: int = 3
     state_every: int = 50
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        for name in ("per_class_train", "per_class_test", "max_length"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+    at_least_one = (*CompressionConfig.at_least_one, "per_class_train", "per_class_test", "max_length")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -148,10 +142,7 @@ class TransformerTask:
         return self._fit(self.cfg.lr, self.cfg.epochs, seed)
 
     def calibration(self, seed: int) -> list:
-        pick = torch.randperm(len(self.train), generator=torch.Generator().manual_seed(seed))
-        pick = pick[: self.cfg.calibration_size]
-        examples = [self.train[int(i)] for i in pick]
-        return [self.collator(examples[i:i + 32]) for i in range(0, len(examples), 32)]
+        return calibration_batches(self.train, self.cfg.calibration_size, seed, batch=32, collate=self.collator)
 
     def accuracy(self, model: nn.Module) -> float:
         return evaluate(model, self.test, len(self.label_names), batch_size=128, collate_fn=self.collator).accuracy

@@ -127,7 +127,7 @@ def run_cells(cfg: CellsConfig, out: Path, protocol: tuple[str, ...], make_row: 
     """
     torch.set_num_threads(cfg.threads)
     if not parallel.is_main():  # under torchrun every rank computes every row; rank 0 alone writes them
-        write = _no_write
+        write = lambda *_args: {}
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     own = out / "results.json"
@@ -161,10 +161,6 @@ def run_cells(cfg: CellsConfig, out: Path, protocol: tuple[str, ...], make_row: 
                   f"at {100 * row['compression_ratio']:.1f} % ({row['train_seconds']:.0f} s)", flush=True)
         write(cfg, rows, time.perf_counter() - start, made_by, False)
     return write(cfg, rows, time.perf_counter() - start, made_by, True)
-
-
-def _no_write(*_args) -> dict:
-    return {}
 
 
 # -- training a cell --------------------------------------------------------------------------------
@@ -223,40 +219,39 @@ def svd_cell(dense: nn.Module, variant: str, rank: int, targets: list[str], fit:
              calibration=None, state_path: Optional[Path] = None) -> tuple[nn.Module, float]:
     """A copy of ``dense`` with ``targets`` replaced by their rank-r SVD (``asvd``: whitened by ``calibration``);
     ``+finetune`` then trains the factors, biases and the ``head`` modules with ``fit``. Returns (model, seconds)."""
-    model = copy.deepcopy(dense)
+    model, tuned = copy.deepcopy(dense), variant.endswith("+finetune")
     seconds = [0.0]
-    finetune = None
-    if variant.endswith("+finetune"):
-        def finetune(m: nn.Module, params: list) -> None:
-            trained = params + [p for name in head for p in m.get_submodule(name).parameters()]
-            for p in m.parameters():  # backward only through what trains
-                p.requires_grad_(False)
-            for p in trained:
-                p.requires_grad_(True)
-            seconds[0] = fit(m, trained, state_path=state_path).seconds
+
+    def finetune(m: nn.Module, params: list) -> None:
+        trained = params + [p for name in head for p in m.get_submodule(name).parameters()]
+        for p in m.parameters():  # backward only through what trains
+            p.requires_grad_(False)
+        for p in trained:
+            p.requires_grad_(True)
+        seconds[0] = fit(m, trained, state_path=state_path).seconds
     start = time.perf_counter()
     lk.svd_compress(model, rank=rank, targets=targets, calibration=calibration if variant.startswith("asvd") else None,
-                    finetune=finetune)
-    return model, (seconds[0] if finetune else time.perf_counter() - start)
+                    finetune=finetune if tuned else None)
+    return model, (seconds[0] if tuned else time.perf_counter() - start)
 
 
-def calibration_batches(inputs: torch.Tensor, size: int, seed: int, batch: int = 256) -> list[tuple[torch.Tensor]]:
-    """``size`` training inputs drawn with ``seed``, in batches: what asvd's calibration runs the model on."""
+def calibration_batches(inputs, size: int, seed: int, batch: int = 256, collate: Optional[Callable] = None) -> list:
+    """``size`` training inputs drawn with ``seed``, in batches: what asvd's calibration runs the model on. A batch
+    is ``(inputs[picked],)`` of a tensor, or ``collate([inputs[i] for i in picked])``."""
     pick = torch.randperm(len(inputs), generator=torch.Generator().manual_seed(seed))[:size]
-    return [(inputs[pick[i:i + batch]],) for i in range(0, len(pick), batch)]
+    batches = [pick[i:i + batch] for i in range(0, len(pick), batch)]
+    return [collate([inputs[int(i)] for i in b]) if collate else (inputs[b],) for b in batches]
 
 
 # -- measuring a compressed model -------------------------------------------------------------------
 def compressible_targets(model: nn.Module, targets, rank: int) -> list[str]:
     """The paths ``targets`` selects whose weight (out, in * kh * kw) a rank-r factorisation makes smaller,
     ``r (in + out) < in * out``; the others stay dense (e.g. a 1-channel 3x3 input conv, 32 x 9, at r >= 7)."""
-    paths = find_targets(model, targets)
-    keep = []
-    for path in paths:
+    def smaller(path: str) -> bool:
         out_features, in_features = model.get_submodule(path).weight.flatten(1).shape
-        if rank * (in_features + out_features) < in_features * out_features:
-            keep.append(path)
-    return keep
+        return rank * (in_features + out_features) < in_features * out_features
+
+    return [path for path in find_targets(model, targets) if smaller(path)]
 
 
 def parameter_count(model: nn.Module, paths: list[str]) -> int:
@@ -273,19 +268,17 @@ def file_size(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def inference_ratio(dense: nn.Module, compressed: nn.Module, run: Callable[[nn.Module], Any], rounds: int,
-                    warmup: int = 1) -> float:
-    """Median seconds of ``run(compressed)`` / median of ``run(dense)``, in eval mode without gradients, timed
-    alternately (dense, compressed, dense, ...) so that load changes on the machine hit both alike."""
+def inference_ratio(dense: nn.Module, compressed: nn.Module, run: Callable[[nn.Module], Any], rounds: int) -> float:
+    """Median seconds of ``run(compressed)`` / median of ``run(dense)``, in eval mode without gradients, after one
+    warm-up each, timed alternately (dense, compressed, dense, ...) so that load changes on the machine hit both."""
     models = (dense, compressed)
     modes = [m.training for m in models]
     samples: list[list[float]] = [[], []]
     try:
         for m in models:
             m.eval()
-        for _ in range(warmup):
-            for m in models:
-                run(m)
+        for m in models:  # warm-up
+            run(m)
         for _ in range(rounds):
             for times, m in zip(samples, models):
                 start = time.perf_counter()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, ClassVar, Optional, Protocol
 
 from torch import nn
 
@@ -48,6 +48,8 @@ class CompressionConfig(CellsConfig):
     """Weight of the dense model's soft targets in every compressed cell's loss (knowledge distillation, C-LoRA and
     the SVD fine-tunes alike); 0 trains on the labels alone."""
     distill_temperature: float = 2.0
+    at_least_one: ClassVar[tuple[str, ...]] = ("batch_size", "timing_batch", "state_every")
+    """The fields that must be >= 1 (an experiment adds its own)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -55,7 +57,7 @@ class CompressionConfig(CellsConfig):
             raise ValueError(f"distill must be in [0, 1] (0: labels only), got {self.distill}")
         if self.distill_temperature <= 0:
             raise ValueError(f"distill_temperature must be > 0, got {self.distill_temperature}")
-        for name in ("batch_size", "timing_batch", "state_every"):
+        for name in self.at_least_one:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.timing_rounds < 0:
