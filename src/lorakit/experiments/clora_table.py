@@ -138,16 +138,10 @@ def render(results: dict) -> str:
     if changed:
         lines += [f"Shortened from the seed's protocol: {', '.join(changed)}. C-LoRA and the SVD baselines start "
                   "from the dense model of the same seed; the decay runs over the C-LoRA epochs.", ""]
-    def reference_value(s: dict):
-        if s["variant"] == "dense":
-            return REFERENCE_DENSE
-        return REFERENCE_TABLE.get(s["rank"], (0, {}))[1].get(s["variant"])
-
-    lines += [summary_table(summary, reference_value), ""]
-    best = {}
-    for s in summary:
-        if s["rank"] is not None and (s["rank"] not in best or s["accuracy_mean"] > best[s["rank"]]["accuracy_mean"]):
-            best[s["rank"]] = s
+    lines += [summary_table(summary, lambda s: REFERENCE_DENSE if s["variant"] == "dense"
+                            else REFERENCE_TABLE.get(s["rank"], (0, {}))[1].get(s["variant"])), ""]
+    best = {rank: max((s for s in summary if s["rank"] == rank), key=lambda s: s["accuracy_mean"])
+            for rank in {s["rank"] for s in summary} - {None}}
     if best:
         lines += ["## Best method per rank against the seed's best", ""]
         rows = [[r, b["method"], f"{b['accuracy_mean']:.2f}", max(REFERENCE_TABLE[r][1].values()) if r in REFERENCE_TABLE else None]
