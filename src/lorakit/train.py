@@ -359,10 +359,8 @@ def _fetch(dataset: Dataset, indices: list[int]) -> list:
 
 
 def _diverged(step: int, loss: float, checkpoint: str | None, last_checkpoint: int | None) -> TrainingDivergedError:
-    if last_checkpoint is not None:
-        where = f"{checkpoint} holds the last good weights (step {last_checkpoint})"
-    else:
-        where = "no checkpoint had been written yet"
+    where = (f"{checkpoint} holds the last good weights (step {last_checkpoint})" if last_checkpoint is not None
+             else "no checkpoint had been written yet")
     return TrainingDivergedError(f"training diverged at step {step}: loss is {loss}; {where}", step)
 
 
