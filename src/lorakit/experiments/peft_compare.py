@@ -31,10 +31,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 from .. import count_parameters, parallel
-from ..data.text import encode
+from ..data.text import TextCollator
 from ..report import package_version, run_metadata, write_report, write_results
 from ..train import TrainConfig
 from . import peft_compare_adapterhub as adapterhub
@@ -315,38 +313,35 @@ def _results(cfg: PeftCompareConfig, plan: _Plan, context: CellContext, records:
 
 def measure(cfg: PeftCompareConfig, rows, settings, tokenizer, train_data, cells, env, seed) -> dict[tuple, dict]:
     """Step-time ratios (interleaved) and peak memory (one process per row) of every row, on one batch."""
-    texts, labels = zip(*[train_data[i] for i in range(min(cfg.batch_size, len(train_data)))])
+    examples = [train_data[i] for i in range(min(cfg.batch_size, len(train_data)))]
+    texts, labels = zip(*examples)
     measured: dict[tuple, dict] = {row: {} for row in rows}
+    hub_job = None  # AdapterHub's row, in its own environment: one job (this batch, lorakit's head), both phases
+    if ("adapter", "adapters") in rows and not (cfg.skip_timing and cfg.skip_memory):
+        head = adapterhub.save_initial_head(settings, seed, cells / "measure.head.safetensors")
+        common = adapterhub.common_job(settings, tokenizer, cfg.threads, seed, head)
+        hub_job = adapterhub.batch_job(common, tokenizer, texts, labels, cfg.max_length)
     if not cfg.skip_timing:
         print("[peft-compare] interleaved step-time phase", flush=True)
-        batch = encode(tokenizer, texts, cfg.max_length)
-        batch["labels"] = torch.tensor(labels)
-        external, server = {}, None
-        if ("adapter", "adapters") in rows:
-            head = adapterhub.save_initial_head(settings, seed, cells / "timing.head.safetensors")
-            common = adapterhub.common_job(settings, tokenizer, cfg.threads, seed, head)
-            server = adapterhub.StepServer(env, adapterhub.batch_job(common, tokenizer, texts, labels, cfg.max_length), cells)
-            external[("adapter", "adapters")] = server
+        batch = TextCollator(tokenizer, cfg.max_length)(examples)
+        external = {("adapter", "adapters"): adapterhub.StepServer(env, hub_job, cells)} if hub_job else {}
         try:
             timing = step_time_ratios([r for r in rows if r[1] != "adapters"], settings, batch, cfg.timing_rounds,
                                       cfg.timing_steps, seed, external=external)
         finally:
-            if server is not None:
+            for server in external.values():
                 server.close()
-                head.unlink()
         for row in rows:
             measured[row].update(timing[row])
     if not cfg.skip_memory:
         print("[peft-compare] peak-memory phase (one process per row)", flush=True)
         for row in rows:
             if row[1] == "adapters":
-                head = adapterhub.save_initial_head(settings, seed, cells / "memory.head.safetensors")
-                common = adapterhub.common_job(settings, tokenizer, cfg.threads, seed, head)
-                job = adapterhub.batch_job(common, tokenizer, texts, labels, cfg.max_length, cfg.memory_steps)
-                measured[row].update(adapterhub.measure_memory(env, job, cells))
-                head.unlink()
+                measured[row].update(adapterhub.measure_memory(env, {**hub_job, "steps": cfg.memory_steps}, cells))
             else:
                 measured[row].update(measure_memory(*row, settings, list(texts), list(labels), cfg.memory_steps, seed))
+    if hub_job is not None:
+        head.unlink()
     return measured
 
 

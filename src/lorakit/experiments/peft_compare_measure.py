@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from ..data.text import encode
+from ..data.text import TextCollator
 from .peft_compare_models import build
 
 REFERENCE = ("lora", "lorakit")
@@ -117,8 +117,7 @@ def memory_probe(method: str, implementation: str, settings: dict, texts: list[s
                  steps: int, seed: int) -> dict:
     """In this (fresh) process: build the row, then sample RSS every millisecond during ``steps`` steps."""
     model, tokenizer = build(method, implementation, settings, seed)
-    batch = encode(tokenizer, texts, settings["max_length"])
-    batch["labels"] = torch.tensor(labels)
+    batch = TextCollator(tokenizer, settings["max_length"])(list(zip(texts, labels)))
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
     return sample_peak_rss(lambda: _training_steps(model, optimizer, batch, steps))
