@@ -146,7 +146,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _plan(cfg: PeftCompareConfig, cells: Path) -> _Plan:
-    """The rows, seeds and grids the options ask for; refuses, before any work, what cannot run."""
     if cells.is_dir() and any(cells.glob("*.json")) and not cfg.resume:
         raise ValueError(f"{cells.parent} already holds finished cells; pass --resume to continue that run, "
                          "or another --out")
@@ -207,7 +206,6 @@ class _AdapterHubCells:
 
 
 def _sweep(plan: _Plan, context: CellContext) -> tuple[list[dict], dict[str, float]]:
-    """The learning-rate sweep, on validation accuracy only: every rate of a method's grid at the first seed."""
     sweep, chosen = [], {}
     for method in plan.methods:
         grid = plan.lrs[method]
@@ -244,7 +242,6 @@ def _run_rows(plan: _Plan, context: CellContext, chosen: dict[str, float]) -> di
 
 
 def _evidence(plan: _Plan, records: dict[tuple, dict], own_init: bool) -> dict:
-    """Per-step loss equivalence with PEFT from the same start, and paired-by-seed accuracy differences."""
     seeds, equivalence = plan.seeds, []
     for method in ("lora", "prompt"):
         pairs = [(records.get((method, "lorakit", s)), records.get((method, "peft", s))) for s in seeds]

@@ -47,11 +47,8 @@ def spread(values: list[float]) -> dict:
 
 def step_time_ratios(rows, settings, batch, rounds: int, steps: int, seed: int,
                      external: dict[tuple, Callable[[int], float]] | None = None) -> dict:
-    """``{row: {step_time_ratio, step_time_ratio_q1/_q3/_min/_max, step_seconds_median, timing_rounds}}``.
-
-    ``rows`` are built here (in this process); ``external`` rows are callables ``run(steps) -> seconds``.
-    Ratios are against lorakit-LoRA in the same round, which must be among ``rows``.
-    """
+    """``{row: {step_time_ratio, step_time_ratio_q1/_q3/_min/_max, step_seconds_median, timing_rounds}}``; ``rows``
+    are built in this process, ``external`` rows are callables ``run(steps) -> seconds``."""
     if REFERENCE not in rows:
         raise ValueError("the lorakit LoRA row is the step-time reference; keep 'lora' and 'lorakit'")
     runners: dict[tuple, Callable[[int], float]] = {}

@@ -1,10 +1,6 @@
 """peft-compare's models: each row's model, and the shared starting point with PEFT (the data, the split and the
 pretrained classifier are :mod:`.text_task`'s).
 
-Rows are ``(method, implementation)``: methods full, lora, adapter, prompt, clora; implementations lorakit, peft
-(LoRA and prompt tuning) and adapters (AdapterHub's bottleneck adapter, run in its own environment; see
-:mod:`.peft_compare_adapterhub`).
-
 **Same start.** A lorakit LoRA or prompt row starts from exactly PEFT's initial weights for that seed: PEFT's
 freshly initialised model is built, its adapter is saved with ``save_pretrained`` and loaded into the lorakit
 model with :func:`lorakit.load_adapter` (LoRA), or its initial prompt (``get_prompt_embedding_to_save``) is
