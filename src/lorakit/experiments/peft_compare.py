@@ -31,10 +31,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 from .. import count_parameters, parallel
-from ..data.text import encode
+from ..data.text import TextCollator
 from ..report import package_version, run_metadata, write_report, write_results
 from ..train import TrainConfig
 from . import peft_compare_adapterhub as adapterhub
@@ -148,7 +146,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _plan(cfg: PeftCompareConfig, cells: Path) -> _Plan:
-    """The rows, seeds and grids the options ask for; refuses, before any work, what cannot run."""
     if cells.is_dir() and any(cells.glob("*.json")) and not cfg.resume:
         raise ValueError(f"{cells.parent} already holds finished cells; pass --resume to continue that run, "
                          "or another --out")
@@ -209,7 +206,6 @@ class _AdapterHubCells:
 
 
 def _sweep(plan: _Plan, context: CellContext) -> tuple[list[dict], dict[str, float]]:
-    """The learning-rate sweep, on validation accuracy only: every rate of a method's grid at the first seed."""
     sweep, chosen = [], {}
     for method in plan.methods:
         grid = plan.lrs[method]
@@ -246,7 +242,6 @@ def _run_rows(plan: _Plan, context: CellContext, chosen: dict[str, float]) -> di
 
 
 def _evidence(plan: _Plan, records: dict[tuple, dict], own_init: bool) -> dict:
-    """Per-step loss equivalence with PEFT from the same start, and paired-by-seed accuracy differences."""
     seeds, equivalence = plan.seeds, []
     for method in ("lora", "prompt"):
         pairs = [(records.get((method, "lorakit", s)), records.get((method, "peft", s))) for s in seeds]
@@ -315,38 +310,35 @@ def _results(cfg: PeftCompareConfig, plan: _Plan, context: CellContext, records:
 
 def measure(cfg: PeftCompareConfig, rows, settings, tokenizer, train_data, cells, env, seed) -> dict[tuple, dict]:
     """Step-time ratios (interleaved) and peak memory (one process per row) of every row, on one batch."""
-    texts, labels = zip(*[train_data[i] for i in range(min(cfg.batch_size, len(train_data)))])
+    examples = [train_data[i] for i in range(min(cfg.batch_size, len(train_data)))]
+    texts, labels = zip(*examples)
     measured: dict[tuple, dict] = {row: {} for row in rows}
+    hub_job = None  # AdapterHub's row, in its own environment: one job (this batch, lorakit's head), both phases
+    if ("adapter", "adapters") in rows and not (cfg.skip_timing and cfg.skip_memory):
+        head = adapterhub.save_initial_head(settings, seed, cells / "measure.head.safetensors")
+        common = adapterhub.common_job(settings, tokenizer, cfg.threads, seed, head)
+        hub_job = adapterhub.batch_job(common, tokenizer, texts, labels, cfg.max_length)
     if not cfg.skip_timing:
         print("[peft-compare] interleaved step-time phase", flush=True)
-        batch = encode(tokenizer, texts, cfg.max_length)
-        batch["labels"] = torch.tensor(labels)
-        external, server = {}, None
-        if ("adapter", "adapters") in rows:
-            head = adapterhub.save_initial_head(settings, seed, cells / "timing.head.safetensors")
-            common = adapterhub.common_job(settings, tokenizer, cfg.threads, seed, head)
-            server = adapterhub.StepServer(env, adapterhub.batch_job(common, tokenizer, texts, labels, cfg.max_length), cells)
-            external[("adapter", "adapters")] = server
+        batch = TextCollator(tokenizer, cfg.max_length)(examples)
+        external = {("adapter", "adapters"): adapterhub.StepServer(env, hub_job, cells)} if hub_job else {}
         try:
             timing = step_time_ratios([r for r in rows if r[1] != "adapters"], settings, batch, cfg.timing_rounds,
                                       cfg.timing_steps, seed, external=external)
         finally:
-            if server is not None:
+            for server in external.values():
                 server.close()
-                head.unlink()
         for row in rows:
             measured[row].update(timing[row])
     if not cfg.skip_memory:
         print("[peft-compare] peak-memory phase (one process per row)", flush=True)
         for row in rows:
             if row[1] == "adapters":
-                head = adapterhub.save_initial_head(settings, seed, cells / "memory.head.safetensors")
-                common = adapterhub.common_job(settings, tokenizer, cfg.threads, seed, head)
-                job = adapterhub.batch_job(common, tokenizer, texts, labels, cfg.max_length, cfg.memory_steps)
-                measured[row].update(adapterhub.measure_memory(env, job, cells))
-                head.unlink()
+                measured[row].update(adapterhub.measure_memory(env, {**hub_job, "steps": cfg.memory_steps}, cells))
             else:
                 measured[row].update(measure_memory(*row, settings, list(texts), list(labels), cfg.memory_steps, seed))
+    if hub_job is not None:
+        head.unlink()
     return measured
 
 

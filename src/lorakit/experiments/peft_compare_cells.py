@@ -1,11 +1,9 @@
 """One cell of peft-compare: a (method, implementation, seed, learning rate) trained, validated and tested once.
 
-Each finished cell is written atomically to ``<out>/cells/<key>.json`` (a :class:`~.harness.CellStore`) with its full
-record (settings, training config, learning rate, steps, the loss of every step, the validation curve, test accuracy,
-threads, git commit).
-With ``--resume`` a finished cell is read back instead of trained again, and a cell stopped mid-way continues
-from its training state (``<key>.state``, written every ``state_every`` steps and removed when the cell ends).
-A cell written with other settings is refused, naming the setting that differs.
+Each finished cell is a :class:`~.harness.CellStore` record, ``<out>/cells/<key>.json``: settings, training config,
+learning rate, steps, the loss of every step, the validation curve, test accuracy, threads, git commit. With
+``--resume`` a cell stopped mid-way continues from its training state (``<key>.state``, written every
+``state_every`` steps and removed when the cell ends).
 """
 from __future__ import annotations
 
@@ -49,7 +47,6 @@ def run_row(method, implementation, settings, train_data, test_data, train_cfg, 
     With ``validation`` the loop validates every epoch and keeps the best-validation weights (``train_cfg``).
     ``parallel_mode`` 'ddp' or 'fsdp' (under torchrun): the training loop sees the model wrapped or a sharded twin
     (:func:`lorakit.parallel.training_copy`); scoring and saving see the plain model.
-    The returned row has the accuracy, parameter counts, checkpoint size and the training history.
     """
     model, tokenizer = build(method, implementation, settings, seed, same_start=same_start)
     collator = TextCollator(tokenizer, settings["max_length"])

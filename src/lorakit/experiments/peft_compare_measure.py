@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from ..data.text import encode
+from ..data.text import TextCollator
 from .peft_compare_models import build
 
 REFERENCE = ("lora", "lorakit")
@@ -47,11 +47,8 @@ def spread(values: list[float]) -> dict:
 
 def step_time_ratios(rows, settings, batch, rounds: int, steps: int, seed: int,
                      external: dict[tuple, Callable[[int], float]] | None = None) -> dict:
-    """``{row: {step_time_ratio, step_time_ratio_q1/_q3/_min/_max, step_seconds_median, timing_rounds}}``.
-
-    ``rows`` are built here (in this process); ``external`` rows are callables ``run(steps) -> seconds``.
-    Ratios are against lorakit-LoRA in the same round, which must be among ``rows``.
-    """
+    """``{row: {step_time_ratio, step_time_ratio_q1/_q3/_min/_max, step_seconds_median, timing_rounds}}``; ``rows``
+    are built in this process, ``external`` rows are callables ``run(steps) -> seconds``."""
     if REFERENCE not in rows:
         raise ValueError("the lorakit LoRA row is the step-time reference; keep 'lora' and 'lorakit'")
     runners: dict[tuple, Callable[[int], float]] = {}
@@ -117,8 +114,7 @@ def memory_probe(method: str, implementation: str, settings: dict, texts: list[s
                  steps: int, seed: int) -> dict:
     """In this (fresh) process: build the row, then sample RSS every millisecond during ``steps`` steps."""
     model, tokenizer = build(method, implementation, settings, seed)
-    batch = encode(tokenizer, texts, settings["max_length"])
-    batch["labels"] = torch.tensor(labels)
+    batch = TextCollator(tokenizer, settings["max_length"])(list(zip(texts, labels)))
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
     return sample_peak_rss(lambda: _training_steps(model, optimizer, batch, steps))

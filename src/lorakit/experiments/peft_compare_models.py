@@ -1,10 +1,6 @@
 """peft-compare's models: each row's model, and the shared starting point with PEFT (the data, the split and the
 pretrained classifier are :mod:`.text_task`'s).
 
-Rows are ``(method, implementation)``: methods full, lora, adapter, prompt, clora; implementations lorakit, peft
-(LoRA and prompt tuning) and adapters (AdapterHub's bottleneck adapter, run in its own environment; see
-:mod:`.peft_compare_adapterhub`).
-
 **Same start.** A lorakit LoRA or prompt row starts from exactly PEFT's initial weights for that seed: PEFT's
 freshly initialised model is built, its adapter is saved with ``save_pretrained`` and loaded into the lorakit
 model with :func:`lorakit.load_adapter` (LoRA), or its initial prompt (``get_prompt_embedding_to_save``) is
@@ -20,7 +16,6 @@ from safetensors.torch import load_file, save_file
 
 from .. import AdapterConfig, CLoRAConfig, LoRAConfig, PromptConfig, inject, load_adapter, save_adapter
 from .._io import save_tensors
-from ..models.hf import MINILM_ALIASES, check_model_folder, minilm_path
 from .text_task import BERT_TARGETS, HEAD, pretrained_classifier
 
 ROWS = [("full", "lorakit"), ("lora", "lorakit"), ("lora", "peft"), ("adapter", "lorakit"), ("adapter", "adapters"),
@@ -77,10 +72,7 @@ def build(method: str, implementation: str, settings: dict, seed: int, *, same_s
         for p in model.parameters():
             p.requires_grad_(True)
     elif implementation == "lorakit" and same_start and method in ("lora", "prompt"):
-        library, _ = build(method, "peft", settings, seed)
-        if method == "prompt":
-            inject(model, method_config(method, settings))
-        start_from_peft(model, library, method)
+        start_from_peft(model, build(method, "peft", settings, seed)[0], method, settings)
     elif implementation == "lorakit":
         inject(model, method_config(method, settings))
     elif implementation == "peft":
@@ -92,13 +84,9 @@ def build(method: str, implementation: str, settings: dict, seed: int, *, same_s
     return model, tokenizer
 
 
-def start_from_peft(model, peft_model, method: str) -> None:
-    """Put PEFT's initial adapter (LoRA factors, or the prompt, plus the head) into lorakit's ``model``,
-    through the checkpoint format both understand: ``save_pretrained`` / ``save_adapter``, then ``load_adapter``.
-
-    LoRA: ``model`` is the plain base model; ``load_adapter`` injects LoRA from PEFT's files (its config names a
-    'score' head too, which BERT lacks, so only 'classifier' is wrapped). Prompt: ``model`` already has lorakit's
-    prompt injected; its checkpoint is written, PEFT's initial prompt put in it, and loaded back."""
+def start_from_peft(model, peft_model, method: str, settings: dict) -> None:
+    """Give lorakit's plain ``model`` PEFT's initial adapter and head (the module docstring's *same start*); for
+    LoRA, PEFT's config names a 'score' head too, which BERT lacks, so only 'classifier' is wrapped."""
     with tempfile.TemporaryDirectory() as folder:
         if method == "lora":
             peft_model.save_pretrained(folder)
@@ -106,8 +94,8 @@ def start_from_peft(model, peft_model, method: str) -> None:
             return
         if method != "prompt":
             raise ValueError(f"same start is defined for lora and prompt, not {method!r}")
-        # lorakit's prompt layout, in this process's own folder; then PEFT's initial prompt put in it
-        save_adapter(model, folder, is_main_process=True)
+        inject(model, method_config(method, settings))
+        save_adapter(model, folder, is_main_process=True)  # lorakit's prompt layout, in this process's own folder
         weights = Path(folder) / "adapter_model.safetensors"
         tensors = load_file(weights)
         key = next(k for k in tensors if k.endswith("prompt_embeddings"))
@@ -129,9 +117,3 @@ def checkpoint_bytes(model, method: str, implementation: str) -> int:
         else:
             model.save_pretrained(folder)
         return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
-
-
-def model_folder(settings: dict) -> str:
-    """The model's folder on disk (for a subprocess in another environment, which cannot resolve 'minilm')."""
-    name = str(settings["model"])
-    return str(check_model_folder(minilm_path() if name.lower() in MINILM_ALIASES else name).resolve())
