@@ -21,7 +21,7 @@ import torch
 from .._io import save_tensors
 from ..batches import BatchOrder
 from ..data.text import TextDataset
-from ..models.hf import MINILM_ALIASES, check_model_folder, minilm_path
+from ..models.hf import model_folder
 from ..optim import LRMultiplier
 from .text_task import pretrained_classifier
 
@@ -93,10 +93,9 @@ def save_initial_head(settings: dict, seed: int, path: Path) -> Path:
 
 def common_job(settings: dict, tokenizer, threads: int, seed: int, head: Path) -> dict:
     """The fields every job has; ``model`` as a folder (the other environment's Python cannot resolve 'minilm')."""
-    name = str(settings["model"])
-    folder = check_model_folder(minilm_path() if name.lower() in MINILM_ALIASES else name).resolve()
-    return {"model": str(folder), "num_labels": settings["num_labels"], "bottleneck": settings["bottleneck"],
-            "threads": threads, "seed": seed, "pad_token_id": tokenizer.pad_token_id or 0, "head": str(head)}
+    return {"model": str(model_folder(settings["model"]).resolve()), "num_labels": settings["num_labels"],
+            "bottleneck": settings["bottleneck"], "threads": threads, "seed": seed,
+            "pad_token_id": tokenizer.pad_token_id or 0, "head": str(head)}
 
 
 def run_cell(env: AdapterHubEnv, job: dict, folder: Path, key: str) -> dict:

@@ -55,6 +55,12 @@ def check_model_folder(folder: str | Path) -> Path:
     return folder
 
 
+def model_folder(name: str | Path) -> Path:
+    """The checked folder (:func:`check_model_folder`) of ``"minilm"`` (the installed package's) or of a path."""
+    name = str(name)
+    return check_model_folder(minilm_path() if name.lower() in MINILM_ALIASES else name)
+
+
 def _looks_like_hub_id(name: str) -> bool:
     return not name.startswith((".", "/", "~")) and name.count("/") <= 1 and "\\" not in name
 
@@ -77,10 +83,8 @@ def load_hf_model(name_or_path: str | Path, task: str = "sequence-classification
         raise ImportError("loading Hugging Face models needs transformers: pip install transformers") from err
 
     name = str(name_or_path)
-    if name.lower() in MINILM_ALIASES:
-        source = str(check_model_folder(minilm_path()))
-    elif Path(name).expanduser().exists() or not _looks_like_hub_id(name):
-        source = str(check_model_folder(name))
+    if name.lower() in MINILM_ALIASES or Path(name).expanduser().exists() or not _looks_like_hub_id(name):
+        source = str(model_folder(name))
     else:
         source = name  # a Hub id: transformers looks in the local cache only
 
