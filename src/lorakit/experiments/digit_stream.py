@@ -249,7 +249,7 @@ def _run(cfg: DigitStreamConfig, out: Path) -> dict:
                 print(f"skipped {method} seed {seed}: finished in {store.path(key)}", flush=True)
             else:
                 if data is None:
-                    data = load_data(DigitFinetuneConfig(model=cfg.model, data_dir=cfg.data_dir))
+                    data = load_data(cfg.model, cfg.data_dir)
                 if seed not in settings:
                     settings[seed] = seed_setting(cfg, seed, data)
                     pretrain_seconds[seed] = round(settings[seed].pretrain_seconds, 1)

@@ -23,10 +23,11 @@ from matplotlib.figure import Figure
 
 import lorakit as lk
 from .. import report
-from ..data.vision import MNIST_MEAN_STD, dataset
+from ..data.vision import MNIST_MEAN_STD
 from ..models import richboynet
 from ..train import TrainConfig, evaluate, train
 from . import svd_als
+from .digit_finetune import load_data
 from .harness import add_config_flags, add_out_argument, run_experiment
 from .stream_data import black
 
@@ -99,8 +100,7 @@ def run(cfg: SVDDemoConfig, out: Path) -> dict:
     torch.set_num_threads(cfg.threads)
     start = time.perf_counter()
     example = rank2_example(cfg.seed)
-    mean, std = MNIST_MEAN_STD
-    train_set, test_set = (dataset("mnist", split, cfg.data_dir, mean=mean, std=std) for split in ("train", "test"))
+    train_set, test_set = load_data("richboynet", cfg.data_dir)
     torch.manual_seed(cfg.seed)
     model = richboynet()
     history = train(model, train_set, TrainConfig(lr=cfg.lr, batch_size=cfg.batch_size, epochs=cfg.epochs,
@@ -131,7 +131,6 @@ def run(cfg: SVDDemoConfig, out: Path) -> dict:
     results = {"experiment": "svd-demo", "config": asdict(cfg), "rank2_example": example,
                "model": "richboynet", "train": history.to_dict(), "dense_accuracy": dense_accuracy,
                "layers": layers, "accuracy_by_rank": accuracy, "als": als, "seconds": round(time.perf_counter() - start, 1)}
-    out.mkdir(parents=True, exist_ok=True)
     report.write_results(out, results)
     _plot_spectrum(out / "spectrum.png", layers)
     _plot_rank_error(out / "rank_vs_error.png", layers, accuracy, dense_accuracy)
