@@ -106,11 +106,10 @@ def run(cfg: SVDDemoConfig, out: Path) -> dict:
     history = train(model, train_set, TrainConfig(lr=cfg.lr, batch_size=cfg.batch_size, epochs=cfg.epochs,
                                                   seed=cfg.seed))
     dense_accuracy = evaluate(model, test_set).accuracy
-    layers, factors = {}, {}
+    layers = {}
     for name in LAYERS:
         w = model.get_submodule(name).weight.detach().double()
-        u, s, vh = torch.linalg.svd(w, full_matrices=False)  # once per layer; every rank reuses it
-        factors[name] = (u, s, vh)
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
         tail = (s.pow(2).flip(0).cumsum(0).flip(0) / s.pow(2).sum()).sqrt()  # tail[r] = error of rank r
         measured = {r: float(torch.linalg.norm(w - (u[:, :r] * s[:r]) @ vh[:r]) / torch.linalg.norm(w))
                     for r in cfg.ranks if r < len(s)}
@@ -119,14 +118,7 @@ def run(cfg: SVDDemoConfig, out: Path) -> dict:
     accuracy = {}
     for r in cfg.ranks:
         if r < min(min(layers[n]["shape"]) for n in LAYERS):
-            truncated = copy.deepcopy(model)
-            for name in LAYERS:
-                u, s, vh = factors[name]
-                root = s[:r].sqrt()
-                low = lk.LowRankLinear.from_factors((root[:, None] * vh[:r]).float(), (u[:, :r] * root).float(),
-                                                    model.get_submodule(name).bias.detach())
-                setattr(truncated, name, low)
-            accuracy[r] = evaluate(truncated, test_set).accuracy
+            accuracy[r] = evaluate(lk.svd_compress(copy.deepcopy(model), rank=r, targets=LAYERS), test_set).accuracy
     als = run_als(cfg, model, train_set.tensors[0][:cfg.calibration_size])
     results = {"experiment": "svd-demo", "config": asdict(cfg), "rank2_example": example,
                "model": "richboynet", "train": history.to_dict(), "dense_accuracy": dense_accuracy,
