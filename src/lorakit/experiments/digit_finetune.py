@@ -56,15 +56,12 @@ class DigitFinetuneConfig:
     digit: str = flag("auto", "'auto' (the worst digit) or 0-9")
     rank: Optional[int] = flag(None, "LoRA rank (default: the seed's 1; 4 with --preserve)")
     alpha: Optional[float] = flag(None, "LoRA alpha (default: the rank, so scale 1)")
-    """LoRA alpha; default: equal to the rank (scale 1, as the seeds)."""
     steps: Optional[int] = flag(None, "fine-tuning steps (default: the seed's; 300 with --preserve)")
-    """Fine-tuning steps; default: the seed's (100 or 30), or 300 with --preserve."""
     mode: str = flag("module", choices=["module", "parametrize"])
     """LoRA 'module' wrappers or the seeds' 'parametrize' form (same maths)."""
     preserve: bool = flag(False, "fix the digit without forgetting the others")
     replay: float = flag(1.0, "--preserve: replayed images per target image")
     kl_weight: float = flag(1.0, "--preserve: weight of the KL term")
-    """With --preserve: weight of KL(frozen || adapted) on replayed images."""
     lr: float = 1e-3
     pretrain_steps: Optional[int] = flag(None, "pre-training steps (default: one epoch)")
     seed: int = 0

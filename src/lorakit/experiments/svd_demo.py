@@ -78,7 +78,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 def rank2_example(seed: int = 0) -> dict:
-    """The seeds' demo, by hand and with ``lorakit.svd_compress``."""
     torch.manual_seed(seed)
     w = torch.randn(10, 2) @ torch.randn(2, 10)
     b, x = torch.randn(10), torch.randn(10)
@@ -132,7 +131,6 @@ def run(cfg: SVDDemoConfig, out: Path) -> dict:
 
 
 def run_als(cfg: SVDDemoConfig, model: torch.nn.Module, images: torch.Tensor) -> dict:
-    """The ALS rows (:mod:`.svd_als`): convergence and the warm start, timing, accuracy by solver."""
     weights = [model.get_submodule(n).weight.detach() for n in LAYERS]
     matrices = weights + [svd_als.large_matrix(cfg.large_size, cfg.seed)]
     return {"timing_repeats": cfg.timing_repeats,
