@@ -23,7 +23,7 @@ from torch.utils.data import TensorDataset
 import lorakit as lk
 from . import config_from_args, output_dir
 from .. import parallel, report
-from ..data.vision import dataset
+from ..data.vision import MNIST_MEAN_STD, dataset
 from ..models import build_model
 from ..models.llm import cache_root
 from ..params import increment_summary, parameter_listing
@@ -35,7 +35,7 @@ DESCRIPTION = "Fix the worst MNIST digit with LoRA (seeds 000/001), optionally w
 
 # The seeds' own protocols (SEEDS.md A1, A2).
 PROTOCOLS = {
-    "richboynet": dict(mean_std=(0.1307, 0.3081), pretrain_batch=10, pretrain_shuffle=True,
+    "richboynet": dict(mean_std=MNIST_MEAN_STD, pretrain_batch=10, pretrain_shuffle=True,
                        finetune_batch=10, finetune_steps=100, targets=["linear1", "linear2", "linear3"],
                        exclude=None),
     "part-three": dict(mean_std=None, pretrain_batch=50, pretrain_shuffle=False,
@@ -56,15 +56,12 @@ class DigitFinetuneConfig:
     digit: str = flag("auto", "'auto' (the worst digit) or 0-9")
     rank: Optional[int] = flag(None, "LoRA rank (default: the seed's 1; 4 with --preserve)")
     alpha: Optional[float] = flag(None, "LoRA alpha (default: the rank, so scale 1)")
-    """LoRA alpha; default: equal to the rank (scale 1, as the seeds)."""
     steps: Optional[int] = flag(None, "fine-tuning steps (default: the seed's; 300 with --preserve)")
-    """Fine-tuning steps; default: the seed's (100 or 30), or 300 with --preserve."""
     mode: str = flag("module", choices=["module", "parametrize"])
     """LoRA 'module' wrappers or the seeds' 'parametrize' form (same maths)."""
     preserve: bool = flag(False, "fix the digit without forgetting the others")
     replay: float = flag(1.0, "--preserve: replayed images per target image")
     kl_weight: float = flag(1.0, "--preserve: weight of the KL term")
-    """With --preserve: weight of KL(frozen || adapted) on replayed images."""
     lr: float = 1e-3
     pretrain_steps: Optional[int] = flag(None, "pre-training steps (default: one epoch)")
     seed: int = 0
@@ -102,9 +99,10 @@ def main(args: argparse.Namespace) -> int:
 
 
 # -- the experiment ------------------------------------------------------------------------------
-def load_data(cfg: DigitFinetuneConfig) -> tuple[TensorDataset, TensorDataset]:
-    mean, std = PROTOCOLS[cfg.model]["mean_std"] or (None, None)
-    return tuple(dataset("mnist", split, cfg.data_dir, mean=mean, std=std) for split in ("train", "test"))
+def load_data(model: str, data_dir: Optional[str] = None) -> tuple[TensorDataset, TensorDataset]:
+    """MNIST's training and test sets, normalised as ``model``'s seed does."""
+    mean, std = PROTOCOLS[model]["mean_std"] or (None, None)
+    return tuple(dataset("mnist", split, data_dir, mean=mean, std=std) for split in ("train", "test"))
 
 
 def pretrained(cfg: DigitFinetuneConfig, train_set: TensorDataset) -> tuple[torch.nn.Module, float]:
@@ -166,7 +164,7 @@ def preserve_loss(kl_weight: float, digit: int | None = None):
 def run(cfg: DigitFinetuneConfig, out: Path) -> dict:
     start = time.perf_counter()
     protocol = PROTOCOLS[cfg.model]
-    train_set, test_set = load_data(cfg)
+    train_set, test_set = load_data(cfg.model, cfg.data_dir)
     model, pretrain_seconds = pretrained(cfg, train_set)
     before = evaluate(model, test_set)
     digit = int(torch.tensor(before.wrong_per_class).argmax()) if cfg.digit == "auto" else int(cfg.digit)
@@ -180,11 +178,11 @@ def run(cfg: DigitFinetuneConfig, out: Path) -> dict:
     lk.inject(model, lora)
     count = lk.count_parameters(model)
     steps = cfg.steps or (300 if cfg.preserve else protocol["finetune_steps"])
-    batch = protocol["finetune_batch"] * (1 + (cfg.replay if cfg.preserve else 0))
+    batch = int(round(protocol["finetune_batch"] * (1 + (cfg.replay if cfg.preserve else 0))))
     state_path = out / "finetune_state.pt"
     with parallel.training_copy(model, cfg.parallel) as trained:  # measured plain in every process afterwards
         history = train(trained, finetune_data(cfg, train_set, digit),
-                        TrainConfig(lr=cfg.lr, batch_size=int(round(batch)), steps=steps, seed=cfg.seed,
+                        TrainConfig(lr=cfg.lr, batch_size=batch, steps=steps, seed=cfg.seed,
                                     state_path=str(state_path), resume=cfg.resume, checkpoint_every=50),
                         loss_fn=preserve_loss(cfg.kl_weight, digit) if cfg.preserve else None)
     if parallel.is_main():
@@ -204,14 +202,13 @@ def run(cfg: DigitFinetuneConfig, out: Path) -> dict:
                        "increment_percent": round(count.increment_percent, 4)},
         "before": before.to_dict(), "after": after.to_dict(), "disabled": disabled.to_dict(),
         "frozen_weights_unchanged": unchanged,
-        "finetune": {"steps": history.steps, "batch_size": int(round(batch)), "average_loss": history.average_loss},
+        "finetune": {"steps": history.steps, "batch_size": batch, "average_loss": history.average_loss},
         "seconds": {"pretrain": round(pretrain_seconds, 1), "finetune": round(history.seconds, 1),
                     "total": round(time.perf_counter() - start, 1)},
         "seed_reference": REFERENCE_NUMBERS[cfg.model],
     }
     if not parallel.is_main():
         return results
-    out.mkdir(parents=True, exist_ok=True)
     report.write_results(out, results)
     report.bar_chart_wrong_counts(out / "wrong_per_digit.png", before.wrong_per_class, after.wrong_per_class,
                                   labels=[str(d) for d in range(10)],

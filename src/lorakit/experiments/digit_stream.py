@@ -51,7 +51,6 @@ class DigitStreamConfig:
     angles: list[float] = flag([0.0, 20.0, 40.0, 60.0, 80.0], "rotations: comma-separated angles in degrees")
     """Rotations stream: one stage per angle, in degrees counter-clockwise."""
     digit_stages: int = flag(5, "digits: number of stages (1-10)")
-    """Digits stream: number of stages (the pre-trained model's worst digits, worst first)."""
     methods: list[str] = flag(list(METHODS), "comma-separated: " + ",".join(METHODS))
     seeds: list[int] = flag([0, 1, 2], "comma-separated seeds (one pre-trained model each)")
     """Each seed has its own pre-trained model (digit-finetune's cache), stage subsets, LoRA init and order."""
@@ -73,7 +72,6 @@ class DigitStreamConfig:
     stage_train_size: Optional[int] = flag(None, "training images per stage (default: rotations 60000/stages, digits "
                                                  "all of the digit's)")
     test_size: Optional[int] = flag(None, "test images per stage (default: all 10,000)")
-    """Test images per stage (the same random ones for every stage); default: all 10,000."""
     pretrain_steps: Optional[int] = flag(None, "pre-training steps (default: one epoch)")
     threads: int = flag(2, "torch threads (1 on a busy machine)")
     resume: bool = flag(False, "reuse the cells already finished in OUT/cells/")
@@ -249,7 +247,7 @@ def _run(cfg: DigitStreamConfig, out: Path) -> dict:
                 print(f"skipped {method} seed {seed}: finished in {store.path(key)}", flush=True)
             else:
                 if data is None:
-                    data = load_data(DigitFinetuneConfig(model=cfg.model, data_dir=cfg.data_dir))
+                    data = load_data(cfg.model, cfg.data_dir)
                 if seed not in settings:
                     settings[seed] = seed_setting(cfg, seed, data)
                     pretrain_seconds[seed] = round(settings[seed].pretrain_seconds, 1)

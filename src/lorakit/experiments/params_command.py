@@ -17,8 +17,6 @@ from ..models.hf import MINILM_ALIASES, check_model_folder, minilm_path
 from ..params import added_parameters, describe
 
 DESCRIPTION = "print a method's added parameters: closed form and counted"
-T5_SMALL = dict(d_model=512, d_ff=2048, num_layers=6, num_decoder_layers=6, num_heads=8, d_kv=64,
-                vocab_size=32128, tie_word_embeddings=True)
 # Targets used when --targets is not given: by task first, else by model type (seed 004's choices and their BERT
 # equivalents). A causal LM's bottleneck adapters sit after each block's MLP (``model.layers.N.mlp``), as Houlsby's.
 TASK_TARGETS = {"causal-lm": {"lora": "all-linear", "adapter": ["mlp"]}}
@@ -60,20 +58,19 @@ def build_model(name: str, task: str = "base", num_labels: int = 2) -> torch.nn.
     import transformers
 
     if name == "t5-small-config":
-        config = transformers.T5Config(**T5_SMALL)
-        model_class = transformers.AutoModelForSeq2SeqLM  # T5ForConditionalGeneration
+        config = transformers.T5Config()  # its defaults are T5-small's architecture
     else:
         folder = minilm_path() if name.lower() in MINILM_ALIASES else name
         config = transformers.AutoConfig.from_pretrained(str(check_model_folder(folder)), local_files_only=True)
-        if getattr(config, "is_encoder_decoder", False) or task == "seq2seq-lm":
-            model_class = transformers.AutoModelForSeq2SeqLM
-        elif task == "causal-lm":
-            model_class = transformers.AutoModelForCausalLM
-        elif task == "sequence-classification":
-            config.num_labels = num_labels
-            model_class = transformers.AutoModelForSequenceClassification
-        else:
-            model_class = transformers.AutoModel
+    if getattr(config, "is_encoder_decoder", False) or task == "seq2seq-lm":  # T5: T5ForConditionalGeneration
+        model_class = transformers.AutoModelForSeq2SeqLM
+    elif task == "causal-lm":
+        model_class = transformers.AutoModelForCausalLM
+    elif task == "sequence-classification":
+        config.num_labels = num_labels
+        model_class = transformers.AutoModelForSequenceClassification
+    else:
+        model_class = transformers.AutoModel
     with torch.device("meta"):
         return model_class.from_config(config)
 

@@ -23,10 +23,11 @@ from matplotlib.figure import Figure
 
 import lorakit as lk
 from .. import report
-from ..data.vision import MNIST_MEAN_STD, dataset
+from ..data.vision import MNIST_MEAN_STD
 from ..models import richboynet
 from ..train import TrainConfig, evaluate, train
 from . import svd_als
+from .digit_finetune import load_data
 from .harness import add_config_flags, add_out_argument, run_experiment
 from .stream_data import black
 
@@ -77,7 +78,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 def rank2_example(seed: int = 0) -> dict:
-    """The seeds' demo, by hand and with ``lorakit.svd_compress``."""
     torch.manual_seed(seed)
     w = torch.randn(10, 2) @ torch.randn(2, 10)
     b, x = torch.randn(10), torch.randn(10)
@@ -99,18 +99,16 @@ def run(cfg: SVDDemoConfig, out: Path) -> dict:
     torch.set_num_threads(cfg.threads)
     start = time.perf_counter()
     example = rank2_example(cfg.seed)
-    mean, std = MNIST_MEAN_STD
-    train_set, test_set = (dataset("mnist", split, cfg.data_dir, mean=mean, std=std) for split in ("train", "test"))
+    train_set, test_set = load_data("richboynet", cfg.data_dir)
     torch.manual_seed(cfg.seed)
     model = richboynet()
     history = train(model, train_set, TrainConfig(lr=cfg.lr, batch_size=cfg.batch_size, epochs=cfg.epochs,
                                                   seed=cfg.seed))
     dense_accuracy = evaluate(model, test_set).accuracy
-    layers, factors = {}, {}
+    layers = {}
     for name in LAYERS:
         w = model.get_submodule(name).weight.detach().double()
-        u, s, vh = torch.linalg.svd(w, full_matrices=False)  # once per layer; every rank reuses it
-        factors[name] = (u, s, vh)
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
         tail = (s.pow(2).flip(0).cumsum(0).flip(0) / s.pow(2).sum()).sqrt()  # tail[r] = error of rank r
         measured = {r: float(torch.linalg.norm(w - (u[:, :r] * s[:r]) @ vh[:r]) / torch.linalg.norm(w))
                     for r in cfg.ranks if r < len(s)}
@@ -119,19 +117,11 @@ def run(cfg: SVDDemoConfig, out: Path) -> dict:
     accuracy = {}
     for r in cfg.ranks:
         if r < min(min(layers[n]["shape"]) for n in LAYERS):
-            truncated = copy.deepcopy(model)
-            for name in LAYERS:
-                u, s, vh = factors[name]
-                root = s[:r].sqrt()
-                low = lk.LowRankLinear.from_factors((root[:, None] * vh[:r]).float(), (u[:, :r] * root).float(),
-                                                    model.get_submodule(name).bias.detach())
-                setattr(truncated, name, low)
-            accuracy[r] = evaluate(truncated, test_set).accuracy
+            accuracy[r] = evaluate(lk.svd_compress(copy.deepcopy(model), rank=r, targets=LAYERS), test_set).accuracy
     als = run_als(cfg, model, train_set.tensors[0][:cfg.calibration_size])
     results = {"experiment": "svd-demo", "config": asdict(cfg), "rank2_example": example,
                "model": "richboynet", "train": history.to_dict(), "dense_accuracy": dense_accuracy,
                "layers": layers, "accuracy_by_rank": accuracy, "als": als, "seconds": round(time.perf_counter() - start, 1)}
-    out.mkdir(parents=True, exist_ok=True)
     report.write_results(out, results)
     _plot_spectrum(out / "spectrum.png", layers)
     _plot_rank_error(out / "rank_vs_error.png", layers, accuracy, dense_accuracy)
@@ -141,7 +131,6 @@ def run(cfg: SVDDemoConfig, out: Path) -> dict:
 
 
 def run_als(cfg: SVDDemoConfig, model: torch.nn.Module, images: torch.Tensor) -> dict:
-    """The ALS rows (:mod:`.svd_als`): convergence and the warm start, timing, accuracy by solver."""
     weights = [model.get_submodule(n).weight.detach() for n in LAYERS]
     matrices = weights + [svd_als.large_matrix(cfg.large_size, cfg.seed)]
     return {"timing_repeats": cfg.timing_repeats,
