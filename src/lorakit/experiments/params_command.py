@@ -13,7 +13,7 @@ import sys
 import torch
 
 from .. import AdapterConfig, LoRAConfig, PromptConfig, count_parameters, inject
-from ..models.hf import MINILM_ALIASES, check_model_folder, minilm_path
+from ..models.hf import model_folder
 from ..params import added_parameters, describe
 
 DESCRIPTION = "print a method's added parameters: closed form and counted"
@@ -60,8 +60,7 @@ def build_model(name: str, task: str = "base", num_labels: int = 2) -> torch.nn.
     if name == "t5-small-config":
         config = transformers.T5Config()  # its defaults are T5-small's architecture
     else:
-        folder = minilm_path() if name.lower() in MINILM_ALIASES else name
-        config = transformers.AutoConfig.from_pretrained(str(check_model_folder(folder)), local_files_only=True)
+        config = transformers.AutoConfig.from_pretrained(str(model_folder(name)), local_files_only=True)
     if getattr(config, "is_encoder_decoder", False) or task == "seq2seq-lm":  # T5: T5ForConditionalGeneration
         model_class = transformers.AutoModelForSeq2SeqLM
     elif task == "causal-lm":
