@@ -225,3 +225,46 @@ def test_a_clora_row_killed_half_way_resumes_with_its_decay(tiny_model_folder, t
     assert resumed["steps"] == whole["steps"] == 16
     assert resumed["losses"] == whole["losses"]
     assert resumed["accuracy"] == whole["accuracy"]
+
+
+@pytest.mark.parametrize("fails", [None, "timing", "memory"])
+def test_measure_removes_adapterhub_head_file_whether_phases_finish_or_fail(tmp_path, monkeypatch, fails):
+    """AdapterHub's row is measured from lorakit's head saved in cells/; that file goes in every case."""
+    from lorakit.experiments import peft_compare
+
+    cells, jobs = tmp_path / "cells", []
+    cells.mkdir()
+
+    def save_head(settings, seed, path):
+        path.write_bytes(b"head")
+        return path
+
+    def fail_or(phase, value):
+        def run(*args, **kwargs):
+            if fails == phase:
+                raise RuntimeError(f"{phase} failed")
+            return value(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(peft_compare.adapterhub, "save_initial_head", save_head)
+    monkeypatch.setattr(peft_compare.adapterhub, "common_job", lambda *a: {"model": "m"})
+    monkeypatch.setattr(peft_compare.adapterhub, "batch_job", lambda common, *a: {**common, "kind": "batch"})
+    monkeypatch.setattr(peft_compare.adapterhub, "StepServer", lambda env, job, folder: type(
+        "Server", (), {"close": lambda self: None})())
+    monkeypatch.setattr(peft_compare, "TextCollator", lambda *a: lambda examples: {"n": len(examples)})
+    monkeypatch.setattr(peft_compare, "step_time_ratios", fail_or(
+        "timing", lambda rows, *a, external: {r: {"step_time_ratio": 1.0} for r in [*rows, *external]}))
+    monkeypatch.setattr(peft_compare.adapterhub, "measure_memory", fail_or(
+        "memory", lambda env, job, folder: jobs.append(job) or {"peak_rss_bytes": 1}))
+    cfg = peft_compare.PeftCompareConfig(batch_size=2, memory_steps=3)
+    rows = [("lora", "lorakit"), ("adapter", "adapters")]
+    monkeypatch.setattr(peft_compare, "measure_memory", lambda *a: {"peak_rss_bytes": 2})
+    args = (cfg, rows, {}, None, [("a", 0), ("b", 1)], cells, None, 0)
+    if fails:
+        with pytest.raises(RuntimeError, match=f"{fails} failed"):
+            peft_compare.measure(*args)
+    else:
+        measured = peft_compare.measure(*args)
+        assert measured[("adapter", "adapters")] == {"step_time_ratio": 1.0, "peak_rss_bytes": 1}
+        assert jobs == [{"model": "m", "kind": "batch", "steps": 3}]
+    assert list(cells.iterdir()) == []

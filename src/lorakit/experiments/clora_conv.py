@@ -163,8 +163,9 @@ PROTOCOL = ("dataset", "train_size", "test_size", "widths", "hidden", "epochs", 
 
 
 def run(cfg: CLoRAConvConfig, out: Path) -> dict:
-    return run_table(cfg, out, PROTOCOL, ConvTask, render, "clora-conv", "vgg-small", title=f"{cfg.dataset}, "
-                     "VGG-style CNN: accuracy vs compression (solid: svd init, dashed: random init, dotted: SVD baselines)")
+    return run_table(cfg, out, PROTOCOL, ConvTask, render, "clora-conv", "vgg-small",
+                     title=f"{cfg.dataset}, VGG-style CNN: accuracy vs compression (solid: svd init, dashed: random "
+                           "init, dotted: SVD baselines)")
 
 
 # -- the report -----------------------------------------------------------------------------------

@@ -118,9 +118,10 @@ def run(cfg: CLoRATableConfig, out: Path) -> dict:
     seed_numbers = {"dense": REFERENCE_DENSE,
                     "table": {str(r): {"ratio": v[0], **v[1]} for r, v in REFERENCE_TABLE.items()}}
     return run_table(cfg, out, PROTOCOL, TableTask, render, "clora-table", "fmnist-mlp",
-                     {"seed_numbers": seed_numbers}, low=80.0, high=90, xticks=[10, 20, 40], reference_points=reference_points,
-                     reference_dense=REFERENCE_DENSE, title="Fashion-MNIST MLP: accuracy vs compression (solid: svd "
-                     "init, dashed: random init, dotted: SVD baselines)")
+                     {"seed_numbers": seed_numbers}, low=80.0, high=90, xticks=[10, 20, 40],
+                     reference_points=reference_points, reference_dense=REFERENCE_DENSE,
+                     title="Fashion-MNIST MLP: accuracy vs compression (solid: svd init, dashed: random init, "
+                           "dotted: SVD baselines)")
 
 
 def render(results: dict) -> str:

@@ -160,8 +160,9 @@ PROTOCOL = ("model", "dataset", "classes", "per_class_train", "per_class_test", 
 
 def run(cfg: CLoRATransformerConfig, out: Path) -> dict:
     return run_table(cfg, out, PROTOCOL, TransformerTask, render, "clora-transformer", cfg.model,
-                     xlabel="compression ratio (% of the Q, K, V, O weights)", title=f"{cfg.model}, attention "
-                     "compressed: accuracy vs compression (solid: svd init, dashed: random init, dotted: SVD baselines)")
+                     xlabel="compression ratio (% of the Q, K, V, O weights)",
+                     title=f"{cfg.model}, attention compressed: accuracy vs compression (solid: svd init, dashed: "
+                           "random init, dotted: SVD baselines)")
 
 
 # -- the report -----------------------------------------------------------------------------------

@@ -318,27 +318,31 @@ def measure(cfg: PeftCompareConfig, rows, settings, tokenizer, train_data, cells
         head = adapterhub.save_initial_head(settings, seed, cells / "measure.head.safetensors")
         common = adapterhub.common_job(settings, tokenizer, cfg.threads, seed, head)
         hub_job = adapterhub.batch_job(common, tokenizer, texts, labels, cfg.max_length)
-    if not cfg.skip_timing:
-        print("[peft-compare] interleaved step-time phase", flush=True)
-        batch = TextCollator(tokenizer, cfg.max_length)(examples)
-        external = {("adapter", "adapters"): adapterhub.StepServer(env, hub_job, cells)} if hub_job else {}
-        try:
-            timing = step_time_ratios([r for r in rows if r[1] != "adapters"], settings, batch, cfg.timing_rounds,
-                                      cfg.timing_steps, seed, external=external)
-        finally:
-            for server in external.values():
-                server.close()
-        for row in rows:
-            measured[row].update(timing[row])
-    if not cfg.skip_memory:
-        print("[peft-compare] peak-memory phase (one process per row)", flush=True)
-        for row in rows:
-            if row[1] == "adapters":
-                measured[row].update(adapterhub.measure_memory(env, {**hub_job, "steps": cfg.memory_steps}, cells))
-            else:
-                measured[row].update(measure_memory(*row, settings, list(texts), list(labels), cfg.memory_steps, seed))
-    if hub_job is not None:
-        head.unlink()
+    try:
+        if not cfg.skip_timing:
+            print("[peft-compare] interleaved step-time phase", flush=True)
+            batch = TextCollator(tokenizer, cfg.max_length)(examples)
+            external = {("adapter", "adapters"): adapterhub.StepServer(env, hub_job, cells)} if hub_job else {}
+            try:
+                timing = step_time_ratios([r for r in rows if r[1] != "adapters"], settings, batch,
+                                          cfg.timing_rounds, cfg.timing_steps, seed, external=external)
+            finally:
+                for server in external.values():
+                    server.close()
+            for row in rows:
+                measured[row].update(timing[row])
+        if not cfg.skip_memory:
+            print("[peft-compare] peak-memory phase (one process per row)", flush=True)
+            for row in rows:
+                if row[1] == "adapters":
+                    job = {**hub_job, "steps": cfg.memory_steps}
+                    measured[row].update(adapterhub.measure_memory(env, job, cells))
+                else:
+                    measured[row].update(measure_memory(*row, settings, list(texts), list(labels), cfg.memory_steps,
+                                                        seed))
+    finally:  # finished or failed, the head file goes
+        if hub_job is not None:
+            head.unlink(missing_ok=True)
     return measured
 
 
